@@ -1,0 +1,37 @@
+"""decodekit: every decoding method that matters, behind one API, on real models, fast, measured honestly."""
+from __future__ import annotations
+
+import torch
+
+from .engine import Engine, GenerationResult, GenerationStats
+from .sampling import SamplingConfig
+
+DEFAULT_MODEL = "smollm2"
+
+__all__ = ["load", "Engine", "GenerationResult", "GenerationStats", "SamplingConfig", "DEFAULT_MODEL"]
+__version__ = "0.1.0"
+
+
+def load(source: str = DEFAULT_MODEL, device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None, max_context: int | None = None, progress: bool = True) -> Engine:
+    """Load a model into an Engine.
+
+    `source`: a built-in name (`smollm2`, `gemma3-270m`), a local Hugging Face folder, a `.gguf` file, a hub id
+    already in the local Hugging Face cache, or `random:<shape>` (`random:llama3-8b`, `random:tiny-llama`, ...).
+    `device` defaults to cuda when available; `dtype` to float32 on the CPU and bfloat16 on the GPU.
+    """
+    from .models.loader import load_folder, load_random, parse_device, parse_dtype
+
+    dev = parse_device(device)
+    dt = parse_dtype(dtype, dev)
+    folder = None
+    if source.startswith("random:"):
+        model, tokenizer = load_random(source.removeprefix("random:"), dev, dt)
+    else:
+        from .models.sources import resolve
+
+        folder = resolve(source, progress=progress)
+        model, tokenizer = load_folder(folder, dev, dt)
+    engine = Engine(model, tokenizer, name=source, max_context=max_context)
+    engine.source_folder = folder
+    return engine

@@ -174,15 +174,19 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
+    def make_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """A KV cache shaped for this model (the model's own is `self.cache`; drafters may keep another)."""
+        c = self.config
+        return KVCache(c.num_layers, batch_size, c.num_kv_heads, max_len, c.head_dim, self.dtype, self.device)
+
     def setup_cache(self, batch_size: int, max_len: int) -> KVCache:
         """Allocate the static KV cache and the rotary tables once, for `max_len` slots."""
         c = self.config
-        if max_len > c.max_position_embeddings:
-            max_len = c.max_position_embeddings
-        if self.cache is None or self.cache.batch_size != batch_size or self.cache.max_len != max_len:
+        # Round up so that prompts of similar lengths reuse one allocation (and one captured graph on the GPU).
+        max_len = min(-(-max_len // 256) * 256, c.max_position_embeddings)
+        if self.cache is None or self.cache.batch_size != batch_size or self.cache.max_len < max_len:
             self.cache = None  # free the old buffers before allocating new ones
-            self.cache = KVCache(c.num_layers, batch_size, c.num_kv_heads, max_len, c.head_dim, self.dtype,
-                                 self.device)
+            self.cache = self.make_cache(batch_size, max_len)
             self.rope_global = rope_table(c, c.rope_theta, max_len).to(self.device)
             self.rope_local = rope_table(c, c.local_rope_theta, max_len).to(self.device)
         self.cache.reset()
@@ -196,14 +200,17 @@ class Transformer(nn.Module):
         kv_len: int | None = None,
         tree_mask: torch.Tensor | None = None,
         num_logits: int | None = None,
+        cache: KVCache | None = None,
+        skip_layers: frozenset[int] | set[int] = frozenset(),
     ) -> torch.Tensor:
         """Logits `[B, T', V]` for `input_ids` `[B, T]` at `positions` `[B, T]` (T' = num_logits or T).
 
         Writes the new tokens' keys and values at cache slots `start...start+T` (default: the cache's length, which
         then advances) and attends over the first `kv_len` slots (default: start + T). A CUDA-graph caller passes
-        `start` as a device tensor and `kv_len` = the cache size so that every shape is static.
+        `start` as a device tensor and `kv_len` = the cache size so that every shape is static. Drafters
+        that run the target's own weights (self-speculation) pass their own `cache` and the layers to `skip_layers`.
         """
-        cache = self.cache
+        cache = self.cache if cache is None else cache
         b, t = input_ids.shape
         eager = start is None
         if eager:
@@ -222,7 +229,9 @@ class Transformer(nn.Module):
         x = self.embed(input_ids)
         if self.config.embed_scale != 1.0:
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
-        for block in self.layers:
+        for i, block in enumerate(self.layers):
+            if i in skip_layers:
+                continue
             rope = rope_local if block.attn.local_rope else rope_global
             x = block(x, rope, cache, slots, kv_len, masks[block.attn.window])
         if num_logits is not None:

@@ -85,6 +85,7 @@ def test_rollback_forgets_rejected_tokens():
 
 def test_cache_overflow_is_an_error():
     _, model = make_pair("tiny-llama")
-    model.setup_cache(1, 8)
+    model.setup_cache(1, 8)  # rounded up to 256 slots
+    model(torch.zeros(1, 250, dtype=torch.long), torch.arange(250)[None])
     with pytest.raises(ValueError, match="KV cache full"):
-        model(torch.zeros(1, 9, dtype=torch.long), torch.arange(9)[None])
+        model(torch.zeros(1, 7, dtype=torch.long), torch.arange(250, 257)[None])

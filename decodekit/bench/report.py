@@ -1,0 +1,114 @@
+"""Bench results as a terminal table, JSON, markdown and a PNG bar chart."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .runner import MethodRun
+
+
+def summarize(runs: dict[str, MethodRun]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per method and category (plus "overall"): tokens/s, speedup over plain, tau, identical-to-plain count."""
+    plain = {r.id: r for r in runs["plain"].runs}
+    categories = sorted({r.category for r in runs["plain"].runs})
+    summary: dict[str, dict[str, dict[str, Any]]] = {}
+    for method, mr in runs.items():
+        rows = {}
+        for cat in [*categories, "overall"]:
+            sel = [r for r in mr.runs if cat == "overall" or r.category == cat]
+            base = [plain[r.id] for r in sel]
+            tokens, seconds = sum(r.new_tokens for r in sel), sum(r.seconds for r in sel)
+            base_tps = sum(b.new_tokens for b in base) / max(sum(b.seconds for b in base), 1e-12)
+            tps = tokens / max(seconds, 1e-12)
+            steps = sum(r.decode_steps for r in sel)
+            rows[cat] = {
+                "prompts": len(sel),
+                "tokens": tokens,
+                "seconds": seconds,
+                "tokens_per_s": tps,
+                "speedup": tps / base_tps,
+                # tau: tokens committed per decode step; the first token comes from prefill.
+                "tau": (tokens - len(sel)) / steps if steps and not method.startswith("hf") else None,
+                "identical": sum(r.token_ids == plain[r.id].token_ids for r in sel),
+                "draft_share": sum(r.draft_s for r in sel) / max(seconds, 1e-12),
+            }
+        summary[method] = rows
+    return summary
+
+
+def print_table(summary, meta: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    categories = list(next(iter(summary.values())))
+    table = Table(title=f"decodekit bench: {meta['model']} on {meta['device']} ({meta['dtype']}), "
+                        f"{meta['prompts']} prompts x {meta['max_new_tokens']} new tokens; speedup (tau)")
+    table.add_column("method")
+    for cat in categories:
+        table.add_column(cat, justify="right")
+    table.add_column("tok/s", justify="right")
+    table.add_column("same as plain", justify="right")
+    for method, rows in summary.items():
+        cells = []
+        for cat in categories:
+            r = rows[cat]
+            tau = f" ({r['tau']:.2f})" if r["tau"] is not None else ""
+            cells.append(f"{r['speedup']:.2f}x{tau}")
+        o = rows["overall"]
+        table.add_row(method, *cells, f"{o['tokens_per_s']:.1f}", f"{o['identical']}/{o['prompts']}")
+    Console().print(table)
+
+
+def markdown_table(summary) -> str:
+    categories = list(next(iter(summary.values())))
+    lines = ["| method | " + " | ".join(categories) + " | tok/s | same as plain |",
+             "|---|" + "---:|" * (len(categories) + 2)]
+    for method, rows in summary.items():
+        cells = []
+        for cat in categories:
+            r = rows[cat]
+            tau = f" ({r['tau']:.2f})" if r["tau"] is not None else ""
+            cells.append(f"{r['speedup']:.2f}x{tau}")
+        o = rows["overall"]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {o['tokens_per_s']:.1f} | "
+                     f"{o['identical']}/{o['prompts']} |")
+    return "\n".join(lines)
+
+
+def write_markdown(path: str, summary, meta: dict[str, Any]) -> None:
+    head = (f"Model `{meta['model']}` on {meta['device']} ({meta['dtype']}), {meta['prompts']} prompts from "
+            f"{meta['dataset']}, {meta['max_new_tokens']} new tokens, median of {meta['repeats']} run(s). "
+            "Cells: speedup over plain decoding in the same run (tau = tokens per target forward pass).\n\n")
+    Path(path).write_text(head + markdown_table(summary) + "\n")
+
+
+def write_json(path: str, runs: dict[str, MethodRun], summary, meta: dict[str, Any]) -> None:
+    payload = {"meta": meta, "summary": summary,
+               "methods": {m: {"accepted_by_position": r.accepted_by_position,
+                               "prompts": [asdict(p) for p in r.runs]} for m, r in runs.items()}}
+    Path(path).write_text(json.dumps(payload, indent=1))
+
+
+def write_plot(path: str, summary, meta: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in summary if m != "plain"] or ["plain"]
+    categories = list(next(iter(summary.values())))
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(8, len(categories) * 0.9), 4.5))
+    for i, m in enumerate(methods):
+        xs = [j + i * width for j in range(len(categories))]
+        ax.bar(xs, [summary[m][c]["speedup"] for c in categories], width, label=m)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(categories))], categories, rotation=30, ha="right")
+    ax.set_ylabel("speedup over plain decoding")
+    ax.set_title(f"{meta['model']} on {meta['device']} ({meta['dtype']}), {meta['max_new_tokens']} new tokens")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,232 @@
+"""`decodekit` command line: generate, chat, models, bench. Bad input ends in one line on stderr, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from typing import Any, Callable
+
+from . import DEFAULT_MODEL
+from .sampling import SamplingConfig
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="built-in name (smollm2, gemma3-270m), HF folder, .gguf file, hub id, or random:<shape>")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on the CPU, bfloat16 on the GPU")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    for f in fields(SamplingConfig):
+        kind = int if f.name in ("top_k", "seed") else float
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=f"(default {f.default})")
+
+
+def add_method_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="plain", help="plain or a drafter name (see `decodekit methods`)")
+    p.add_argument("--verifier", default=None, help="greedy, specinfer, rsd (default: by sampling mode)")
+    p.add_argument("--method-option", "-O", action="append", default=[], metavar="KEY=VALUE",
+                   help="a drafter knob, e.g. -O num_draft=8 (repeatable)")
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    options = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq:
+            raise ValueError(f"method option {pair!r} is not KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def sampling_from(args: argparse.Namespace) -> SamplingConfig:
+    return SamplingConfig(**{f.name: getattr(args, f.name) for f in fields(SamplingConfig)}).validate()
+
+
+def load_engine(args: argparse.Namespace):
+    import decodekit
+
+    return decodekit.load(args.model, device=args.device, dtype=args.dtype, progress=not getattr(args, "json", False))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    sampling = sampling_from(args)
+    options = parse_options(args.method_option)
+    engine = load_engine(args)
+    kwargs = dict(method=args.method, sampling=sampling, stop=args.stop, chat=not args.raw, verifier=args.verifier,
+                  **options)
+    if args.json:
+        result = engine.generate(args.prompt, args.max_new_tokens, **kwargs)
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
+                          "prompt_tokens": len(result.prompt_ids), "stats": result.stats.to_dict()}))
+        return
+    stream = engine.stream(args.prompt, args.max_new_tokens, **kwargs)
+    try:
+        while True:
+            print(next(stream), end="", flush=True)
+    except StopIteration as stop:
+        result = stop.value
+    s = result.stats
+    print(f"\n[{s.generated_tokens} tokens, {s.tokens_per_s:.1f} tok/s, ttft {s.time_to_first_token_s * 1e3:.0f} ms,"
+          f" tau {s.tau:.2f}, {s.forward_passes} forward passes, method {s.method}]", file=sys.stderr)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    engine = load_engine(args)
+    if not getattr(engine.tokenizer, "chat_template", None):
+        raise ValueError(f"{args.model} has no chat template; use `decodekit generate`")
+    sampling = sampling_from(args)
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print(f"decodekit chat with {args.model} (empty line or Ctrl-D to quit, /reset to clear)", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        stream = engine.stream(messages, args.max_new_tokens, method=args.method, sampling=sampling,
+                               **parse_options(args.method_option))
+        reply = ""
+        try:
+            while True:
+                piece = next(stream)
+                reply += piece
+                print(piece, end="", flush=True)
+        except StopIteration as stop:
+            reply = stop.value.text
+        print()
+        messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from .models import builtin
+    from .models.sources import resolve
+
+    if args.action == "list":
+        for name, model in builtin.BUILTIN_MODELS.items():
+            status = builtin.builtin_status(name)
+            mark = "fetched" if status.get("fetched") else "not fetched"
+            default = " (default)" if name == DEFAULT_MODEL else ""
+            print(f"{name:14s} {mark:12s} {model.description}{default}")
+    elif args.action == "fetch":
+        for name in args.names or [DEFAULT_MODEL]:
+            print(f"{name}: {resolve(name, progress=True)}")
+    elif args.action == "info":
+        import decodekit
+
+        engine = decodekit.load(args.names[0] if args.names else DEFAULT_MODEL, device="cpu")
+        c = engine.model.config
+        print(json.dumps({"source": engine.name, "runtime": type(engine.model).__name__,
+                          "parameters": sum(p.numel() for p in engine.model.parameters()),
+                          "config": {f.name: getattr(c, f.name) for f in fields(c)} if hasattr(c, "__dataclass_fields__")
+                          else str(c), "chat_template": bool(getattr(engine.tokenizer, "chat_template", None))},
+                         indent=1, default=str))
+
+
+def cmd_methods(args: argparse.Namespace) -> None:
+    from .speculative import DRAFTERS
+
+    for name, cls in sorted(DRAFTERS.items()):
+        doc = (cls.__doc__ or "").strip().splitlines()
+        print(f"{name:12s} {doc[0] if doc else ''}")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench.runner import run_bench_cli
+
+    run_bench_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="decodekit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate from one prompt")
+    add_model_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
+    add_sampling_args(g)
+    add_method_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive chat with streaming output")
+    add_model_args(c)
+    c.add_argument("--max-new-tokens", type=int, default=512)
+    c.add_argument("--system", default=None)
+    add_sampling_args(c)
+    add_method_args(c)
+    c.set_defaults(func=cmd_chat)
+
+    m = sub.add_parser("models", help="list, fetch or describe models")
+    m.add_argument("action", choices=["list", "fetch", "info"])
+    m.add_argument("names", nargs="*")
+    m.set_defaults(func=cmd_models)
+
+    sub.add_parser("methods", help="list decoding methods").set_defaults(func=cmd_methods)
+
+    b = sub.add_parser("bench", help="compare decoding methods side by side (Spec-Bench style)")
+    add_model_args(b)
+    b.add_argument("--methods", default="plain,pld")
+    b.add_argument("--dataset", default="spec-bench", help="spec-bench or a .jsonl file (turns or prompt field)")
+    b.add_argument("--limit", type=int, default=None, help="prompts per category")
+    b.add_argument("--max-new-tokens", type=int, default=256)
+    b.add_argument("--repeats", type=int, default=1, help="timed runs per prompt and method (median is reported)")
+    b.add_argument("--json", dest="json_out", default=None, metavar="OUT.json")
+    b.add_argument("--markdown", default=None, metavar="OUT.md")
+    b.add_argument("--plot", default=None, metavar="OUT.png")
+    b.add_argument("--hf-baselines", action="store_true", help="also time transformers' generate in the same run")
+    add_sampling_args(b)
+    b.set_defaults(func=cmd_bench)
+    return parser
+
+
+def friendly(error: BaseException) -> str | None:
+    """A one-line message for errors caused by the user's input or machine; None for bugs."""
+    import torch
+
+    if isinstance(error, torch.OutOfMemoryError):
+        return "out of memory on the device: try a shorter prompt, fewer --max-new-tokens, or --device cpu"
+    if isinstance(error, (ValueError, FileNotFoundError, NotImplementedError, PermissionError)):
+        return str(error).splitlines()[0] if str(error) else type(error).__name__
+    from .models.sources import ModelSourceError
+
+    if isinstance(error, ModelSourceError):
+        return str(error)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the boundary where errors become messages
+        message = friendly(error)
+        if message is None:
+            raise
+        print(f"decodekit: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

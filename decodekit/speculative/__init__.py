@@ -1,0 +1,9 @@
+"""Speculative decoding: drafters propose token trees, verifiers accept paths. One drafter, one file."""
+from .base import DRAFTERS, DraftTree, Drafter, StepResult, make_drafter, register
+from .verify import VERIFIERS, verify_greedy, verify_rsd, verify_specinfer
+
+# Importing a drafter module registers it by name.
+from . import pld  # noqa: E402,F401
+
+__all__ = ["DRAFTERS", "DraftTree", "Drafter", "StepResult", "make_drafter", "register", "VERIFIERS",
+           "verify_greedy", "verify_rsd", "verify_specinfer"]
