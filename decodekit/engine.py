@@ -8,6 +8,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from .models.kv_cache import EMPTY
 from .sampling import LogitsProcessor, SamplingConfig
 from .speculative.base import DraftTree, Drafter, StepResult, make_drafter
 from .speculative.verify import pick_verifier
@@ -265,14 +266,13 @@ class Engine:
         pad = [width - len(ids) for ids in encoded]
         ids = torch.tensor([[0] * p + e for p, e in zip(pad, encoded)], device=dev)
         positions = torch.arange(width, device=dev)[None] - torch.tensor(pad, device=dev)[:, None]
+        positions = positions.clamp_min(EMPTY)  # padding slots hold position EMPTY: no real query attends to them
         outputs: list[list[int]] = [[] for _ in range(b)]
         done = [False] * b
         stats = [GenerationStats(prompt_tokens=len(e)) for e in encoded]
         t0 = time.perf_counter()
         with torch.inference_mode():
             logits = self._prefill(ids, positions)
-            # Padding slots hold garbage keys: mark them empty so no query attends to them.
-            cache.slot_pos[:, :width].masked_fill_(positions < 0, -1)
             t_first = time.perf_counter()
             steps = 0
             pos = positions[:, -1:] + 1

@@ -56,16 +56,16 @@ class KVCache(nn.Module):
         self.slot_pos[:, length : self.length] = EMPTY
         self.length = length
 
-    def keep_path(self, start: int, nodes: torch.Tensor | list[int]) -> None:
+    def keep_path(self, start: int, nodes: list[int]) -> None:
         """After a tree forward written at slots `start...`, keep only the tree nodes `nodes` (in path order).
 
         The kept nodes are moved to slots start, start+1, ... so the cache again holds one contiguous sequence.
         """
-        nodes = torch.as_tensor(nodes, dtype=torch.long, device=self.k.device)
-        n = nodes.numel()
-        src = start + nodes
-        if n and not bool((src == torch.arange(start, start + n, device=src.device)).all()):
-            dst = torch.arange(start, start + n, device=src.device)
+        nodes = list(nodes)
+        n = len(nodes)
+        if nodes != list(range(n)):  # decided on the host: no device sync on the common chain path
+            src = torch.tensor(nodes, dtype=torch.long, device=self.k.device) + start
+            dst = torch.arange(start, start + n, device=self.k.device)
             self.k[:, :, :, dst] = self.k[:, :, :, src]
             self.v[:, :, :, dst] = self.v[:, :, :, src]
             self.slot_pos[:, dst] = self.slot_pos[:, src]

@@ -142,15 +142,17 @@ def attention_mask(slot_pos: torch.Tensor, positions: torch.Tensor, start: torch
     """
     kv = slot_pos[:, None, :]  # [B, 1, L]
     q = positions[:, :, None]  # [B, T, 1]
+    t, length = positions.shape[1], slot_pos.shape[1]
+    rel = torch.arange(length, device=slot_pos.device) - start  # slot index relative to the new block
     mask = (kv != EMPTY) & (kv <= q)
     if tree_mask is not None:
-        t, length = tree_mask.shape[0], slot_pos.shape[1]
-        rel = torch.arange(length, device=slot_pos.device) - start
         in_block = (rel >= 0) & (rel < t)
         mask = torch.where(in_block, tree_mask[:, rel.clamp(0, t - 1)], mask)
     if window is not None:
         mask = mask & (kv > q - window)
-    return mask[:, None]
+    # A query always sees its own slot: padding tokens (position EMPTY) then attend to themselves only, which keeps
+    # their values finite (an all-masked softmax row is NaN, and NaN values poison even masked-out products).
+    return (mask | (rel == torch.arange(t, device=rel.device)[:, None]))[:, None]
 
 
 class Transformer(nn.Module):

@@ -1,0 +1,218 @@
+"""Every registered drafter is lossless: greedy output equals plain greedy, and sampled outputs follow the target.
+
+The sampled test enumerates the exact distribution of the second and third generated tokens (the first is drawn
+from the prefill, before any drafting) on a model with a 6-token vocabulary, and compares it with the empirical
+distribution of speculative generations by a chi-square test. A negative control shows the test catches a
+verifier that accepts drafts blindly.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+import decodekit
+from decodekit.engine import Engine
+from decodekit.models.config import ModelConfig
+from decodekit.models.loader import build_native
+from decodekit.sampling import LogitsProcessor, SamplingConfig
+from decodekit.speculative import DRAFTERS, verify as verify_module
+
+METHODS = sorted(m for m in DRAFTERS if m != "plain")
+
+
+def method_options(method: str, engine: Engine) -> dict:
+    """Model-based drafters draft with the target's own weights here (a cheap, high-acceptance stand-in)."""
+    return {"model": engine} if method == "draft" else {}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return decodekit.load("random:tiny-llama", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma():
+    return decodekit.load("random:tiny-gemma3", device="cpu")
+
+
+def prompts(vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    motif = torch.randint(3, vocab, (6,), generator=g).tolist()
+    return [motif * 4, torch.randint(3, vocab, (30,), generator=g).tolist(), (motif[:3] + [7, 8]) * 5]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("which", ["tiny", "tiny_gemma"])
+def test_greedy_identical_to_plain(method, which, request):
+    engine = request.getfixturevalue(which)
+    for p in prompts(engine.model.config.vocab_size):
+        plain = engine.generate(p, 48)
+        spec = engine.generate(p, 48, method=method, **method_options(method, engine))
+        assert spec.token_ids == plain.token_ids, method
+        assert spec.stats.decode_steps <= plain.stats.decode_steps
+
+
+class IdTokenizer:
+    eos_token_id = None
+    chat_template = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+    def encode(self, text, add_special_tokens=False):
+        return [int(t) for t in text.split()]
+
+
+VOCAB = 6
+
+
+@pytest.fixture(scope="module")
+def micro():
+    config = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                         num_kv_heads=1, head_dim=16, max_position_embeddings=512, eos_token_ids=[])
+    model = build_native(config, None, torch.device("cpu"), torch.float32, seed=3)
+    with torch.no_grad():  # larger weights: peaked, context-dependent distributions
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(40.0)
+    return Engine(model, IdTokenizer(), name="micro")
+
+
+MICRO_PROMPT = [1, 2, 3, 1, 2, 3, 1, 2]
+
+
+def exact_pair_distribution(engine: Engine, sampling: SamplingConfig) -> torch.Tensor:
+    """P(t2, t3) after MICRO_PROMPT under `sampling`, marginalized over t1, from the target alone."""
+    proc = LogitsProcessor(sampling)
+    model = engine.model
+
+    def dist(seq):
+        model.setup_cache(1, 64)
+        with torch.no_grad():
+            logits = model(torch.tensor([seq]), torch.arange(len(seq))[None])[0, -1:].float()
+        return proc.probs(logits)[0]
+
+    p1 = dist(MICRO_PROMPT)
+    joint = torch.zeros(VOCAB, VOCAB)
+    for t1 in range(VOCAB):
+        if p1[t1] == 0:
+            continue
+        p2 = dist(MICRO_PROMPT + [t1])
+        for t2 in range(VOCAB):
+            if p2[t2] > 0:
+                joint[t2] += p1[t1] * p2[t2] * dist(MICRO_PROMPT + [t1, t2])
+    return joint.flatten()
+
+
+def empirical_pairs(engine: Engine, method: str, sampling: SamplingConfig, n: int, **options) -> torch.Tensor:
+    counts = torch.zeros(VOCAB * VOCAB)
+    for i in range(n):
+        s = SamplingConfig(**{**sampling.__dict__, "seed": 1000 + i})
+        ids = engine.generate(MICRO_PROMPT, 3, method=method, sampling=s, **options).token_ids
+        counts[ids[1] * VOCAB + ids[2]] += 1
+    return counts
+
+
+def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    keep = probs > 0
+    assert counts[~keep].sum() == 0, "sampled a token the target gives probability 0"
+    expected = probs[keep] / probs[keep].sum() * counts.sum()
+    return float(chisquare(counts[keep].numpy(), expected.numpy()).pvalue)
+
+
+SETTINGS = [SamplingConfig(temperature=1.0), SamplingConfig(temperature=0.7, top_p=0.9),
+            SamplingConfig(temperature=1.5, top_k=4)]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sampled_distribution_matches_target(method, micro):
+    sampling = SETTINGS[METHODS.index(method) % len(SETTINGS)]  # spread the settings over the methods
+    probs = exact_pair_distribution(micro, sampling)
+    counts = empirical_pairs(micro, method, sampling, 1200, **method_options(method, micro))
+    assert chi_square_p(counts, probs) > 1e-3
+
+
+@pytest.mark.parametrize("sampling", SETTINGS, ids=["t1", "t0.7-p0.9", "t1.5-k4"])
+def test_sampled_distribution_several_settings(sampling, micro):
+    probs = exact_pair_distribution(micro, sampling)
+    counts = empirical_pairs(micro, "pld", sampling, 1200, num_draft=3)
+    assert chi_square_p(counts, probs) > 1e-3
+
+
+def test_chi_square_catches_a_lossy_verifier(micro, monkeypatch):
+    """Negative control: accepting every draft token changes the distribution, and the test sees it."""
+    def accept_all(tree, probs, generator=None):
+        kids, node, path = tree.children(), 0, []
+        while kids[node]:
+            node = kids[node][0]
+            path.append(node)
+        return path, int(torch.multinomial(probs[node], 1, generator=generator))
+
+    monkeypatch.setattr(verify_module, "pick_verifier", lambda *a, **k: accept_all)
+    monkeypatch.setattr("decodekit.engine.pick_verifier", lambda *a, **k: accept_all)
+    sampling = SamplingConfig(temperature=1.0)
+    probs = exact_pair_distribution(micro, sampling)
+    counts = empirical_pairs(micro, "pld", sampling, 1200, num_draft=3)
+    assert chi_square_p(counts, probs) < 1e-3
+
+
+# ---- verifiers on synthetic distributions, many samples --------------------------------------------------------
+def _tree_outcome_distribution(verify, tree, probs, n):
+    g = torch.Generator().manual_seed(0)
+    counts = {}
+    for _ in range(n):
+        accepted, nxt = verify(tree, probs, g)
+        seq = tuple(tree.tokens[i - 1] for i in accepted) + (nxt,)
+        counts[seq[0]] = counts.get(seq[0], 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("name", ["specinfer", "rsd"])
+def test_verifier_first_token_follows_target_with_stochastic_tree(name):
+    """Root with 3 sampled children (iid for SpecInfer, without replacement for RSD): first token ~ p."""
+    from decodekit.speculative.base import DraftTree
+
+    g = torch.Generator().manual_seed(1)
+    v = 5
+    p_root = torch.softmax(torch.randn(v, generator=g) * 2, -1)
+    q = torch.softmax(torch.randn(v, generator=g) * 2, -1)
+    verify = verify_module.VERIFIERS[name]
+    counts = torch.zeros(v)
+    for i in range(6000):
+        if name == "rsd":  # Gumbel-top-k: 3 distinct tokens without replacement
+            gumbel = -torch.log(-torch.log(torch.rand(v, generator=g)))
+            kids = (q.log() + gumbel).topk(3).indices.tolist()
+        else:
+            kids = torch.multinomial(q, 3, replacement=True, generator=g).tolist()
+        tree = DraftTree(kids, [0, 0, 0], q.expand(3, v).clone(), without_replacement=name == "rsd")
+        probs = torch.cat([p_root[None], torch.full((3, v), 1.0 / v)])
+        accepted, nxt = verify(tree, probs, g)
+        first = tree.tokens[accepted[0] - 1] if accepted else nxt
+        counts[first] += 1
+    assert chisquare(counts.numpy(), (p_root * counts.sum()).numpy()).pvalue > 1e-3
+
+
+def test_chain_speculative_sampling_is_lossless_for_two_tokens():
+    from decodekit.speculative.base import DraftTree
+
+    g = torch.Generator().manual_seed(2)
+    v = 4
+    p = torch.softmax(torch.randn(3, v, generator=g) * 1.5, -1)  # p at root, node 1, node 2
+    q = torch.softmax(torch.randn(2, v, generator=g) * 1.5, -1)
+    counts = torch.zeros(v, v)
+    for _ in range(8000):
+        a = int(torch.multinomial(q[0], 1, generator=g))
+        b = int(torch.multinomial(q[1], 1, generator=g))
+        # target's second-token distribution must not depend on which path the verifier took: use p[1] for both
+        tree = DraftTree.chain([a, b], q)
+        accepted, nxt = verify_module.verify_specinfer(tree, torch.stack([p[0], p[1], p[2]]), g)
+        seq = [tree.tokens[i - 1] for i in accepted] + [nxt]
+        if len(seq) >= 2:
+            counts[seq[0], seq[1]] += 1
+        else:  # rejected at the first token: the second comes from the next step, i.e. from p[1]
+            counts[seq[0], int(torch.multinomial(p[1], 1, generator=g))] += 1
+    expected = (p[0][:, None] * p[1][None, :]).flatten() * counts.sum()
+    assert chisquare(counts.flatten().numpy(), expected.numpy()).pvalue > 1e-3
