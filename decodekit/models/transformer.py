@@ -179,7 +179,8 @@ class Transformer(nn.Module):
     def make_cache(self, batch_size: int, max_len: int) -> KVCache:
         """A KV cache shaped for this model (the model's own is `self.cache`; drafters may keep another)."""
         c = self.config
-        return KVCache(c.num_layers, batch_size, c.num_kv_heads, max_len, c.head_dim, self.dtype, self.device)
+        with torch.inference_mode(False):  # normal tensors: updated in place both inside and outside inference mode
+            return KVCache(c.num_layers, batch_size, c.num_kv_heads, max_len, c.head_dim, self.dtype, self.device)
 
     def setup_cache(self, batch_size: int, max_len: int) -> KVCache:
         """Allocate the static KV cache and the rotary tables once, for `max_len` slots."""
