@@ -77,7 +77,7 @@ def micro():
     with torch.no_grad():  # larger weights: peaked, context-dependent distributions
         for name, p in model.named_parameters():
             if "norm" not in name:
-                p.mul_(40.0)
+                p.mul_(8.0)
     return Engine(model, IdTokenizer(), name="micro")
 
 
@@ -117,10 +117,15 @@ def empirical_pairs(engine: Engine, method: str, sampling: SamplingConfig, n: in
 
 
 def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    keep = probs > 0
-    assert counts[~keep].sum() == 0, "sampled a token the target gives probability 0"
-    expected = probs[keep] / probs[keep].sum() * counts.sum()
-    return float(chisquare(counts[keep].numpy(), expected.numpy()).pvalue)
+    """Pearson's test; cells expected fewer than 5 times are pooled into one (the test's validity condition)."""
+    assert counts[probs == 0].sum() == 0, "sampled a pair the target gives probability 0"
+    expected = probs / probs.sum() * counts.sum()
+    small = expected < 5
+    obs = torch.cat([counts[~small], counts[small].sum()[None]])
+    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    return float(chisquare(obs.numpy(), exp.numpy()).pvalue)
 
 
 SETTINGS = [SamplingConfig(temperature=1.0), SamplingConfig(temperature=0.7, top_p=0.9),
