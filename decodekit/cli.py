@@ -140,8 +140,9 @@ def cmd_methods(args: argparse.Namespace) -> None:
     from .speculative import DRAFTERS
 
     for name, cls in sorted(DRAFTERS.items()):
-        doc = (cls.__doc__ or "").strip().splitlines()
-        print(f"{name:12s} {doc[0] if doc else ''}")
+        doc = "plain autoregressive decoding: the empty draft" if name == "plain" else \
+            (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"{name:12s} {doc}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
