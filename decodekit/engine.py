@@ -11,6 +11,7 @@ import torch
 from .models.kv_cache import EMPTY
 from .sampling import LogitsProcessor, SamplingConfig
 from .speculative.base import DraftTree, Drafter, StepResult, make_drafter
+from .speculative.budget import DraftBudget
 from .speculative.verify import pick_verifier
 
 Prompt = "str | list[dict[str, str]] | list[int]"
@@ -69,6 +70,7 @@ class Engine:
     def __init__(self, model, tokenizer, name: str = "model", max_context: int | None = None) -> None:
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.source_folder = None  # the HF-format folder the weights came from, if any
+        self._budgets: dict[str, DraftBudget] = {}
         self.max_context = max_context or model.config.max_position_embeddings
         self.eos_ids = set(model.config.eos_token_ids)
         if getattr(tokenizer, "eos_token_id", None) is not None:
@@ -173,7 +175,10 @@ class Engine:
     def _run(self, prompt, max_new_tokens, method, sampling, stop, chat, verifier_name, options
              ) -> Iterator[GenerationResult]:
         sampling, options = self._split_options(sampling, dict(options))
+        adaptive = options.pop("adaptive", True)
         drafter = make_drafter(method, options).bind(self)
+        # The budget (acceptance and step cost per width) persists across calls: cost is a property of the machine.
+        budget = self._budgets.setdefault(drafter.name, DraftBudget()) if adaptive and drafter.name != "plain" else None
         prompt_ids = self.encode(prompt, chat)
         self._check_length(len(prompt_ids), max_new_tokens)
         processor = LogitsProcessor(sampling)
@@ -211,6 +216,8 @@ class Engine:
 
                 t_draft = time.perf_counter()
                 tree = drafter.propose(context)
+                if budget is not None:
+                    tree = budget.trim(tree)
                 t_verify = time.perf_counter()
                 stats.draft_time_s += t_verify - t_draft
                 start = cache.length
@@ -228,7 +235,10 @@ class Engine:
                 context += new
                 output += new
                 stats.decode_steps += 1
-                stats.verify_time_s += time.perf_counter() - t_verify
+                t_done = time.perf_counter()
+                stats.verify_time_s += t_done - t_verify
+                if budget is not None:
+                    budget.record(tree, len(accepted), n + 1, t_done - t_draft)
                 depths = tree.depths()
                 for d in range(1, max(depths, default=0) + 1):
                     if d > len(proposed_at):

@@ -38,42 +38,40 @@ def summarize(runs: dict[str, MethodRun]) -> dict[str, dict[str, dict[str, Any]]
     return summary
 
 
+def _cell(row: dict[str, Any]) -> str:
+    tau = f" ({row['tau']:.2f})" if row["tau"] is not None else ""
+    return f"{row['speedup']:.2f}x{tau}"
+
+
+def table_rows(summary) -> tuple[list[str], list[list[str]]]:
+    """Categories down, methods across (a method column stays narrow however many categories there are)."""
+    methods = list(summary)
+    categories = list(next(iter(summary.values())))
+    rows = [[cat, *(_cell(summary[m][cat]) for m in methods)] for cat in categories]
+    rows.append(["tok/s", *(f"{summary[m]['overall']['tokens_per_s']:.1f}" for m in methods)])
+    rows.append(["same as plain", *(f"{summary[m]['overall']['identical']}/{summary[m]['overall']['prompts']}"
+                                    for m in methods)])
+    return ["category", *methods], rows
+
+
 def print_table(summary, meta: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    categories = list(next(iter(summary.values())))
-    table = Table(title=f"decodekit bench: {meta['model']} on {meta['device']} ({meta['dtype']}), "
-                        f"{meta['prompts']} prompts x {meta['max_new_tokens']} new tokens; speedup (tau)")
-    table.add_column("method")
-    for cat in categories:
-        table.add_column(cat, justify="right")
-    table.add_column("tok/s", justify="right")
-    table.add_column("same as plain", justify="right")
-    for method, rows in summary.items():
-        cells = []
-        for cat in categories:
-            r = rows[cat]
-            tau = f" ({r['tau']:.2f})" if r["tau"] is not None else ""
-            cells.append(f"{r['speedup']:.2f}x{tau}")
-        o = rows["overall"]
-        table.add_row(method, *cells, f"{o['tokens_per_s']:.1f}", f"{o['identical']}/{o['prompts']}")
+    header, rows = table_rows(summary)
+    table = Table(title=f"{meta['model']} on {meta['device']} ({meta['dtype']}), {meta['prompts']} prompts x "
+                        f"{meta['max_new_tokens']} new tokens: speedup over plain (tau)")
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row, end_section=row[0] == "overall")
     Console().print(table)
 
 
 def markdown_table(summary) -> str:
-    categories = list(next(iter(summary.values())))
-    lines = ["| method | " + " | ".join(categories) + " | tok/s | same as plain |",
-             "|---|" + "---:|" * (len(categories) + 2)]
-    for method, rows in summary.items():
-        cells = []
-        for cat in categories:
-            r = rows[cat]
-            tau = f" ({r['tau']:.2f})" if r["tau"] is not None else ""
-            cells.append(f"{r['speedup']:.2f}x{tau}")
-        o = rows["overall"]
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {o['tokens_per_s']:.1f} | "
-                     f"{o['identical']}/{o['prompts']} |")
+    header, rows = table_rows(summary)
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
 

@@ -1,0 +1,38 @@
+"""The cost-aware draft budget: cuts drafts that do not pay, keeps those that do, and cuts trees correctly."""
+import torch
+
+from decodekit.speculative.base import DraftTree
+from decodekit.speculative.budget import DraftBudget, cut_tree
+
+
+def test_cut_tree_keeps_shallow_nodes_and_remaps_parents():
+    tree = DraftTree([10, 11, 12, 13, 14], [0, 0, 1, 3, 2], torch.eye(5), verify=[True, True, True, True, False])
+    cut = cut_tree(tree, 1)
+    # depths: 1, 1, 2, 3, 2 -> keep nodes 1, 2 and the ride-along node 5 (whose parent is node 2)
+    assert cut.tokens == [10, 11, 14] and cut.parents == [0, 0, 2]
+    assert torch.equal(cut.draft_probs, torch.eye(5)[[0, 1, 4]]) and cut.verify == [True, True, False]
+    assert cut_tree(tree, 0).tokens == []  # the ride-along node goes with its parent
+
+
+def simulate(budget: DraftBudget, accept_rate: float, time_of_width, steps: int = 200) -> float:
+    """Mean draft depth the budget lets through, for a drafter proposing 8-token chains."""
+    g = torch.Generator().manual_seed(0)
+    depths = []
+    for _ in range(steps):
+        tree = budget.trim(DraftTree.chain(list(range(8))))
+        accepted = 0
+        while accepted < len(tree) and torch.rand((), generator=g) < accept_rate:
+            accepted += 1
+        budget.record(tree, accepted, len(tree) + 1, time_of_width(len(tree) + 1))
+        depths.append(len(tree))
+    return sum(depths[50:]) / len(depths[50:])
+
+
+def test_budget_backs_off_when_drafts_miss_and_verify_costs():
+    cpu_like = lambda w: 1.0 + 0.1 * (w - 1)  # noqa: E731 - each verified token costs 10% of a step
+    assert simulate(DraftBudget(), 0.05, cpu_like) < 1.5
+
+
+def test_budget_keeps_deep_drafts_when_they_pay():
+    gpu_like = lambda w: 1.0 + 0.01 * (w - 1)  # noqa: E731 - wide verify passes are nearly free
+    assert simulate(DraftBudget(), 0.9, gpu_like) > 6
