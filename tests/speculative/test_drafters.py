@@ -1,0 +1,65 @@
+"""Unit tests of the training-free drafters' data structures and proposals."""
+import torch
+
+import decodekit
+from decodekit.speculative.aded import ADED
+from decodekit.speculative.base import DraftTree, StepResult
+from decodekit.speculative.pld import PromptLookup, find_continuation
+from decodekit.speculative.recycling import TokenRecycling
+from decodekit.speculative.suffix import SuffixDecoding, SuffixTrie
+from decodekit.speculative.tree_search import best_first_tree
+
+
+def test_pld_finds_most_recent_longest_match():
+    ctx = [1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3]
+    assert find_continuation(ctx, 1, 3, 2) == [7, 8]  # "2 3" last seen before "7 8"
+    assert PromptLookup(num_draft=3).propose([4, 5, 6]).tokens == []
+
+
+def test_best_first_tree_orders_by_path_probability():
+    table = {0: [(1, 0.6, 1), (2, 0.4, 2)], 1: [(3, 0.9, 3)], 2: [(4, 0.5, 4)], 3: [], 4: []}
+    tree = best_first_tree(0, lambda s: table[s], max_nodes=3, max_depth=5)
+    # 1 (0.6), then 3 (0.54), then 2 (0.4); 4 (0.2) does not fit
+    assert tree.tokens == [1, 3, 2] and tree.parents == [0, 1, 0]
+
+
+def test_suffix_trie_counts_and_matches():
+    trie = SuffixTrie(max_depth=4)
+    trie.extend([1, 2, 3, 1, 2, 4, 1, 2])
+    node, length = trie.match([7, 1, 2])
+    assert length == 2 and {t: c.count for t, c in node.children.items()} == {3: 1, 4: 1}
+    node, length = trie.match([2, 3, 1])  # "2 3 1" occurred once and was followed by 2
+    assert length == 3 and list(node.children) == [2]
+
+
+def test_suffix_drafts_continuation_and_learns_across_generations():
+    d = SuffixDecoding(min_token_prob=0.0)
+    d.reset([5, 6, 7, 8, 5, 6])
+    assert d.propose([5, 6, 7, 8, 5, 6]).tokens[:2] == [7, 8]
+    d.propose([5, 6, 7, 8, 5, 6, 40, 41, 42])  # the output so far: 40 41 42
+    d.reset([1, 2])  # next request: the previous output is now in the global trie
+    assert d.propose([1, 2, 40, 41]).tokens[:1] == [42]
+
+
+def test_aded_tables_adapt_to_output():
+    d = ADED()
+    d.reset([1, 2, 3])
+    d.propose([1, 2, 3, 1, 2, 4, 1, 2, 4])
+    assert d.trigram[(1, 2)] == {3: 1, 4: 2}
+    tree = d.propose([1, 2, 3, 1, 2, 4, 1, 2, 4, 1, 2])
+    assert tree.tokens[0] == 4  # the more frequent continuation comes first
+
+
+def test_recycling_updates_adjacency_from_target_logits():
+    engine = decodekit.load("random:tiny-llama", device="cpu")
+    d = TokenRecycling(top_k=3, widths=(2, 1)).bind(engine)
+    d.reset([1, 2])
+    assert len(d.propose([1, 2])) == 0  # nothing recycled yet
+    logits = torch.zeros(3, 512)
+    logits[0, [10, 11, 12]] = torch.tensor([3.0, 2.0, 1.0])  # root token 2
+    logits[1, [20, 21, 22]] = torch.tensor([3.0, 2.0, 1.0])  # node token 7
+    tree = DraftTree.chain([7, 8])
+    d.observe([1, 2, 7, 30], StepResult(tree, accepted=[1], next_token=30, logits=logits))
+    assert d.adjacency[2].tolist() == [10, 11, 12] and d.adjacency[7].tolist() == [20, 21, 22]
+    proposal = d.propose([5, 7])
+    assert proposal.tokens[:2] == [20, 21] and proposal.parents[:2] == [0, 0]
