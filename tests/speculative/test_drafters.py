@@ -63,3 +63,46 @@ def test_recycling_updates_adjacency_from_target_logits():
     assert d.adjacency[2].tolist() == [10, 11, 12] and d.adjacency[7].tolist() == [20, 21, 22]
     proposal = d.propose([5, 7])
     assert proposal.tokens[:2] == [20, 21] and proposal.parents[:2] == [0, 0]
+
+
+def test_draft_model_with_the_target_as_draft_accepts_everything():
+    engine = decodekit.load("random:tiny-llama", device="cpu")
+    prompt = list(range(3, 30))
+    plain = engine.generate(prompt, 70)
+    chain = engine.generate(prompt, 70, method="draft", model=engine, num_draft=5, adaptive=False)
+    tree = engine.generate(prompt, 70, method="draft", model=engine, tree_width=2, max_nodes=8, adaptive=False)
+    assert chain.token_ids == plain.token_ids == tree.token_ids
+    assert chain.stats.tau == 6.0  # every step: 5 drafted tokens accepted + the target's own
+    assert tree.stats.tau > 2.0
+
+
+def test_draft_model_stop_threshold_drafts_less():
+    engine = decodekit.load("random:tiny-llama", device="cpu")
+    prompt = list(range(3, 30))
+    eager = engine.generate(prompt, 40, method="draft", model=engine, num_draft=5, adaptive=False)
+    cautious = engine.generate(prompt, 40, method="draft", model=engine, num_draft=5, stop_threshold=0.99,
+                               adaptive=False)
+    assert cautious.token_ids == eager.token_ids
+    assert cautious.stats.decode_steps > eager.stats.decode_steps
+
+
+def test_draft_model_rejects_a_foreign_vocabulary():
+    import pytest
+
+    engine = decodekit.load("random:tiny-llama", device="cpu")
+    other = decodekit.load("random:smollm2-135m", device="cpu")
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.generate([3, 4, 5], 4, method="draft", model=other)
+
+
+def test_layerskip_skips_middle_layers_and_adapts():
+    engine = decodekit.load("random:tiny-gemma3", device="cpu")  # 4 layers: layers 1 and 2 may be skipped
+    from decodekit.speculative.layerskip import LayerSkip
+
+    drafter = LayerSkip(skip_ratio=0.5, adapt_every=2, num_draft=3, stop_threshold=0.0).bind(engine)
+    assert drafter.skip_layers and not drafter.skip_layers & {0, 3}
+    prompt = list(range(3, 40))
+    first = drafter.skip_layers
+    result = engine.generate(prompt, 60, method=drafter, adaptive=False)
+    assert result.token_ids == engine.generate(prompt, 60).token_ids
+    assert drafter.scores and first in drafter.scores  # acceptance of the first set was measured
