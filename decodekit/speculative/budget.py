@@ -17,11 +17,12 @@ from .base import DraftTree
 
 
 def cut_tree(tree: DraftTree, max_depth: int) -> DraftTree:
-    """The nodes of `tree` at depth <= max_depth; ride-along nodes (the drafter's business) stay with their parent."""
+    """The nodes of `tree` at depth <= max_depth; ride-along nodes (the drafter's business) stay with their parent,
+    unless the cut is to depth 0, a plain step."""
     depths = tree.depths()
     kept = {0}
     for i in range(1, len(depths)):
-        ride_along = tree.verify is not None and not tree.verify[i - 1]
+        ride_along = tree.verify is not None and not tree.verify[i - 1] and max_depth > 0
         if tree.parents[i - 1] in kept and (depths[i] <= max_depth or ride_along):
             kept.add(i)
     keep = sorted(kept - {0})
@@ -66,11 +67,12 @@ class DraftBudget:
             return tree
         if 1 not in self.step_time:  # the plain step is the baseline every draft is weighed against: measure it
             return cut_tree(tree, 0)
-        depths = tree.depths()
-        max_depth = max(depths)
+        depths = self._verified_depths(tree)
+        ride_along = len(tree) - len(depths)
+        max_depth = max(depths, default=0)
         while len(self.accept) < max_depth:
             self.accept.append(self.prior_accept)
-        width_at = [sum(1 for d in depths if d <= k) for k in range(max_depth + 1)]
+        width_at = [1] + [1 + ride_along + sum(1 for d in depths if d <= k) for k in range(1, max_depth + 1)]
         best_k, best_rate, expected, reach = 0, 1.0 / self._time(1), 1.0, 1.0
         for k in range(1, max_depth + 1):
             reach *= self.accept[k - 1]
@@ -80,12 +82,17 @@ class DraftBudget:
                 best_k, best_rate = k, rate
         return cut_tree(tree, best_k)
 
+    @staticmethod
+    def _verified_depths(tree: DraftTree) -> list[int]:
+        depths = tree.depths()[1:]
+        return [d for i, d in enumerate(depths) if tree.verify is None or tree.verify[i]]
+
     def record(self, tree: DraftTree, accepted: int, width: int, seconds: float) -> None:
         """After a step: how deep the tree went, how many tokens were accepted, and what the step cost."""
         b = self._bucket(width)
         old = self.step_time.get(b)
         self.step_time[b] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
-        depth = max(tree.depths())
+        depth = max(self._verified_depths(tree), default=0)
         for d in range(1, min(depth, accepted + 1) + 1):  # depths that were reached, i.e. got a verdict
             while len(self.accept) < d:
                 self.accept.append(self.prior_accept)

@@ -18,14 +18,14 @@ from .draft_model import DraftModel
 @register
 @dataclass
 class LayerSkip(DraftModel):
-    """Knobs: `skip_ratio` (fraction of layers skipped at first, 0.5), `num_draft` (4), `stop_threshold` (0.3),
+    """Knobs: `skip_ratio` (fraction of layers skipped at first, 0.3), `num_draft` (4), `stop_threshold` (0.3),
     `adapt` (True), `adapt_every` (16 steps), `min_accept` (0.2), `seed` (0)."""
 
     name = "layerskip"
     model: object = None
     num_draft: int = 4
     stop_threshold: float = 0.3
-    skip_ratio: float = 0.5
+    skip_ratio: float = 0.3
     adapt: bool = True
     adapt_every: int = 16
     min_accept: float = 0.2

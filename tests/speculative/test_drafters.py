@@ -106,3 +106,24 @@ def test_layerskip_skips_middle_layers_and_adapts():
     result = engine.generate(prompt, 60, method=drafter, adaptive=False)
     assert result.token_ids == engine.generate(prompt, 60).token_ids
     assert drafter.scores and first in drafter.scores  # acceptance of the first set was measured
+
+
+def test_lookahead_window_is_a_tree_of_columns_and_collects_ngrams():
+    from decodekit.speculative.lookahead import Lookahead
+
+    d = Lookahead(window=3, ngram=3, guesses=2)
+    d.reset([1, 2, 3, 1, 2, 4])
+    assert d.pool[1] == [(2, 4), (2, 3)]  # prompt n-grams, most recent first
+    d.levels = [[10, 11, 12], [20, 21, 22]]
+    tree = d.propose([7, 1])
+    # verification branch: 1 -> (2, 4) and (2, 3) merged into a trie: nodes 2, 4, 3 with parents 0, 1, 1
+    assert tree.tokens[:3] == [2, 4, 3] and tree.parents[:3] == [0, 1, 1] and tree.verify[:3] == [True] * 3
+    # window: level 0 is a chain off the root, level 1 hangs under its column
+    assert tree.tokens[3:] == [10, 11, 12, 20, 21, 22] and tree.parents[3:] == [0, 4, 5, 4, 5, 6]
+    assert tree.depths()[4:] == [1, 2, 3, 2, 3, 4]
+    logits = torch.zeros(len(tree) + 1, 50)
+    for row, tok in zip([7, 8, 9], [30, 31, 32]):  # predictions after the last level's guesses
+        logits[row, tok] = 1.0
+    d.observe([7, 1, 2], StepResult(tree, accepted=[], next_token=2, logits=logits))
+    assert d.pool[10] == [(20, 30)] and d.pool[12] == [(22, 32)]
+    assert d.levels == [[20, 21, 22], [30, 31, 32]]
