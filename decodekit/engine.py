@@ -52,6 +52,15 @@ class _StopChecker:
     def __init__(self, tokenizer, eos_ids: set[int], stop: Sequence[str] | None) -> None:
         self.tokenizer, self.eos_ids, self.stop = tokenizer, eos_ids, [s for s in (stop or []) if s]
 
+    def stopped(self, tokens: list[int], n_new: int) -> bool:
+        """Cheap per-step check: did the last `n_new` tokens bring an EOS or complete a stop string?"""
+        if any(t in self.eos_ids for t in tokens[-n_new:]):
+            return True
+        if self.stop:  # a stop string ending in the new tokens lies within this many tokens of the end
+            tail = self.tokenizer.decode(tokens[-(n_new + max(map(len, self.stop)) + 2):], skip_special_tokens=True)
+            return any(s in tail for s in self.stop)
+        return False
+
     def cut(self, tokens: list[int]) -> tuple[list[int], str, bool]:
         """Tokens up to the first stop, their text, and whether a stop was hit."""
         for i, t in enumerate(tokens):
@@ -108,7 +117,7 @@ class Engine:
             return [self.generate(p, max_new_tokens, method=method, sampling=sampling, stop=stop, chat=chat,
                                   verifier=verifier, **options) for p in prompt]
         result = None
-        for result in self._run(prompt, max_new_tokens, method, sampling, stop, chat, verifier, options):
+        for result in self._run(prompt, max_new_tokens, method, sampling, stop, chat, verifier, options, False):
             pass
         return result
 
@@ -118,7 +127,7 @@ class Engine:
         result = None
         for result in self._run(prompt, max_new_tokens, kwargs.pop("method", "plain"), kwargs.pop("sampling", None),
                                 kwargs.pop("stop", None), kwargs.pop("chat", False), kwargs.pop("verifier", None),
-                                kwargs):
+                                kwargs, True):
             # Hold back a trailing replacement char: a multi-byte character may still be incomplete.
             text = result.text.rstrip("\ufffd") if result.finish_reason == "running" else result.text
             if len(text) > len(printed) and text.startswith(printed):
@@ -172,10 +181,12 @@ class Engine:
             counts += anc @ onehot
         return prompt_seen[None] | (counts > 0), counts
 
-    def _run(self, prompt, max_new_tokens, method, sampling, stop, chat, verifier_name, options
+    def _run(self, prompt, max_new_tokens, method, sampling, stop, chat, verifier_name, options, streaming: bool
              ) -> Iterator[GenerationResult]:
+        """The loop. Yields a "running" result after each step when `streaming`, and the final result last."""
         sampling, options = self._split_options(sampling, dict(options))
         adaptive = options.pop("adaptive", True)
+        ignore_eos = options.pop("ignore_eos", False)  # benchmarks: always generate max_new_tokens
         drafter = make_drafter(method, options).bind(self)
         # The budget (acceptance and step cost per width) persists across calls: cost is a property of the machine.
         budget = self._budgets.setdefault(drafter.name, DraftBudget()) if adaptive and drafter.name != "plain" else None
@@ -183,7 +194,7 @@ class Engine:
         self._check_length(len(prompt_ids), max_new_tokens)
         processor = LogitsProcessor(sampling)
         generator = self._generator(sampling.seed)
-        stopper = _StopChecker(self.tokenizer, self.eos_ids, stop)
+        stopper = _StopChecker(self.tokenizer, set() if ignore_eos else self.eos_ids, stop)
         stats = GenerationStats(prompt_tokens=len(prompt_ids), method=drafter.name)
         headroom = drafter.max_draft_tokens() + 1
         self.model.setup_cache(1, min(self.max_context, len(prompt_ids) + max_new_tokens + headroom))
@@ -203,16 +214,12 @@ class Engine:
             drafter.reset(prompt_ids)
             accepted_at: list[int] = []
             proposed_at: list[int] = []
-            finish = "length"
-            while True:
-                tokens, text, stopped = stopper.cut(output)
-                if stopped or len(output) >= max_new_tokens or cache.length + headroom > cache.max_len:
-                    finish = "stop" if stopped else "length"
-                    output = tokens[:max_new_tokens]
-                    if not stopped and len(tokens) > max_new_tokens:
-                        text = self.tokenizer.decode(output, skip_special_tokens=True)
-                    break
-                yield GenerationResult(text, list(output), "running", stats, prompt_ids)
+            new = [first]
+            while not stopper.stopped(output, len(new)) and len(output) < max_new_tokens \
+                    and cache.length + headroom <= cache.max_len:
+                if streaming:
+                    text = self.tokenizer.decode(output, skip_special_tokens=True)
+                    yield GenerationResult(text, list(output), "running", stats, prompt_ids)
 
                 t_draft = time.perf_counter()
                 tree = drafter.propose(context)
@@ -226,8 +233,11 @@ class Engine:
                 positions = (start + torch.tensor(tree.depths(), device=dev))[None]
                 tree_mask = None if tree.is_chain() else tree.ancestor_mask().to(dev)
                 step_logits = self.model(step_ids, positions, tree_mask=tree_mask)[0].float()
-                seen, counts = self._penalty_inputs(sampling, prompt_ids, output, tree)
-                probs = processor.probs(step_logits, seen, counts)
+                if sampling.greedy and not sampling.has_penalties:
+                    probs = step_logits  # greedy verification needs only the argmax: skip building one-hots
+                else:
+                    seen, counts = self._penalty_inputs(sampling, prompt_ids, output, tree)
+                    probs = processor.probs(step_logits, seen, counts)
                 verify = pick_verifier(verifier_name, sampling.greedy, tree)
                 accepted, next_token = verify(tree, probs, generator)
                 cache.keep_path(start, [0, *accepted])
@@ -248,6 +258,8 @@ class Engine:
                     accepted_at[d - 1] += int(len(accepted) >= d)
                 drafter.observe(context, StepResult(tree, accepted, next_token, step_logits))
 
+        output, text, stopped = stopper.cut(output[:max_new_tokens])
+        finish = "stop" if stopped else "length"
         stats.forward_passes = 1 + stats.decode_steps
         stats.total_time_s = time.perf_counter() - t0
         stats.generated_tokens = len(output)
@@ -262,6 +274,8 @@ class Engine:
     def _generate_batch(self, prompts, max_new_tokens, sampling, stop, chat, options) -> list[GenerationResult]:
         """Plain decoding of several prompts in lockstep; shorter prompts are left-padded (masked slots)."""
         sampling, options = self._split_options(sampling, dict(options))
+        ignore_eos = options.pop("ignore_eos", False)
+        options.pop("adaptive", None)
         if options:
             raise ValueError(f"unknown options for plain decoding: {', '.join(options)}")
         encoded = [self.encode(p, chat) for p in prompts]
@@ -270,7 +284,7 @@ class Engine:
         b, width = len(encoded), max(len(ids) for ids in encoded)
         processor = LogitsProcessor(sampling)
         generator = self._generator(sampling.seed)
-        stopper = _StopChecker(self.tokenizer, self.eos_ids, stop)
+        stopper = _StopChecker(self.tokenizer, set() if ignore_eos else self.eos_ids, stop)
         self.model.setup_cache(b, min(self.max_context, width + max_new_tokens + 1))
         cache, dev = self.model.cache, self.device
         pad = [width - len(ids) for ids in encoded]

@@ -225,10 +225,10 @@ class Transformer(nn.Module):
         cache.slot_pos.index_copy_(1, slots, positions)
         slot_pos = cache.slot_pos[:, :kv_len]
         masks = {w: attention_mask(slot_pos, positions, start, tree_mask, w) for w in [None, *self.windows]}
-        rope_global = (self.rope_global[0][positions][:, None].to(self.dtype),
-                       self.rope_global[1][positions][:, None].to(self.dtype))
-        rope_local = (self.rope_local[0][positions][:, None].to(self.dtype),
-                      self.rope_local[1][positions][:, None].to(self.dtype)) if self.windows else rope_global
+        idx = positions.clamp_min(0)  # padding tokens (position EMPTY) get any rotation: nobody attends to them
+        rope_global = (self.rope_global[0][idx][:, None].to(self.dtype), self.rope_global[1][idx][:, None].to(self.dtype))
+        rope_local = (self.rope_local[0][idx][:, None].to(self.dtype),
+                      self.rope_local[1][idx][:, None].to(self.dtype)) if self.windows else rope_global
         x = self.embed(input_ids)
         if self.config.embed_scale != 1.0:
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)

@@ -1,0 +1,115 @@
+"""CUDA-graph replay of the decode / verify step: one graph per forward-width bucket.
+
+At batch 1 a small model's step is a few hundred tiny kernels, and launching them from Python costs more than
+running them. Capturing the step once per width bucket (1, 2, 4, ... tokens) and replaying it removes the launch
+cost. Shapes are static: inputs live in fixed buffers, the write position `start` is a device tensor, attention
+spans every cache slot (empty slots are masked by their position), and a step narrower than its bucket is padded
+with tokens at position EMPTY that see only themselves. Chains use the lower-triangular mask, so one graph serves
+chains and trees. Prefill, batches and drafter passes (own cache, skipped layers) run eagerly.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .kv_cache import EMPTY, KVCache
+from .transformer import Transformer
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class GraphedModel(nn.Module):
+    def __init__(self, model: Transformer, buckets: tuple[int, ...] = BUCKETS) -> None:
+        super().__init__()
+        self.model, self.buckets = model, buckets
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
+        self.pool = None
+
+    # the interface the engine and the drafters use
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def cache(self) -> KVCache | None:
+        return self.model.cache
+
+    def make_cache(self, batch_size: int, max_len: int) -> KVCache:
+        return self.model.make_cache(batch_size, max_len)
+
+    def setup_cache(self, batch_size: int, max_len: int) -> KVCache:
+        old = self.model.cache
+        cache = self.model.setup_cache(batch_size, max_len)
+        if cache is not old:  # new buffers: graphs captured over the old ones are stale
+            self.graphs.clear()
+            if batch_size == 1:
+                self._capture_all()
+        return cache
+
+    def _capture_all(self) -> None:
+        for b in self.buckets:
+            if b <= self.model.cache.max_len:
+                self.graphs[b] = self._capture(b)
+        self.model.cache.reset()
+
+    @torch.inference_mode()
+    def _capture(self, width: int):
+        cache, dev = self.model.cache, self.device
+        buffers = {
+            "ids": torch.zeros(1, width, dtype=torch.long, device=dev),
+            "pos": torch.full((1, width), EMPTY, dtype=torch.long, device=dev),  # harmless: slots stay empty
+            "start": torch.zeros((), dtype=torch.long, device=dev),
+            "mask": torch.eye(width, dtype=torch.bool, device=dev),
+            "chain": torch.ones(width, width, dtype=torch.bool, device=dev).tril_(),
+        }
+
+        def step():
+            return self.model(buffers["ids"], buffers["pos"], start=buffers["start"], kv_len=cache.max_len,
+                              tree_mask=buffers["mask"])
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: lazy initialization must not happen during capture
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = step()
+        self.pool = graph.pool()
+        return graph, buffers, out
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor | None = None,
+                num_logits: int | None = None, cache: KVCache | None = None,
+                skip_layers: frozenset[int] | set[int] = frozenset(), **kwargs) -> torch.Tensor:
+        t = input_ids.shape[1]
+        width = next((b for b in self.buckets if b >= t), None)
+        eager = (cache is not None or skip_layers or num_logits is not None or kwargs or input_ids.shape[0] != 1
+                 or width not in self.graphs)
+        if eager:
+            return self.model(input_ids, positions, tree_mask=tree_mask, num_logits=num_logits, cache=cache,
+                              skip_layers=skip_layers, **kwargs)
+        own = self.model.cache
+        own.check_room(width)
+        graph, buf, out = self.graphs[width]
+        buf["ids"][:, :t].copy_(input_ids)
+        buf["pos"][:, :t].copy_(positions)
+        buf["pos"][:, t:].fill_(EMPTY)
+        mask = buf["mask"]
+        mask.zero_()
+        if tree_mask is None:
+            mask[:t, :t].copy_(buf["chain"][:t, :t])
+        else:
+            mask[:t, :t].copy_(tree_mask)
+        buf["start"].fill_(own.length)
+        graph.replay()
+        own.length += t  # the padding slots beyond hold position EMPTY: invisible, overwritten next step
+        return out[:, :t].clone()

@@ -1,0 +1,73 @@
+"""The generation loop: stopping, streaming, batching, seeds, penalties under speculation, stats."""
+import pytest
+
+import decodekit
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return decodekit.load("random:tiny-llama", device="cpu")
+
+
+PROMPT = [5, 6, 7, 8, 9, 10] * 4
+
+
+def test_max_new_tokens_is_exact_for_every_method(engine):
+    for method in ["plain", "pld", "recycling", "lookahead"]:
+        r = engine.generate(PROMPT, 17, method=method, ignore_eos=True)
+        assert len(r.token_ids) == 17 and r.finish_reason == "length" and r.stats.generated_tokens == 17
+
+
+def test_eos_stops_and_is_kept_last(engine):
+    full = engine.generate(PROMPT, 30, ignore_eos=True).token_ids
+    eos = full[9]
+    engine.eos_ids.add(eos)
+    try:
+        r = engine.generate(PROMPT, 30, method="pld")
+    finally:
+        engine.eos_ids.discard(eos)
+    assert r.token_ids == full[: full.index(eos) + 1] and r.finish_reason == "stop"
+
+
+def test_stop_string_cuts_text(engine):
+    full = engine.generate(PROMPT, 30, ignore_eos=True)
+    stop = full.text[len(full.text) // 2: len(full.text) // 2 + 2]
+    if not stop.strip():
+        pytest.skip("degenerate text")
+    r = engine.generate(PROMPT, 30, stop=[stop], ignore_eos=True)
+    assert r.finish_reason == "stop" and stop not in r.text and full.text.startswith(r.text)
+
+
+def test_stream_yields_the_final_text(engine):
+    pieces = list(engine.stream("hello", 20, ignore_eos=True))
+    assert "".join(pieces) == engine.generate("hello", 20, ignore_eos=True).text
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    a = engine.generate(PROMPT, 20, temperature=1.0, top_p=0.9, seed=7).token_ids
+    b = engine.generate(PROMPT, 20, temperature=1.0, top_p=0.9, seed=7).token_ids
+    c = engine.generate(PROMPT, 20, temperature=1.0, top_p=0.9, seed=8).token_ids
+    assert a == b and a != c
+
+
+def test_batch_equals_one_by_one(engine):
+    prompts = [PROMPT, PROMPT[:7], [3, 4, 5]]
+    batch = engine.generate(prompts, 15, ignore_eos=True)
+    assert [r.token_ids for r in batch] == [engine.generate(p, 15, ignore_eos=True).token_ids for p in prompts]
+
+
+@pytest.mark.parametrize("method", ["pld", "suffix", "recycling"])
+def test_penalties_see_each_draft_nodes_own_context(engine, method):
+    """Greedy with penalties: speculative output equals plain output, so penalties were applied per node."""
+    kw = dict(repetition_penalty=1.5, frequency_penalty=0.3, presence_penalty=0.2)
+    plain = engine.generate(PROMPT, 40, **kw)
+    assert engine.generate(PROMPT, 40, method=method, **kw).token_ids == plain.token_ids
+    assert plain.token_ids != engine.generate(PROMPT, 40).token_ids  # the penalties did something
+
+
+def test_stats_are_consistent(engine):
+    r = engine.generate(PROMPT, 30, method="pld", ignore_eos=True, adaptive=False)
+    s = r.stats
+    assert s.forward_passes == s.decode_steps + 1 and s.prompt_tokens == len(PROMPT)
+    assert s.tau >= 1.0 and s.tokens_per_s > 0 and s.time_to_first_token_s > 0
+    assert len(s.accepted_by_position) >= 1 and all(0 <= a <= 1 for a in s.accepted_by_position)
