@@ -18,6 +18,9 @@ def summarize(runs: dict[str, MethodRun]) -> dict[str, dict[str, dict[str, Any]]
         rows = {}
         for cat in [*categories, "overall"]:
             sel = [r for r in mr.runs if cat == "overall" or r.category == cat]
+            if not sel:  # e.g. a slow external baseline timed on a subset of the prompts
+                rows[cat] = None
+                continue
             base = [plain[r.id] for r in sel]
             tokens, seconds = sum(r.new_tokens for r in sel), sum(r.seconds for r in sel)
             base_tps = sum(b.new_tokens for b in base) / max(sum(b.seconds for b in base), 1e-12)
@@ -38,7 +41,9 @@ def summarize(runs: dict[str, MethodRun]) -> dict[str, dict[str, dict[str, Any]]
     return summary
 
 
-def _cell(row: dict[str, Any]) -> str:
+def _cell(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "-"
     tau = f" ({row['tau']:.2f})" if row["tau"] is not None else ""
     return f"{row['speedup']:.2f}x{tau}"
 
@@ -49,6 +54,7 @@ def table_rows(summary) -> tuple[list[str], list[list[str]]]:
     categories = list(next(iter(summary.values())))
     rows = [[cat, *(_cell(summary[m][cat]) for m in methods)] for cat in categories]
     rows.append(["tok/s", *(f"{summary[m]['overall']['tokens_per_s']:.1f}" for m in methods)])
+    rows.append(["prompts", *(str(summary[m]["overall"]["prompts"]) for m in methods)])
     rows.append(["same as plain", *(f"{summary[m]['overall']['identical']}/{summary[m]['overall']['prompts']}"
                                     for m in methods)])
     return ["category", *methods], rows
@@ -97,11 +103,12 @@ def write_plot(path: str, summary, meta: dict[str, Any]) -> None:
 
     methods = [m for m in summary if m != "plain"] or ["plain"]
     categories = list(next(iter(summary.values())))
+    speed = lambda m, c: summary[m][c]["speedup"] if summary[m][c] else 0.0  # noqa: E731
     width = 0.8 / len(methods)
     fig, ax = plt.subplots(figsize=(max(8, len(categories) * 0.9), 4.5))
     for i, m in enumerate(methods):
         xs = [j + i * width for j in range(len(categories))]
-        ax.bar(xs, [summary[m][c]["speedup"] for c in categories], width, label=m)
+        ax.bar(xs, [speed(m, c) for c in categories], width, label=m)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(categories))], categories, rotation=30, ha="right")
     ax.set_ylabel("speedup over plain decoding")

@@ -163,6 +163,14 @@ SHAPES: dict[str, ModelConfig] = {
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
         head_dim=64, rope_theta=100000.0, tie_word_embeddings=True,
     ),
+    "gemma3-270m": ModelConfig(
+        model_type="gemma3_text", vocab_size=262144, hidden_size=640, intermediate_size=2048, num_layers=18,
+        num_heads=4, num_kv_heads=1, head_dim=256, qk_norm=True, gemma_norms=True, embed_scale=640**0.5,
+        attn_scale=256**-0.5, sliding_window=512, rms_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
+        layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(18)],
+        rope_theta=1_000_000.0, local_rope_theta=10_000.0, tie_word_embeddings=True, max_position_embeddings=32768,
+        eos_token_ids=[1, 106], bos_token_id=2,
+    ),
     "tiny-llama": ModelConfig(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
         head_dim=16, max_position_embeddings=2048,
