@@ -1,27 +1,225 @@
-"""Draft-model speculative decoding (Leviathan et al. 2023; Chen et al. 2023) with a dynamic tree (DySpec, Xiong et
-al. 2024; Sequoia, Chen et al. 2024) and an adaptive draft length (SpecDec++, Huang et al. 2024).
+"""Draft-model speculative decoding (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative
+Decoding"; Chen et al. 2023, "Accelerating Large Language Model Decoding with Speculative Sampling"), with a
+dynamic token tree (DySpec, Xiong et al. 2024; Sequoia, Chen et al. 2024) and an adaptive draft length
+(SpecDec++, Huang et al. 2024).
 
-A smaller model with the target's tokenizer keeps its own KV cache, synchronized with the committed text by
-rolling back to the common prefix and feeding only what it has not seen. It drafts greedily: a chain
-(`tree_width=1`), or a tree grown level by level, best-first by cumulative draft probability, up to `max_nodes`.
-Drafting stops early when the draft's path probability, its predictor of acceptance, falls under
-`stop_threshold`.
+A smaller model with the target's tokenizer drafts. It keeps its own KV cache, synchronized with the committed
+text at every step by rolling back to the common prefix and feeding only what it has not seen (the accepted
+tokens it did not draft itself, plus the target's bonus token): the context is prefilled once, never again.
+
+- Chain (`tree_width=1`): up to `num_draft` tokens, one draft forward pass each.
+- Dynamic tree (`tree_width>1`): grown best-first by cumulative draft probability (the draft's estimate of the
+  probability that the target accepts the whole path) up to `max_nodes` nodes, each node offering up to
+  `tree_width` children. A round is one tree-masked forward pass over the tree so far; it expands every node
+  added since the last one, so the tree costs at most `num_draft` draft passes, like the chain.
+- Adaptive length (SpecDec++): stop extending as soon as the predicted acceptance of the next token -- the
+  path's cumulative draft probability times the draft's top-1 probability -- falls under `stop_threshold`.
+
+Drafting is greedy and deterministic (`draft_probs=None`, lossless under every verifier) unless a drafting
+temperature applies: `temperature>0`, or `temperature=None` and the engine exposes a non-greedy `sampling`
+config (then the draft samples from its own logits under the target's temperature and warpers, and the tree's
+siblings are drawn without replacement for the RSD verifier). Every shape decision is made before the token it
+concerns is drawn, which keeps stochastic trees lossless.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import heapq
+import itertools
+import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .base import DraftTree, Drafter, register
 
+PREFILL_CHUNK = 2048
+
+
+def native_model(obj: Any):
+    """The native `Transformer` behind an Engine, a CUDA-graph wrapper, or a model (drafting runs it eagerly)."""
+    start = obj
+    for _ in range(4):
+        if hasattr(obj, "make_cache") and hasattr(obj, "layers"):
+            return obj
+        obj = getattr(obj, "model", None)
+        if obj is None:
+            break
+    raise ValueError(f"a model-based drafter needs a native decodekit model, got {type(start).__name__}")
+
+
+def ensure_rope(net, positions: int) -> None:
+    """Rotary tables covering `positions` for a model the engine never set up (its `make_cache` alone lacks them).
+
+    Built here rather than by `net.setup_cache`, which would replace the model's own cache under whoever uses it.
+    """
+    from ..models.transformer import rope_table
+
+    have = getattr(net, "rope_global", None)
+    if have is not None and have.shape[1] >= positions:
+        return
+    c = net.config
+    n = min(-(-positions // 256) * 256, c.max_position_embeddings)
+    net.rope_global = rope_table(c, c.rope_theta, n).to(net.device)
+    net.rope_local = rope_table(c, c.local_rope_theta, n).to(net.device)
+
+
+class ModelDrafter(Drafter):
+    """Shared machinery of drafters that run a transformer: its cache, chain drafting, draft distributions.
+
+    Subclasses set `self.net` (a native Transformer), `self.skip` (layers it skips) and `self.sampling`
+    (None = greedy drafting, else a callable logits `[V]` -> distribution `[V]` to sample from), and call
+    `_open_cache(shared)` in `reset`. A shared cache is the target's own: it holds exactly the committed context
+    but the root, drafts are written after it and rolled back (Draft & Verify's KV reuse). Otherwise the drafter
+    owns a cache and `self.cached` lists the tokens whose keys and values it holds, slot by slot.
+    """
+
+    num_draft: int
+    stop_threshold: float
+
+    # ---- cache ---------------------------------------------------------------------------------------------
+    def _open_cache(self, shared: bool) -> None:
+        self.shared = shared
+        self.cached: list[int] = []
+        self.committed = 0  # length of the context at the last propose: a prefix of every later context
+        self.vocab = self.engine.model.config.vocab_size
+        self.generator = None
+        if shared:
+            self.cache = self.engine.model.cache
+            return
+        target_cache = self.engine.model.cache
+        size = target_cache.max_len + self.max_draft_tokens() + 2
+        ensure_rope(self.net, target_cache.max_len)  # drafts sit at the target's positions: a no-op for it
+        old = getattr(self, "cache", None)
+        fits = old is not None and old is not target_cache and old.max_len >= size and old.k.dtype == self.net.dtype
+        self.cache = old if fits else self.net.make_cache(1, size)
+        self.cache.reset()
+
+    def _feed(self, tokens: list[int], positions: list[int], tree_mask: torch.Tensor | None = None,
+              last_only: bool = False) -> torch.Tensor:
+        """Append `tokens` at `positions` to the drafting cache; logits `[T, V]` (or `[1, V]`), target vocabulary."""
+        dev = self.net.device
+        ids = torch.tensor([tokens], device=dev)
+        pos = torch.tensor([positions], device=dev)
+        with torch.inference_mode():
+            logits = self.net(ids, pos, tree_mask=tree_mask, cache=self.cache, skip_layers=self.skip,
+                              num_logits=1 if last_only else None)[0]
+        logits = logits.to(self.engine.device, torch.float32)
+        v = logits.shape[-1]
+        if v > self.vocab:  # padding rows of a larger embedding table
+            logits = logits[:, :self.vocab]
+        elif v < self.vocab:
+            logits = torch.nn.functional.pad(logits, (0, self.vocab - v), value=float("-inf"))
+        return logits
+
+    def _sync(self, context: list[int]) -> torch.Tensor | None:
+        """Bring the cache to `context[:-1]`, feed the root; its logits `[V]`, or None if the cache cannot follow."""
+        root = len(context) - 1
+        if self.shared:
+            if self.cache.length != root or self.cache.length + self.max_draft_tokens() + 1 > self.cache.max_len:
+                return None
+            return self._feed([context[-1]], [root])[-1]
+        n = self.committed if self.cached[:self.committed] == context[:self.committed] else 0
+        limit = min(len(self.cached), root)
+        n = min(n, limit)
+        while n < limit and self.cached[n] == context[n]:
+            n += 1
+        self.cache.rollback(n)
+        self.cached = self.cached[:n]
+        logits = None
+        for s in range(n, len(context), PREFILL_CHUNK):
+            part = context[s:s + PREFILL_CHUNK]
+            logits = self._feed(part, list(range(s, s + len(part))), last_only=True)[-1]
+        self.cached += context[n:]
+        self.committed = len(context)
+        return logits
+
+    def _release(self, root: int) -> None:
+        """After drafting: a shared cache gives back every slot from the root on (the engine writes there next)."""
+        if self.shared:
+            self.cache.rollback(root)
+
+    # ---- drafting ------------------------------------------------------------------------------------------
+    def _predicted(self, path_prob: float, top1: float) -> float:
+        """Predicted acceptance of the next draft token (compared with `stop_threshold`); SpecDec++ by default."""
+        return path_prob * top1
+
+    def _distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the next token is drawn from (sampling) or how sure the draft is (greedy): `[V]` float."""
+        if self.sampling is not None:
+            return self.sampling(logits)
+        return logits.softmax(-1)
+
+    def _seed_generator(self, seed: int | None) -> None:
+        if self.sampling is None:
+            return
+        self.generator = torch.Generator(device=self.engine.device)
+        self.generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+
+    def _chain(self, context: list[int], logits: torch.Tensor) -> DraftTree:
+        root = len(context) - 1
+        tokens, rows, path = [], [], 1.0
+        for i in range(self.num_draft):
+            q = self._distribution(logits)
+            if self.sampling is None:
+                top1, tok = q.max(-1)
+                top1, tok = float(top1), int(tok)
+            else:  # decide whether to draft from q's shape, then draw: the decision never sees the draw
+                top1 = float(q.max())
+            if tokens and self._predicted(path, top1) < self.stop_threshold:
+                break
+            if self.sampling is not None:
+                tok = int(torch.multinomial(q, 1, generator=self.generator))
+                rows.append(q)
+                path *= float(q[tok])
+            else:
+                path *= top1
+            tokens.append(tok)
+            if i + 1 < self.num_draft:
+                logits = self._feed([tok], [root + i + 1])[-1]
+                if not self.shared:
+                    self.cached.append(tok)
+        return DraftTree.chain(tokens, torch.stack(rows) if rows else None)
+
+    def propose(self, context: list[int]) -> DraftTree:
+        logits = self._sync(context)
+        if logits is None:
+            return DraftTree()
+        try:
+            return self._draft(context, logits)
+        finally:
+            self._release(len(context) - 1)
+
+    def _draft(self, context: list[int], logits: torch.Tensor) -> DraftTree:
+        return self._chain(context, logits)
+
+    def max_draft_tokens(self) -> int:
+        return self.num_draft
+
+
+def warped_sampler(sampling, temperature: float | None):
+    """Draft distribution under the target's temperature and warpers (penalties left out: any q is lossless)."""
+    from ..sampling import LogitsProcessor, SamplingConfig
+
+    fields = {k: v for k, v in vars(sampling).items() if k in SamplingConfig.__dataclass_fields__} \
+        if sampling is not None else {}
+    for k in ("repetition_penalty", "presence_penalty", "frequency_penalty", "seed"):
+        fields.pop(k, None)
+    if temperature is not None:
+        fields["temperature"] = temperature
+    processor = LogitsProcessor(SamplingConfig(**fields))
+    return lambda logits: processor.probs(logits[None])[0]
+
 
 @register
 @dataclass
-class DraftModel(Drafter):
-    """Knobs: `model` (a source for `decodekit.load`, an Engine or a model; "smollm2"), `num_draft` (max depth, 6),
-    `tree_width` (children per node, 1 = chain), `max_nodes` (16, trees), `stop_threshold` (0.0 = off; SpecDec++)."""
+class DraftModel(ModelDrafter):
+    """Knobs (defaults): `model` ("smollm2": a source for `decodekit.load`, or an already loaded Engine or
+    Transformer with the target's tokenizer), `num_draft` (6: max draft depth), `tree_width` (1 = chain; else
+    children per node of the dynamic tree), `max_nodes` (16: tree size), `stop_threshold` (0.0 = off: SpecDec++
+    stop when path probability x top-1 probability falls under it), `temperature` (None: greedy drafting unless
+    the engine exposes a sampling config; > 0: sample drafts at this temperature), `seed` (None: of the draft's
+    sampling; fresh randomness per generation)."""
 
     name = "draft"
     model: Any = "smollm2"
@@ -29,108 +227,132 @@ class DraftModel(Drafter):
     tree_width: int = 1
     max_nodes: int = 16
     stop_threshold: float = 0.0
-    skip_layers: frozenset[int] = field(default_factory=frozenset)
+    temperature: float | None = None
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_draft < 1 or self.tree_width < 1 or self.max_nodes < 1:
             raise ValueError("draft: num_draft, tree_width and max_nodes must be >= 1")
         if not 0.0 <= self.stop_threshold < 1.0:
             raise ValueError(f"draft: stop_threshold must be in [0, 1), got {self.stop_threshold}")
-        self.draft = None
+        if self.temperature is not None and self.temperature < 0:
+            raise ValueError(f"draft: temperature must be >= 0, got {self.temperature}")
+        self.net = None
         self.cache = None
-        self.cached: list[int] = []  # the tokens whose keys and values are in self.cache
+        self.skip = frozenset()
+        self.sampling = None
 
-    def _draft_model(self):
-        if isinstance(self.model, str):
+    def _load(self, engine):
+        if not isinstance(self.model, str):
+            return native_model(self.model)
+        if self.model == engine.name:  # the target itself: do not load it twice
+            return native_model(engine.model)
+        loaded = engine.__dict__.setdefault("draft_models", {})  # kept by the engine: loaded once per target
+        key = (self.model, str(engine.device), engine.model.dtype)
+        if key not in loaded:
             import decodekit
 
-            return decodekit.load(self.model, device=self.engine.device, dtype=self.engine.model.dtype).model
-        return getattr(self.model, "model", self.model)  # an Engine, or a model
+            loaded[key] = native_model(decodekit.load(self.model, device=engine.device, dtype=engine.model.dtype,
+                                                       progress=False))
+        return loaded[key]
 
     def bind(self, engine) -> "DraftModel":
         super().bind(engine)
-        if self.draft is None:
-            self.draft = self._draft_model()
-            if self.draft.config.vocab_size != engine.model.config.vocab_size:
-                raise ValueError(f"draft model vocabulary ({self.draft.config.vocab_size}) differs from the "
-                                 f"target's ({engine.model.config.vocab_size})")
+        if self.net is None:
+            self.net = self._load(engine)
+            v_draft, v_target = self.net.config.vocab_size, engine.model.config.vocab_size
+            if abs(v_draft - v_target) > 0.01 * max(v_draft, v_target):  # more than embedding-table padding
+                raise ValueError(f"draft model vocabulary ({v_draft}) differs from the target's ({v_target}): "
+                                 "the draft model must share the target's tokenizer")
         return self
 
     def reset(self, prompt_ids: list[int]) -> None:
-        size = self.engine.model.cache.max_len
-        if self.cache is None or self.cache.max_len < size:
-            self.cache = self.draft.make_cache(1, size)
-        self.cache.reset()
-        self.cached = []
+        cfg = getattr(self.engine, "sampling", None)
+        if self.temperature is not None:
+            stochastic = self.temperature > 0 and not (cfg is not None and cfg.greedy)
+        else:
+            stochastic = cfg is not None and not cfg.greedy
+        self.sampling = warped_sampler(cfg, self.temperature) if stochastic else None
+        seed = self.seed
+        if seed is None and cfg is not None and cfg.seed is not None:
+            seed = (cfg.seed * 1_000_003 + 12_345) % (1 << 62)  # reproducible, yet not the verifier's stream
+        self._seed_generator(seed)
+        self._open_cache(shared=False)
 
-    def _forward(self, tokens: list[int], depths: list[int] | None = None, tree_mask=None) -> torch.Tensor:
-        dev = self.engine.device
-        base = self.cache.length
-        pos = torch.tensor(depths, device=dev) + base if depths is not None else torch.arange(len(tokens), device=dev) + base
-        with torch.inference_mode():
-            return self.draft(torch.tensor([tokens], device=dev), pos[None], tree_mask=tree_mask, cache=self.cache,
-                              skip_layers=self.skip_layers)[0].float()
+    def _predicted(self, path_prob: float, top1: float) -> float:
+        return path_prob * top1
 
-    def _sync(self, context: list[int]) -> torch.Tensor:
-        """Bring the cache to `context` and return the draft's next-token distribution after it."""
-        n = 0
-        limit = min(len(self.cached), len(context) - 1)  # keep the last token out: its logits are needed
-        while n < limit and self.cached[n] == context[n]:
-            n += 1
-        self.cache.rollback(n)
-        logits = self._forward(context[n:])[-1]
-        self.cached = list(context)
-        return logits.softmax(-1)
-
-    def propose(self, context: list[int]) -> DraftTree:
-        probs = self._sync(context)
+    def _draft(self, context: list[int], logits: torch.Tensor) -> DraftTree:
         if self.tree_width == 1:
-            return self._chain(probs)
-        return self._tree(probs)
+            return self._chain(context, logits)
+        return self._tree(context, logits)
 
-    def _chain(self, probs: torch.Tensor) -> DraftTree:
-        tokens, path_prob = [], 1.0
-        for i in range(self.num_draft):
-            p, tok = probs.max(-1)
-            path_prob *= float(p)
-            if tokens and path_prob < self.stop_threshold:
-                break
-            tokens.append(int(tok))
-            if i + 1 < self.num_draft:
-                probs = self._forward([tokens[-1]])[-1].softmax(-1)
-                self.cached.append(tokens[-1])
-        return DraftTree.chain(tokens)
+    def _tree(self, context: list[int], root_logits: torch.Tensor) -> DraftTree:
+        """Best-first growth by cumulative draft probability, one tree-masked draft pass per round."""
+        root, base = len(context) - 1, self.cache.length
+        tokens: list[int] = []
+        parents: list[int] = []
+        depth, score = [0], [1.0]
+        rows: list[torch.Tensor] = []
+        offers: dict[int, tuple[list[float], list[int], list[float], torch.Tensor]] = {}
+        heap: list[tuple[float, int, int, int]] = []  # (-priority, tiebreak, parent, rank)
+        tiebreak = itertools.count()
+        top1_seen: list[float] = []
 
-    def _tree(self, root_probs: torch.Tensor) -> DraftTree:
-        """Grow level by level; each level re-scores the whole tree so far in one tree-masked forward pass."""
-        tree = DraftTree()
-        path_prob = [1.0]
-        frontier, frontier_probs = [0], root_probs[None]
-        base = self.cache.length
-        for _ in range(self.num_draft):
-            candidates = []
-            for node, probs in zip(frontier, frontier_probs):
-                top_p, top_t = probs.topk(self.tree_width)
-                candidates += [(path_prob[node] * float(p), node, int(t)) for p, t in zip(top_p, top_t)]
-            candidates.sort(key=lambda c: -c[0])
-            room = self.max_nodes - len(tree)
-            chosen = [c for c in candidates if c[0] >= self.stop_threshold][:room]
-            if not chosen:
+        def expand(node: int, logits: torch.Tensor) -> None:
+            q = self._distribution(logits)
+            k = min(self.tree_width, q.shape[-1])
+            top_p, top_t = q.topk(k)
+            if self.sampling is None:
+                order = top_t
+            else:  # Gumbel-top-k: the order of sampling without replacement; a child is used only once chosen
+                k = min(k, int((q > 0).sum()))
+                u = torch.rand(q.shape, generator=self.generator, device=q.device).clamp_min(1e-20)
+                order = (q.log() - (-u.log()).log()).topk(k).indices
+            estimate, chosen, chosen_p = top_p[:k].tolist(), order.tolist(), q[order].tolist()
+            offers[node] = (estimate, chosen, chosen_p, q)
+            top1_seen.append(estimate[0])
+            heapq.heappush(heap, (-score[node] * estimate[0], next(tiebreak), node, 0))
+
+        expand(0, root_logits)
+        pending: list[int] = []  # added since the last pass: their children are not known yet
+        passes = 1
+        while True:
+            while heap and len(tokens) < self.max_nodes:
+                priority, _, parent, rank = heap[0]
+                priority = -priority
+                if tokens and priority < self.stop_threshold:
+                    break
+                if pending and passes < self.num_draft:  # a pending node's child might come first: look first
+                    guess = max(score[n] for n in pending) * sum(top1_seen) / len(top1_seen)
+                    if priority < guess:
+                        break
+                heapq.heappop(heap)
+                estimate, chosen, chosen_p, q = offers[parent]
+                tokens.append(chosen[rank])
+                parents.append(parent)
+                depth.append(depth[parent] + 1)
+                score.append(score[parent] * chosen_p[rank])
+                if self.sampling is not None:
+                    rows.append(q)
+                if rank + 1 < len(chosen):
+                    heapq.heappush(heap, (-score[parent] * estimate[rank + 1], next(tiebreak), parent, rank + 1))
+                if depth[-1] < self.num_draft:
+                    pending.append(len(tokens))
+            if not pending or passes >= self.num_draft or len(tokens) >= self.max_nodes:
                 break
-            frontier = []
-            for prob, parent, tok in chosen:
-                tree.tokens.append(tok)
-                tree.parents.append(parent)
-                path_prob.append(prob)
-                frontier.append(len(tree))
-            if len(tree) >= self.max_nodes:
-                break
+            tree = DraftTree(tokens, parents)
             self.cache.rollback(base)
-            anc = tree.ancestor_mask()[1:, 1:].to(self.engine.device)
-            logits = self._forward(tree.tokens, [d - 1 for d in tree.depths()[1:]], tree_mask=anc)
-            frontier_probs = logits[[i - 1 for i in frontier]].softmax(-1)
-        self.cache.rollback(base)
-        return tree
+            mask = tree.ancestor_mask()[1:, 1:].to(self.net.device)
+            logits = self._feed(tokens, [root + d for d in depth[1:]], tree_mask=mask)
+            passes += 1
+            for node in pending:
+                expand(node, logits[node - 1])
+            pending = []
+        self.cache.rollback(base)  # the accepted path is fed again next step: a few tokens, one pass
+        if self.sampling is None:
+            return DraftTree(tokens, parents)
+        return DraftTree(tokens, parents, torch.stack(rows) if rows else None, without_replacement=True)
 
     def max_draft_tokens(self) -> int:
         return self.num_draft if self.tree_width == 1 else self.max_nodes

@@ -1,0 +1,230 @@
+"""The draft-model drafter: exact greedy output, draft-cache synchronization, dynamic trees, SpecDec++ stopping,
+and lossless stochastic drafting (chain and tree) by a chi-square test on a 6-token model."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+import decodekit
+from decodekit.engine import Engine
+from decodekit.models.config import ModelConfig
+from decodekit.models.loader import build_native
+from decodekit.sampling import LogitsProcessor, SamplingConfig
+from decodekit.speculative import draft_model as dm
+from decodekit.speculative.draft_model import DraftModel
+
+PROMPT = list(range(3, 30))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return decodekit.load("random:tiny-llama", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def plain(tiny):
+    return tiny.generate(PROMPT, 80).token_ids
+
+
+@pytest.fixture(scope="module")
+def noisy(tiny):
+    """A draft that agrees with the target often but not always: the target's weights plus noise."""
+    model = copy.deepcopy(tiny.model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.25 * p.std())
+    return model
+
+
+def assert_cache_matches_fresh_prefill(drafter: DraftModel) -> None:
+    """The draft cache's committed slots hold exactly what prefilling the same tokens from scratch gives."""
+    n = drafter.committed - 1  # the root and beyond may hold drafts
+    fresh = drafter.net.make_cache(1, n + 8)
+    with torch.inference_mode():
+        drafter.net(torch.tensor([drafter.cached[:n]]), torch.arange(n)[None], cache=fresh)
+    assert n > 60
+    torch.testing.assert_close(drafter.cache.k[:, :, :, :n], fresh.k[:, :, :, :n], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(drafter.cache.v[:, :, :, :n], fresh.v[:, :, :, :n], rtol=1e-4, atol=1e-5)
+    assert (drafter.cache.slot_pos[0, :n] == torch.arange(n)).all()
+
+
+def test_target_as_its_own_draft_accepts_every_token(tiny, plain):
+    for k in (3, 5):
+        out = tiny.generate(PROMPT, 80, method="draft", model=tiny, num_draft=k, adaptive=False)
+        assert out.token_ids == plain
+        assert out.stats.tau == k + 1
+
+
+def test_draft_cache_stays_in_sync_over_many_steps(tiny, plain, noisy):
+    for kw in ({}, {"tree_width": 3, "max_nodes": 10}):
+        drafter = DraftModel(model=noisy, num_draft=4, **kw)
+        out = tiny.generate(PROMPT, 80, method=drafter, adaptive=False)
+        assert out.token_ids == plain, kw
+        assert 1.3 < out.stats.tau < 4.5, kw  # partly accepted: rollbacks of every length happen
+        assert drafter.cached[:len(PROMPT) + 70] == PROMPT + plain[:70]
+        assert_cache_matches_fresh_prefill(drafter)
+
+
+def test_a_source_string_loads_once_and_gets_rotary_tables(tiny, plain):
+    dm._LOADED.clear()
+    for _ in range(2):  # seed 0 like the target: the same weights, in a separate model object
+        out = tiny.generate(PROMPT, 40, method="draft", model="random:tiny-llama@0", num_draft=4, adaptive=False)
+        assert out.token_ids == plain[:40] and out.stats.tau >= 4.5
+    assert len(dm._LOADED) == 1
+    other = tiny.generate(PROMPT, 40, method="draft", model="random:tiny-llama@7", adaptive=False)
+    assert other.token_ids == plain[:40]  # a useless draft is still exact
+
+
+def test_dynamic_tree_is_exact_and_branches(tiny, plain, noisy):
+    drafter = DraftModel(model=noisy, tree_width=3, max_nodes=12, num_draft=4)
+    trees = []
+    original = drafter._tree
+    drafter._tree = lambda *a: trees.append(original(*a)) or trees[-1]
+    out = tiny.generate(PROMPT, 80, method=drafter, adaptive=False)
+    assert out.token_ids == plain
+    assert any(not t.is_chain() for t in trees)
+    assert all(len(t) <= 12 and max(t.depths()) <= 4 for t in trees)
+
+
+class TableDraft(DraftModel):
+    """A draft whose next-token distribution depends only on the last token (a lookup table)."""
+
+    def __init__(self, table: dict[int, dict[int, float]], **kw) -> None:
+        super().__init__(model=None, **kw)
+        self.table, self.vocab = table, 8
+        self.passes = 0
+
+        class _Cache:
+            length = 5
+
+            def rollback(self, n):
+                pass
+
+        class _Net:
+            device = torch.device("cpu")
+
+        self.cache, self.net = _Cache(), _Net()
+
+    def logits(self, token: int) -> torch.Tensor:
+        row = self.table.get(token, {})
+        rest = max(1.0 - sum(row.values()), 1e-6) / (self.vocab - len(row))  # the remaining mass, spread
+        p = torch.full((self.vocab,), rest)
+        for t, v in row.items():
+            p[t] = v
+        return p.log()
+
+    def _feed(self, tokens, positions, tree_mask=None, last_only=False):
+        self.passes += 1
+        return torch.stack([self.logits(t) for t in tokens])
+
+
+def test_tree_grows_best_first_by_path_probability():
+    table = {0: {1: 0.6, 2: 0.4}, 1: {3: 0.9, 4: 0.1}, 2: {5: 0.5, 6: 0.5}, 3: {7: 0.2}}
+    d = TableDraft(table, tree_width=2, max_nodes=3, num_draft=4)
+    tree = d._tree([9, 0], d.logits(0))
+    # 1 (0.6), its child 3 (0.54), 2 (0.4); 5 and 6 (0.2) and 7 (0.108) do not fit
+    edges = {(tok, tree.tokens[p - 1] if p else 0) for tok, p in zip(tree.tokens, tree.parents)}
+    assert edges == {(1, 0), (3, 1), (2, 0)}
+    assert [tree.tokens[i - 1] for i in tree.children()[0]] == [1, 2]  # siblings in order of probability
+    d = TableDraft(table, tree_width=2, max_nodes=10, num_draft=2)  # depth limit
+    tree = d._tree([9, 0], d.logits(0))
+    assert max(tree.depths()) == 2 and sorted(tree.tokens) == [1, 2, 3, 4, 5, 6]
+    assert d.passes <= 1  # one tree pass after the root's: the cost of a depth-2 chain
+
+
+def test_specdec_stop_threshold_cuts_drafts():
+    table = {0: {1: 0.9}, 1: {2: 0.8}, 2: {3: 0.5}, 3: {4: 0.99}}
+    d = TableDraft(table, num_draft=6, stop_threshold=0.6)
+    d.shared, d.sampling = True, None
+    # predicted acceptance = path probability: 1 -> 0.9 (kept), 2 -> 0.72 (kept), 3 -> 0.36 (stop)
+    assert d._chain([9, 0], d.logits(0)).tokens == [1, 2]
+    d.stop_threshold = 0.0
+    assert d._chain([9, 0], d.logits(0)).tokens[:4] == [1, 2, 3, 4]
+
+
+def test_stop_threshold_drafts_fewer_tokens_through_the_engine(tiny, plain):
+    eager = tiny.generate(PROMPT, 60, method="draft", model=tiny, num_draft=5, adaptive=False)
+    cautious = tiny.generate(PROMPT, 60, method="draft", model=tiny, num_draft=5, stop_threshold=0.99,
+                             adaptive=False)
+    assert eager.token_ids == cautious.token_ids == plain[:60]
+    assert eager.stats.tau == 6.0 and cautious.stats.tau == 2.0  # the random model is never 99% sure
+
+
+# ---- stochastic drafting is lossless ------------------------------------------------------------------------
+class IdTokenizer:
+    eos_token_id = None
+    chat_template = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+    def encode(self, text, add_special_tokens=False):
+        return [int(t) for t in text.split()]
+
+
+VOCAB = 6
+MICRO_PROMPT = [1, 2, 3, 1, 2, 3, 1, 2]
+
+
+def micro_model(seed: int, scale: float):
+    config = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                         num_kv_heads=1, head_dim=16, max_position_embeddings=512, eos_token_ids=[])
+    model = build_native(config, None, torch.device("cpu"), torch.float32, seed=seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(scale)
+    return model
+
+
+def exact_pairs(engine: Engine, sampling: SamplingConfig) -> torch.Tensor:
+    """P(t2, t3) after MICRO_PROMPT (marginal over t1), from the target alone."""
+    proc, model = LogitsProcessor(sampling), engine.model
+
+    def dist(seq):
+        model.setup_cache(1, 64)
+        with torch.no_grad():
+            return proc.probs(model(torch.tensor([seq]), torch.arange(len(seq))[None])[0, -1:].float())[0]
+
+    p1, joint = dist(MICRO_PROMPT), torch.zeros(VOCAB, VOCAB)
+    for t1 in range(VOCAB):
+        p2 = dist(MICRO_PROMPT + [t1])
+        for t2 in range(VOCAB):
+            joint[t2] += p1[t1] * p2[t2] * dist(MICRO_PROMPT + [t1, t2])
+    return joint.flatten()
+
+
+@pytest.mark.parametrize("knobs", [{"num_draft": 2}, {"tree_width": 3, "max_nodes": 6, "num_draft": 2}],
+                         ids=["chain", "tree"])
+def test_sampled_drafts_keep_the_target_distribution(knobs):
+    target = Engine(micro_model(3, 8.0), IdTokenizer(), name="micro")
+    draft = micro_model(5, 4.0)  # another model: q differs from p, so rejections and residuals matter
+    sampling = SamplingConfig(temperature=1.0)
+    probs = exact_pairs(target, sampling)
+    counts = torch.zeros(VOCAB * VOCAB)
+    seen_draft_probs = False
+    for i in range(300):
+        d = DraftModel(model=draft, temperature=1.0, **knobs)
+        propose = d.propose
+
+        def spy(context, propose=propose):
+            nonlocal seen_draft_probs
+            tree = propose(context)
+            seen_draft_probs |= tree.draft_probs is not None
+            return tree
+        d.propose = spy
+        ids = target.generate(MICRO_PROMPT, 3, method=d, sampling=SamplingConfig(temperature=1.0, seed=i),
+                              adaptive=False).token_ids
+        counts[ids[1] * VOCAB + ids[2]] += 1
+    assert seen_draft_probs
+    expected = probs / probs.sum() * counts.sum()
+    small = expected < 5
+    obs = torch.cat([counts[~small], counts[small].sum()[None]])
+    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    assert chisquare(obs.numpy(), exp.numpy()).pvalue > 1e-3
