@@ -215,11 +215,23 @@ class Engine:
             accepted_at: list[int] = []
             proposed_at: list[int] = []
             new = [first]
+            # Plain greedy on a graph-captured model: several steps per replay, argmax on the device.
+            fused = getattr(self.model, "greedy_steps", 0) if drafter.name == "plain" and sampling.greedy \
+                and not sampling.has_penalties else 0
             while not stopper.stopped(output, len(new)) and len(output) < max_new_tokens \
                     and cache.length + headroom <= cache.max_len:
                 if streaming:
                     text = self.tokenizer.decode(output, skip_special_tokens=True)
                     yield GenerationResult(text, list(output), "running", stats, prompt_ids)
+
+                if fused and len(output) + fused <= max_new_tokens and cache.length + fused + headroom <= cache.max_len:
+                    t_step = time.perf_counter()
+                    new = self.model.greedy_chunk(context[-1], cache.length)
+                    context += new
+                    output += new
+                    stats.decode_steps += len(new)
+                    stats.verify_time_s += time.perf_counter() - t_step
+                    continue
 
                 t_draft = time.perf_counter()
                 tree = drafter.propose(context)

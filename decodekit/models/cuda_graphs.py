@@ -16,6 +16,7 @@ from .kv_cache import EMPTY, KVCache
 from .transformer import Transformer
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+GREEDY_CHUNK = 16  # decode steps per replay of the fused greedy graph
 
 
 class GraphedModel(nn.Module):
@@ -24,6 +25,13 @@ class GraphedModel(nn.Module):
         self.model, self.buckets = model, buckets
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
         self.pool = None
+        self.greedy = None  # the fused greedy graph: (graph, buffers, output tokens), see greedy_chunk
+
+    def compile_blocks(self) -> None:
+        """Capture graphs over torch.compile'd blocks (fewer, fused kernels per step); recaptures if needed."""
+        self.model.compile_blocks()
+        if self.model.cache is not None and self.model.cache.batch_size == 1:
+            self._capture_all()
 
     # the interface the engine and the drafters use
     @property
@@ -50,15 +58,81 @@ class GraphedModel(nn.Module):
         cache = self.model.setup_cache(batch_size, max_len)
         if cache is not old:  # new buffers: graphs captured over the old ones are stale
             self.graphs.clear()
+            self.pool = None
             if batch_size == 1:
                 self._capture_all()
         return cache
 
     def _capture_all(self) -> None:
+        # A fresh memory pool each time: recapturing into the pool of released graphs trips the caching allocator.
+        self.graphs.clear()
+        self.greedy = None
+        self.pool = None
+        torch.cuda.synchronize()
         for b in self.buckets:
             if b <= self.model.cache.max_len:
                 self.graphs[b] = self._capture(b)
+        if GREEDY_CHUNK + 1 <= self.model.cache.max_len:
+            self.greedy = self._capture_greedy(GREEDY_CHUNK)
         self.model.cache.reset()
+
+    @torch.inference_mode()
+    def _capture_greedy(self, steps: int):
+        """`steps` chained width-1 decode steps, each feeding its own argmax to the next, in one graph.
+
+        Plain greedy decoding needs nothing from the host between tokens, so the host launches one replay per
+        `steps` tokens and reads them all with one synchronization, instead of one launch and one sync per token.
+        """
+        cache, dev = self.model.cache, self.device
+        buffers = {"token": torch.zeros(1, 1, dtype=torch.long, device=dev),
+                   "pos": torch.zeros(1, 1, dtype=torch.long, device=dev),
+                   "start": torch.zeros((), dtype=torch.long, device=dev),
+                   "mask": torch.ones(1, 1, dtype=torch.bool, device=dev)}
+        out = torch.zeros(steps, dtype=torch.long, device=dev)
+
+        def chain():
+            for i in range(steps):
+                logits = self.model(buffers["token"], buffers["pos"], start=buffers["start"], kv_len=cache.max_len,
+                                    tree_mask=buffers["mask"])
+                out[i] = logits[0, -1].argmax()
+                buffers["token"].copy_(out[i].view(1, 1))
+                buffers["pos"].add_(1)
+                buffers["start"].add_(1)
+
+        return self._record(chain), buffers, out
+
+    def _record(self, fn) -> torch.cuda.CUDAGraph:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: lazy initialization must not happen during capture
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            fn()
+        self.pool = graph.pool()
+        return graph
+
+    @property
+    def greedy_steps(self) -> int:
+        """Tokens per `greedy_chunk` call; 0 when no fused greedy graph is captured (batch > 1, tiny cache)."""
+        return GREEDY_CHUNK if self.greedy is not None else 0
+
+    def greedy_chunk(self, token: int, position: int) -> list[int]:
+        """Feed `token` at `position` and decode greedily for GREEDY_CHUNK steps; the tokens produced.
+
+        Equal to GREEDY_CHUNK single greedy steps (same graphs' kernels, argmax on the device).
+        """
+        graph, buf, out = self.greedy
+        own = self.model.cache
+        own.check_room(GREEDY_CHUNK)
+        buf["token"].fill_(token)
+        buf["pos"].fill_(position)
+        buf["start"].fill_(own.length)
+        graph.replay()
+        own.length += GREEDY_CHUNK
+        return out.tolist()
 
     @torch.inference_mode()
     def _capture(self, width: int):
@@ -71,21 +145,14 @@ class GraphedModel(nn.Module):
             "chain": torch.ones(width, width, dtype=torch.bool, device=dev).tril_(),
         }
 
-        def step():
-            return self.model(buffers["ids"], buffers["pos"], start=buffers["start"], kv_len=cache.max_len,
-                              tree_mask=buffers["mask"])
+        outputs = []
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: lazy initialization must not happen during capture
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = step()
-        self.pool = graph.pool()
-        return graph, buffers, out
+        def step():
+            outputs[:] = [self.model(buffers["ids"], buffers["pos"], start=buffers["start"], kv_len=cache.max_len,
+                                     tree_mask=buffers["mask"])]
+
+        graph = self._record(step)
+        return graph, buffers, outputs[0]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor | None = None,
                 num_logits: int | None = None, cache: KVCache | None = None,

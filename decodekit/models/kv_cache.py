@@ -44,11 +44,6 @@ class KVCache(nn.Module):
         if self.length + n > self.max_len:
             raise ValueError(f"KV cache full: {self.length} + {n} tokens > {self.max_len} slots (context window)")
 
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v `[B, H, T, D]` of `layer` at slot indices `slots` `[T]` (in place, graph-capturable)."""
-        self.k[layer].index_copy_(2, slots, k)
-        self.v[layer].index_copy_(2, slots, v)
-
     def rollback(self, length: int) -> None:
         """Forget every slot from `length` on (rejected draft tokens)."""
         if not 0 <= length <= self.length:

@@ -78,8 +78,10 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, c.gemma_norms)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, c.gemma_norms)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, slots: torch.Tensor,
-                kv_len: int, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], k_cache: torch.Tensor,
+                v_cache: torch.Tensor, slots: torch.Tensor, kv_len: int, mask: torch.Tensor) -> torch.Tensor:
+        """`k_cache`, `v_cache`: this layer's `[B, H, L, D]` cache (passed in, not looked up by layer index, so that
+        one compiled block serves every layer)."""
         c = self.config
         b, t, _ = x.shape
         q, k, v = self.wqkv(x).split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim,
@@ -92,8 +94,9 @@ class Attention(nn.Module):
         cos, sin = rope
         q = apply_rope(q.transpose(1, 2), cos, sin)
         k = apply_rope(k.transpose(1, 2), cos, sin)
-        cache.write(self.layer, slots, k, v.transpose(1, 2))
-        keys, values = cache.k[self.layer, :, :, :kv_len], cache.v[self.layer, :, :, :kv_len]
+        k_cache.index_copy_(2, slots, k)
+        v_cache.index_copy_(2, slots, v.transpose(1, 2))
+        keys, values = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=c.scale,
                                              enable_gqa=c.num_kv_heads != c.num_heads)
         return self.wo(out.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim))
@@ -125,8 +128,8 @@ class Block(nn.Module):
             self.post_mlp_norm = RMSNorm(config.hidden_size, eps, gemma)
         self.gemma = gemma
 
-    def forward(self, x, rope, cache, slots, kv_len, mask) -> torch.Tensor:
-        h = self.attn(self.attn_norm(x), rope, cache, slots, kv_len, mask)
+    def forward(self, x, rope, k_cache, v_cache, slots, kv_len, mask) -> torch.Tensor:
+        h = self.attn(self.attn_norm(x), rope, k_cache, v_cache, slots, kv_len, mask)
         x = x + (self.post_attn_norm(h) if self.gemma else h)
         h = self.mlp(self.mlp_norm(x))
         return x + (self.post_mlp_norm(h) if self.gemma else h)
@@ -166,6 +169,7 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.cache: KVCache | None = None
+        self.compiled_blocks: list | None = None  # set by compile_blocks(); used on the static-shape path only
         self.windows = sorted({w for i in range(config.num_layers) if (w := config.layer_window(i))}, key=str)
 
     @property
@@ -194,6 +198,19 @@ class Transformer(nn.Module):
             self.rope_local = rope_table(c, c.local_rope_theta, max_len).to(self.device)
         self.cache.reset()
         return self.cache
+
+    def compile_blocks(self) -> None:
+        """Fuse each block's small kernels with torch.compile (regional compilation).
+
+        Blocks hold no per-layer constants that their forward reads, so one compiled graph serves every layer (one
+        compilation per step width and layer kind, not per layer). Only static-shape callers (CUDA-graph capture,
+        which passes `start` as a tensor) use them: eager steps change `kv_len` every call and would recompile.
+        """
+        import torch._dynamo
+
+        # step widths x layer kinds (Gemma: sliding and global) x (capture, warm-up) stay well under this
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self.compiled_blocks = [torch.compile(block, dynamic=False) for block in self.layers]
 
     def forward(
         self,
@@ -232,11 +249,12 @@ class Transformer(nn.Module):
         x = self.embed(input_ids)
         if self.config.embed_scale != 1.0:
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
+        run = self.compiled_blocks if self.compiled_blocks is not None and not eager else self.layers
         for i, block in enumerate(self.layers):
             if i in skip_layers:
                 continue
             rope = rope_local if block.attn.local_rope else rope_global
-            x = block(x, rope, cache, slots, kv_len, masks[block.attn.window])
+            x = run[i](x, rope, cache.k[i], cache.v[i], slots, kv_len, masks[block.attn.window])
         if num_logits is not None:
             x = x[:, -num_logits:]
         logits = self.lm_head(self.norm(x))

@@ -47,3 +47,22 @@ def test_sampled_generation_reproducible_under_graphs(engines):
     graphed, _ = engines
     a = graphed.generate(PROMPT, 30, temperature=1.0, seed=3, method="pld").token_ids
     assert a == graphed.generate(PROMPT, 30, temperature=1.0, seed=3, method="pld").token_ids
+
+
+def test_fused_greedy_chunk_is_used_and_exact(engines):
+    graphed, eager = engines
+    assert graphed.model.greedy_steps > 0
+    n = 3 * graphed.model.greedy_steps + 5  # fused chunks, then single steps for the remainder
+    a = graphed.generate(PROMPT, n, ignore_eos=True)
+    b = eager.generate(PROMPT, n, ignore_eos=True)
+    assert a.token_ids == b.token_ids
+    assert a.stats.decode_steps == n - 1
+
+
+def test_compiled_blocks_match_eager():
+    graphed = decodekit.load("random:tiny-llama", device="cuda", dtype="float32", compile=True)
+    eager = Engine(graphed.model.model, graphed.tokenizer)
+    for method in ("plain", "pld"):
+        a = graphed.generate(PROMPT, 40, method=method, ignore_eos=True)
+        b = eager.generate(PROMPT, 40, method=method, ignore_eos=True)
+        assert a.token_ids == b.token_ids, method
