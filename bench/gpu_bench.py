@@ -2,7 +2,7 @@
 time to first token, and the speculative methods on the real model with Spec-Bench prompts.
 
     PYTHONPATH=/root/site:$PWD python3 bench/gpu_bench.py --out $OUT \
-        [--smollm2 /root/models/smollm2.gguf] [--spec-bench .device/question.jsonl] [--quick]
+        [--smollm2 /root/models/smollm2.gguf] [--gemma /root/models/gemma3-270m.gguf] [--spec-bench PATH]
 
 Timings: CUDA synchronized around each generation, one warm-up generation excluded, median of `--repeats` runs.
 Random-weight models measure speed only (their outputs mean nothing); speculative figures come from the real model.
@@ -54,10 +54,10 @@ def weight_bytes(model) -> int:
 
 def decode_speed(engine: Engine, prompt_len: int, new_tokens: int, repeats: int) -> dict:
     ids = torch.randint(3, 200, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
-    seconds, r = timed(lambda: engine.generate(ids, new_tokens, ignore_eos=True), repeats)
-    decode_tps = statistics.median([engine.generate(ids, new_tokens, ignore_eos=True).stats.tokens_per_s
-                                    for _ in range(repeats)])
-    return {"end_to_end_tok_s": new_tokens / seconds, "decode_tok_s": decode_tps, "tokens": len(r.token_ids)}
+    engine.generate(ids, new_tokens, ignore_eos=True)  # warm-up: capture, compilation
+    runs = [engine.generate(ids, new_tokens, ignore_eos=True) for _ in range(repeats)]
+    return {"decode_tok_s": statistics.median(r.stats.tokens_per_s for r in runs),
+            "end_to_end_tok_s": statistics.median(new_tokens / r.stats.total_time_s for r in runs)}
 
 
 def hf_speed(config, new_tokens: int, repeats: int, static: bool) -> float:
@@ -88,68 +88,77 @@ def shapes_section(args, results: dict, bandwidth: float) -> None:
 
     for name in args.shapes:
         log(f"== random:{name}")
-        graphed = decodekit.load(f"random:{name}", device="cuda", dtype="bfloat16")
-        eager = Engine(graphed.model.model, graphed.tokenizer, name=f"random:{name} (eager)")
-        nbytes = weight_bytes(graphed.model)
+        engine = decodekit.load(f"random:{name}", device="cuda", dtype="bfloat16", compile=False)
+        eager = Engine(engine.model.model, engine.tokenizer, name=f"random:{name} (eager)")
+        nbytes = weight_bytes(engine.model)
         row = {"weight_bytes": nbytes, "floor_tok_s": bandwidth / nbytes}
-        row["graphed"] = decode_speed(graphed, 64, args.new_tokens, args.repeats)
         row["eager"] = decode_speed(eager, 64, args.new_tokens, args.repeats)
-        for kind in ("graphed", "eager"):
+        row["graphed"] = decode_speed(engine, 64, args.new_tokens, args.repeats)
+        engine.model.compile_blocks()  # the library's default on a GPU: graphs over compiled blocks
+        t = time.perf_counter()
+        row["compiled"] = decode_speed(engine, 64, args.new_tokens, args.repeats)
+        row["compile_and_measure_s"] = time.perf_counter() - t
+        for kind in ("eager", "graphed", "compiled"):
             row[kind]["bandwidth_GBps"] = row[kind]["decode_tok_s"] * nbytes / 1e9
             row[kind]["of_floor"] = row[kind]["decode_tok_s"] / row["floor_tok_s"]
         if name == "llama3-8b":
-            row["ttft_1k_s"] = ttft(graphed, 1024, args.repeats)
-            row["ttft_8k_s"] = ttft(graphed, 8192, args.repeats)
-        del graphed, eager
+            row["ttft_1k_s"] = ttft(engine, 1024, args.repeats)
+            row["ttft_8k_s"] = ttft(engine, 8192, args.repeats)
+        del engine, eager
         torch.cuda.empty_cache()
         if not args.skip_hf:
             for static in (False, True):
                 key = "hf_static_tok_s" if static else "hf_dynamic_tok_s"
                 try:
-                    row[key] = hf_speed(shape(name), args.new_tokens, max(1, args.repeats - 1), static)
+                    row[key] = hf_speed(shape(name), args.hf_tokens, 2, static)
                 except Exception as e:  # noqa: BLE001 - report, do not hide, a baseline that failed
                     row[key] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
         results["shapes"][name] = row
         log(json.dumps(row, indent=1, default=str))
 
 
-def spec_section(args, results: dict) -> None:
+def spec_section(args, results: dict, name: str, path: str, methods: list[str], hf: bool) -> None:
     from decodekit.bench.datasets import load_prompts
     from decodekit.bench.report import markdown_table, summarize
     from decodekit.bench.runner import run_bench, run_hf_baseline
     from decodekit.sampling import SamplingConfig
 
-    engine = decodekit.load(args.smollm2, device="cuda", dtype="bfloat16")
+    engine = decodekit.load(path, device="cuda", dtype="bfloat16")
     prompts = load_prompts(args.spec_bench, args.per_category)
-    log(f"== speculative methods on smollm2 (bf16, graphed), {len(prompts)} prompts x {args.new_tokens} tokens")
-    runs = run_bench(engine, args.methods, prompts, args.new_tokens, SamplingConfig(), repeats=args.repeats,
+    log(f"== {name} (bf16, graphs over compiled blocks): {methods}, {len(prompts)} prompts x {args.new_tokens} tokens")
+    runs = run_bench(engine, methods, prompts, args.new_tokens, SamplingConfig(), repeats=args.repeats,
                      show_progress=False)
-    if not args.skip_hf:
+    if hf and not args.skip_hf:
         subset = prompts[:: max(1, len(prompts) // args.hf_prompts)][: args.hf_prompts]
         for kind in ("hf", "hf-pld"):
             runs[kind] = run_hf_baseline(engine, kind, subset, args.new_tokens, 1)
     summary = summarize(runs)
-    results["spec_bench"] = {"summary": summary, "table": markdown_table(summary),
-                             "accepted_by_position": {m: r.accepted_by_position for m, r in runs.items()}}
-    log(results["spec_bench"]["table"])
+    results["spec_bench"][name] = {"summary": summary, "table": markdown_table(summary),
+                                   "accepted_by_position": {m: r.accepted_by_position for m, r in runs.items()}}
+    log(results["spec_bench"][name]["table"])
+    del engine
+    torch.cuda.empty_cache()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     parser.add_argument("--smollm2", default=None, help="path of the real SmolLM2 GGUF (or folder)")
+    parser.add_argument("--gemma", default=None, help="path of the real Gemma 3 270M GGUF (or folder)")
+    parser.add_argument("--gemma-methods", nargs="*", default=["plain", "pld", "suffix"])
     parser.add_argument("--spec-bench", default="spec-bench")
     parser.add_argument("--shapes", nargs="*", default=["smollm2-135m", "gemma3-270m", "llama3-8b"])
     parser.add_argument("--methods", nargs="*",
                         default=["plain", "pld", "suffix", "recycling", "aded", "lookahead", "layerskip"])
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--per-category", type=int, default=2)
+    parser.add_argument("--per-category", type=int, default=1)
+    parser.add_argument("--hf-tokens", type=int, default=64, help="new tokens of the transformers shape baselines")
     parser.add_argument("--hf-prompts", type=int, default=3)
     parser.add_argument("--skip-hf", action="store_true")
     args = parser.parse_args()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "date": time.strftime("%Y-%m-%d"), "argv": sys.argv, "shapes": {}}
+               "date": time.strftime("%Y-%m-%d"), "argv": sys.argv, "shapes": {}, "spec_bench": {}}
     bandwidth = copy_bandwidth()
     results["copy_bandwidth_GBps"] = bandwidth / 1e9
     log(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s")
@@ -158,19 +167,24 @@ def main() -> None:
         if args.shapes:
             shapes_section(args, results, bandwidth)
         if args.smollm2:
-            spec_section(args, results)
+            spec_section(args, results, "smollm2", args.smollm2, args.methods, hf=True)
+        if args.gemma:
+            spec_section(args, results, "gemma3-270m", args.gemma, args.gemma_methods, hf=False)
     finally:
         (out / "gpu_bench.json").write_text(json.dumps(results, indent=1, default=str))
-    log("\n| shape | weights | floor tok/s | eager tok/s | graphed tok/s | graphed % of floor | HF dynamic | HF static |")
-    log("|---|---:|---:|---:|---:|---:|---:|---:|")
+    log("\n| shape | weights | floor tok/s | eager | graphs | graphs + compiled blocks | % of floor | HF dynamic | "
+        "HF static |")
+    log("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    fmt = lambda v: f"{v:.1f}" if isinstance(v, float) else str(v)  # noqa: E731
     for name, r in results["shapes"].items():
-        hf_d, hf_s = r.get("hf_dynamic_tok_s", "-"), r.get("hf_static_tok_s", "-")
-        fmt = lambda v: f"{v:.1f}" if isinstance(v, float) else str(v)  # noqa: E731
         log(f"| {name} | {r['weight_bytes'] / 1e9:.2f} GB | {r['floor_tok_s']:.0f} | {r['eager']['decode_tok_s']:.1f} |"
-            f" {r['graphed']['decode_tok_s']:.1f} | {100 * r['graphed']['of_floor']:.0f}% | {fmt(hf_d)} | {fmt(hf_s)} |")
+            f" {r['graphed']['decode_tok_s']:.1f} | {r['compiled']['decode_tok_s']:.1f} |"
+            f" {100 * r['compiled']['of_floor']:.0f}% | {fmt(r.get('hf_dynamic_tok_s', '-'))} |"
+            f" {fmt(r.get('hf_static_tok_s', '-'))} |")
         if "ttft_1k_s" in r:
             log(f"  ttft 1k: {1e3 * r['ttft_1k_s']:.1f} ms, 8k: {1e3 * r['ttft_8k_s']:.1f} ms")
-
+    for name, r in results["spec_bench"].items():
+        log(f"\n{name}:\n{r['table']}")
 
 if __name__ == "__main__":
     main()

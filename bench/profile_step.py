@@ -68,6 +68,23 @@ def experiments(argv: list[str]) -> None:
                 return out if self.bias is None else out + self.bias
             return linear(self, x)
         torch.nn.Linear.forward = gemv
+    if "--no-gemv" in argv:
+        import decodekit.models.transformer as tr
+
+        tr.linear = lambda layer, x: layer(x)
+    if "--ew-attn" in argv:  # single-query attention as multiply + reductions, grouped by KV head (no repeat)
+        sdpa = F.scaled_dot_product_attention
+
+        def ew(q, k, v, attn_mask=None, scale=None, enable_gqa=False):
+            if not torch.compiler.is_compiling() or q.shape[-2] != 1:
+                return sdpa(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa)
+            b, h, _, d = q.shape
+            hk = k.shape[1]
+            qg = q.view(b, hk, h // hk, 1, d)
+            s = (qg * k[:, :, None]).sum(-1).float() * scale  # [b, hk, rep, L]
+            s = s.masked_fill(~attn_mask.view(b, 1, 1, -1), float("-inf")).softmax(-1)
+            return (s[..., None] * v[:, :, None].float()).sum(-2).to(q.dtype).view(b, h, 1, d)
+        F.scaled_dot_product_attention = ew
     if "--math-attn" in argv:  # attention as plain matmuls + softmax that inductor fuses
         sdpa = F.scaled_dot_product_attention
 

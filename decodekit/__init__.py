@@ -14,15 +14,15 @@ __version__ = "0.1.0"
 
 def load(source: str = DEFAULT_MODEL, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, max_context: int | None = None, progress: bool = True,
-         cuda_graphs: bool | None = None, compile: bool = False) -> Engine:
+         cuda_graphs: bool | None = None, compile: bool | None = None) -> Engine:
     """Load a model into an Engine.
 
     `source`: a built-in name (`smollm2`, `gemma3-270m`), a local Hugging Face folder, a `.gguf` file, a hub id
     already in the local Hugging Face cache, or `random:<shape>` (`random:llama3-8b`, `random:tiny-llama`, ...).
     `device` defaults to cuda when available; `dtype` to float32 on the CPU and bfloat16 on the GPU.
     `cuda_graphs` (default: on for the native runtime on a GPU) replays decode and verify steps as CUDA graphs.
-    `compile` fuses each block's kernels with torch.compile before the graphs are captured (GPU; the first
-    generation then waits for compilation, about a minute).
+    `compile` (default: with CUDA graphs) fuses each block's kernels with torch.compile before the graphs are
+    captured; the first generation then waits for compilation (10-25 s on an H100).
     """
     from .models.loader import load_folder, load_random, parse_device, parse_dtype
 
@@ -46,7 +46,7 @@ def load(source: str = DEFAULT_MODEL, device: str | torch.device | None = None,
             raise ValueError("cuda_graphs needs a CUDA device")
         if isinstance(model, Transformer):
             model = GraphedModel(model)
-            if compile:
+            if compile or compile is None:
                 model.compile_blocks()
     engine = Engine(model, tokenizer, name=source, max_context=max_context)
     engine.source_folder = folder

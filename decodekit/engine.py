@@ -1,6 +1,7 @@
 """The engine: prompt -> tokens through one propose -> verify -> commit loop (plain decoding = empty draft)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -185,7 +186,11 @@ class Engine:
              ) -> Iterator[GenerationResult]:
         """The loop. Yields a "running" result after each step when `streaming`, and the final result last."""
         sampling, options = self._split_options(sampling, dict(options))
-        adaptive = options.pop("adaptive", True)
+        # The draft budget decides from wall-clock times, and a different draft consumes the random stream
+        # differently: a seeded sampled run keeps every draft (same distribution, reproducible tokens).
+        adaptive = options.pop("adaptive", None)
+        if adaptive is None:
+            adaptive = sampling.greedy or sampling.seed is None
         ignore_eos = options.pop("ignore_eos", False)  # benchmarks: always generate max_new_tokens
         drafter = make_drafter(method, options).bind(self)
         # The budget (acceptance and step cost per width) persists across calls: cost is a property of the machine.
@@ -215,7 +220,8 @@ class Engine:
             accepted_at: list[int] = []
             proposed_at: list[int] = []
             new = [first]
-            # Plain greedy on a graph-captured model: several steps per replay, argmax on the device.
+            # Greedy steps without a draft (plain decoding, or a draft the budget cut away) on a graph-captured
+            # model: several steps per replay, argmax on the device.
             fused = getattr(self.model, "greedy_steps", 0) if drafter.name == "plain" and sampling.greedy \
                 and not sampling.has_penalties else 0
             while not stopper.stopped(output, len(new)) and len(output) < max_new_tokens \
@@ -224,21 +230,32 @@ class Engine:
                     text = self.tokenizer.decode(output, skip_special_tokens=True)
                     yield GenerationResult(text, list(output), "running", stats, prompt_ids)
 
-                if fused and len(output) + fused <= max_new_tokens and cache.length + fused + headroom <= cache.max_len:
-                    t_step = time.perf_counter()
-                    new = self.model.greedy_chunk(context[-1], cache.length)
-                    context += new
-                    output += new
-                    stats.decode_steps += len(new)
-                    stats.verify_time_s += time.perf_counter() - t_step
-                    continue
-
                 t_draft = time.perf_counter()
                 tree = drafter.propose(context)
                 if budget is not None:
                     tree = budget.trim(tree)
                 t_verify = time.perf_counter()
                 stats.draft_time_s += t_verify - t_draft
+                chunks = min(max_new_tokens - len(output), cache.max_len - headroom - cache.length) // fused \
+                    if fused and not len(tree) else 0
+                if chunks:  # plain runs its chunks back to back; a drafter gets the next word after one
+                    n0 = len(output)
+                    run = self.model.greedy_chunks(context[-1], cache.length, chunks if drafter.name == "plain" else 1)
+                    for new in contextlib.closing(run):  # closing: rolls back a chunk launched ahead, unused
+                        context += new
+                        output += new
+                        stats.decode_steps += len(new)
+                        if stopper.stopped(output, len(new)):
+                            break
+                        if streaming:
+                            yield GenerationResult(self.tokenizer.decode(output, skip_special_tokens=True),
+                                                   list(output), "running", stats, prompt_ids)
+                    new = output[n0:]
+                    t_done = time.perf_counter()
+                    stats.verify_time_s += t_done - t_verify
+                    if budget is not None:  # the plain rate a draft must beat: per token, fused
+                        budget.record(tree, 0, 1, (t_done - t_draft) / len(new))
+                    continue
                 start = cache.length
                 n = len(tree)
                 step_ids = torch.tensor([[context[-1], *tree.tokens]], device=dev)

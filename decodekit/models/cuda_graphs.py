@@ -9,6 +9,8 @@ chains and trees. Prefill, batches and drafter passes (own cache, skipped layers
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -25,7 +27,7 @@ class GraphedModel(nn.Module):
         self.model, self.buckets = model, buckets
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
         self.pool = None
-        self.greedy = None  # the fused greedy graph: (graph, buffers, output tokens), see greedy_chunk
+        self.greedy = None  # the fused greedy graph: (graph, buffers, output tokens), see greedy_chunks
 
     def compile_blocks(self) -> None:
         """Capture graphs over torch.compile'd blocks (fewer, fused kernels per step); recaptures if needed."""
@@ -116,23 +118,45 @@ class GraphedModel(nn.Module):
 
     @property
     def greedy_steps(self) -> int:
-        """Tokens per `greedy_chunk` call; 0 when no fused greedy graph is captured (batch > 1, tiny cache)."""
+        """Tokens per chunk of `greedy_chunks`; 0 when no fused greedy graph is captured (batch > 1, tiny cache)."""
         return GREEDY_CHUNK if self.greedy is not None else 0
 
-    def greedy_chunk(self, token: int, position: int) -> list[int]:
-        """Feed `token` at `position` and decode greedily for GREEDY_CHUNK steps; the tokens produced.
+    def greedy_chunks(self, token: int, position: int, chunks: int) -> Iterator[list[int]]:
+        """Feed `token` at `position`, decode greedily; yield up to `chunks` lists of `greedy_steps` tokens.
 
-        Equal to GREEDY_CHUNK single greedy steps (same graphs' kernels, argmax on the device).
+        Equal to that many single greedy steps (same kernels, argmax on the device). Pipelined: the graph updates
+        its own inputs, so the next chunk is launched before the host reads this one, and launch cost hides behind
+        the GPU's work. Closing the iterator early rolls back a chunk launched but not consumed.
         """
         graph, buf, out = self.greedy
         own = self.model.cache
-        own.check_room(GREEDY_CHUNK)
+        steps = self.greedy_steps
+        host = [torch.empty(steps, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        done = [torch.cuda.Event() for _ in range(2)]
+        consumed = own.length
+
+        def launch(i: int) -> None:
+            own.check_room(steps)
+            graph.replay()
+            own.length += steps
+            host[i % 2].copy_(out, non_blocking=True)
+            done[i % 2].record()
+
         buf["token"].fill_(token)
         buf["pos"].fill_(position)
         buf["start"].fill_(own.length)
-        graph.replay()
-        own.length += GREEDY_CHUNK
-        return out.tolist()
+        launched = 0
+        try:
+            for i in range(chunks):
+                while launched < min(i + 2, chunks):
+                    launch(launched)
+                    launched += 1
+                done[i % 2].synchronize()
+                consumed += steps
+                yield host[i % 2].tolist()
+        finally:
+            done[(launched - 1) % 2].synchronize()
+            own.rollback(consumed)
 
     @torch.inference_mode()
     def _capture(self, width: int):

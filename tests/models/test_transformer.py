@@ -89,3 +89,13 @@ def test_cache_overflow_is_an_error():
     model(torch.zeros(1, 250, dtype=torch.long), torch.arange(250)[None])
     with pytest.raises(ValueError, match="KV cache full"):
         model(torch.zeros(1, 7, dtype=torch.long), torch.arange(250, 257)[None])
+
+
+def test_single_query_attention_matches_sdpa():
+    from decodekit.models.transformer import single_query_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(s, generator=g) for s in ((2, 9, 1, 64), (2, 3, 40, 64), (2, 3, 40, 64)))
+    mask = torch.rand(2, 1, 1, 40, generator=g) > 0.3
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125, enable_gqa=True)
+    torch.testing.assert_close(single_query_attention(q, k, v, mask, 0.125), want, rtol=1e-5, atol=1e-5)
