@@ -27,6 +27,11 @@ def log(*a) -> None:
     print(*a, flush=True)
 
 
+def save(results: dict) -> None:
+    """Write what is measured so far: a run cut short by a time limit still leaves its results."""
+    Path(results["out"], "gpu_bench.json").write_text(json.dumps(results, indent=1, default=str))
+
+
 def timed(fn, repeats: int):
     fn()  # warm-up
     times, out = [], None
@@ -114,6 +119,7 @@ def shapes_section(args, results: dict, bandwidth: float) -> None:
                 except Exception as e:  # noqa: BLE001 - report, do not hide, a baseline that failed
                     row[key] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
         results["shapes"][name] = row
+        save(results)
         log(json.dumps(row, indent=1, default=str))
 
 
@@ -135,6 +141,7 @@ def spec_section(args, results: dict, name: str, path: str, methods: list[str], 
     summary = summarize(runs)
     results["spec_bench"][name] = {"summary": summary, "table": markdown_table(summary),
                                    "accepted_by_position": {m: r.accepted_by_position for m, r in runs.items()}}
+    save(results)
     log(results["spec_bench"][name]["table"])
     del engine
     torch.cuda.empty_cache()
@@ -158,7 +165,7 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     args = parser.parse_args()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "date": time.strftime("%Y-%m-%d"), "argv": sys.argv, "shapes": {}, "spec_bench": {}}
+               "date": time.strftime("%Y-%m-%d"), "argv": sys.argv, "shapes": {}, "spec_bench": {}, "out": args.out}
     bandwidth = copy_bandwidth()
     results["copy_bandwidth_GBps"] = bandwidth / 1e9
     log(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s")
@@ -171,7 +178,7 @@ def main() -> None:
         if args.gemma:
             spec_section(args, results, "gemma3-270m", args.gemma, args.gemma_methods, hf=False)
     finally:
-        (out / "gpu_bench.json").write_text(json.dumps(results, indent=1, default=str))
+        save(results)
     log("\n| shape | weights | floor tok/s | eager | graphs | graphs + compiled blocks | % of floor | HF dynamic | "
         "HF static |")
     log("|---|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -241,15 +241,16 @@ class Engine:
                 if chunks:  # plain runs its chunks back to back; a drafter gets the next word after one
                     n0 = len(output)
                     run = self.model.greedy_chunks(context[-1], cache.length, chunks if drafter.name == "plain" else 1)
-                    for new in contextlib.closing(run):  # closing: rolls back a chunk launched ahead, unused
-                        context += new
-                        output += new
-                        stats.decode_steps += len(new)
-                        if stopper.stopped(output, len(new)):
-                            break
-                        if streaming:
-                            yield GenerationResult(self.tokenizer.decode(output, skip_special_tokens=True),
-                                                   list(output), "running", stats, prompt_ids)
+                    with contextlib.closing(run):  # closing: rolls back a chunk launched ahead, unused
+                        for new in run:
+                            context += new
+                            output += new
+                            stats.decode_steps += len(new)
+                            if stopper.stopped(output, len(new)):
+                                break
+                            if streaming:
+                                yield GenerationResult(self.tokenizer.decode(output, skip_special_tokens=True),
+                                                       list(output), "running", stats, prompt_ids)
                     new = output[n0:]
                     t_done = time.perf_counter()
                     stats.verify_time_s += t_done - t_verify

@@ -236,9 +236,11 @@ class Transformer(nn.Module):
         """
         import torch._dynamo
 
-        # step widths x layer kinds (Gemma: sliding and global) x (capture, warm-up) stay well under this
+        # Automatic dynamic shapes: a width or a cache size seen a second time is compiled once more, as a symbol
+        # (size 1 stays specialized: the single-token step keeps its own kernels), so a new cache size does not
+        # trigger a compilation per step width.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        self.compiled_blocks = [torch.compile(block, dynamic=False) for block in self.layers]
+        self.compiled_blocks = [torch.compile(block, dynamic=None) for block in self.layers]
 
     def forward(
         self,
