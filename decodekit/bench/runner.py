@@ -58,7 +58,8 @@ def run_method(engine, method: str, prompts: list[BenchPrompt], max_new_tokens: 
     name, _, opts = method.partition(":")
     options = dict(kv.split("=", 1) for kv in opts.split(",")) if opts else {}
     options = {k: _number(v) for k, v in options.items()}
-    gen = lambda p: engine.generate(p.prompt, max_new_tokens, method=name, sampling=sampling, chat=True,  # noqa: E731
+    chat = bool(getattr(engine.tokenizer, "chat_template", None))  # a base model gets the raw prompt text
+    gen = lambda p: engine.generate(p.prompt, max_new_tokens, method=name, sampling=sampling, chat=chat,  # noqa: E731
                                     **options)
     gen(prompts[0])  # warm-up: allocation, graph capture, drafter tables
     result = MethodRun(method)

@@ -58,7 +58,7 @@ class GraphedModel(nn.Module):
     def setup_cache(self, batch_size: int, max_len: int) -> KVCache:
         old = self.model.cache
         cache = self.model.setup_cache(batch_size, max_len)
-        if cache is not old:  # new buffers: graphs captured over the old ones are stale
+        if cache is not old or not self.graphs:  # new buffers (graphs over the old ones are stale), or none yet
             self.graphs.clear()
             self.pool = None
             if batch_size == 1:
