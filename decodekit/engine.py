@@ -231,9 +231,10 @@ class Engine:
                     yield GenerationResult(text, list(output), "running", stats, prompt_ids)
 
                 t_draft = time.perf_counter()
-                tree = drafter.propose(context)
-                if budget is not None:
-                    tree = budget.trim(tree)
+                if budget is None:
+                    tree = drafter.propose(context)
+                else:
+                    tree = budget.trim(drafter.propose(context)) if budget.should_draft() else DraftTree()
                 t_verify = time.perf_counter()
                 stats.draft_time_s += t_verify - t_draft
                 chunks = min(max_new_tokens - len(output), cache.max_len - headroom - cache.length) // fused \

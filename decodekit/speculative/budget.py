@@ -6,8 +6,10 @@ acceptance rate and the cost of a step. Here both are measured online: a per-dep
 width. Before each step the proposed tree is cut at the depth k that maximizes
     (1 + sum_{i<=k} prod_{j<=i} accept_j) / time(width of the tree cut at k).
 On a GPU a wider verify pass costs almost nothing and deep drafts survive; on a CPU, or where a drafter keeps
-missing, drafts shrink down to plain decoding. Every `probe_every` steps the whole tree goes through, so the
-estimates never go stale. Cutting a draft never changes the output distribution.
+missing, drafts shrink down to plain decoding, and once no depth pays the drafter is not even asked
+(`should_draft`), so its own cost goes too. Every `probe_every` steps the whole tree goes through, so the
+estimates never go stale; probes that lose to plain steps back off exponentially. Cutting a draft never changes
+the output distribution.
 """
 from __future__ import annotations
 
@@ -42,10 +44,13 @@ def cut_tree(tree: DraftTree, max_depth: int) -> DraftTree:
 class DraftBudget:
     decay: float = 0.8  # weight of the past in the moving averages
     probe_every: int = 8  # let a full draft through this often, to keep measuring deep acceptance
+    max_probe_every: int = 128  # probes that keep losing back off up to this interval
     prior_accept: float = 0.5
     accept: list[float] = field(default_factory=list)  # conditional acceptance rate at depth 1, 2, ...
     step_time: dict[int, float] = field(default_factory=dict)  # seconds per step by forward width bucket
     steps: int = 0
+    probe_interval: int = 0  # current interval: probe_every, doubled after each probe that lost to plain
+    probing: bool = False  # this step is a probe: the whole draft goes through
 
     @staticmethod
     def _bucket(width: int) -> int:
@@ -61,26 +66,39 @@ class DraftBudget:
         # Unmeasured width: assume it costs like the nearest measured one (optimistic, so it gets tried).
         return min(known, key=lambda kv: abs(kv[0] - b))[1]
 
-    def trim(self, tree: DraftTree) -> DraftTree:
-        self.steps += 1
-        if not len(tree) or self.steps % self.probe_every == 0:
-            return tree
-        if 1 not in self.step_time:  # the plain step is the baseline every draft is weighed against: measure it
-            return cut_tree(tree, 0)
-        depths = self._verified_depths(tree)
-        ride_along = len(tree) - len(depths)
-        max_depth = max(depths, default=0)
-        while len(self.accept) < max_depth:
+    def _best_depth(self, width_at: list[int]) -> int:
+        """The depth k maximizing expected tokens per second, given the forward width at each depth."""
+        while len(self.accept) < len(width_at) - 1:
             self.accept.append(self.prior_accept)
-        width_at = [1] + [1 + ride_along + sum(1 for d in depths if d <= k) for k in range(1, max_depth + 1)]
         best_k, best_rate, expected, reach = 0, 1.0 / self._time(1), 1.0, 1.0
-        for k in range(1, max_depth + 1):
+        for k in range(1, len(width_at)):
             reach *= self.accept[k - 1]
             expected += reach
             rate = expected / self._time(width_at[k])
             if rate > best_rate:
                 best_k, best_rate = k, rate
-        return cut_tree(tree, best_k)
+        return best_k
+
+    def should_draft(self) -> bool:
+        """Before drafting: could a draft pay off now? False skips the drafter's own cost (a draft model's passes)
+        as well as the verification; the step is a plain one."""
+        self.steps += 1
+        self.probe_interval = self.probe_interval or self.probe_every
+        self.probing = self.steps % self.probe_interval == 0
+        if self.probing or len(self.step_time) < 2:  # widths > 1 not measured yet: be optimistic, try
+            return self.probing or 1 in self.step_time
+        depth = max(len(self.accept), 1)
+        return self._best_depth([1 + k for k in range(depth + 1)]) > 0  # as a chain: the cheapest shape
+
+    def trim(self, tree: DraftTree) -> DraftTree:
+        if not len(tree) or self.probing:
+            return tree
+        if 1 not in self.step_time:  # the plain step is the baseline every draft is weighed against: measure it
+            return cut_tree(tree, 0)
+        depths = self._verified_depths(tree)
+        ride_along = len(tree) - len(depths)
+        width_at = [1] + [1 + ride_along + sum(1 for d in depths if d <= k) for k in range(1, max(depths, default=0) + 1)]
+        return cut_tree(tree, self._best_depth(width_at))
 
     @staticmethod
     def _verified_depths(tree: DraftTree) -> list[int]:
@@ -89,6 +107,10 @@ class DraftBudget:
 
     def record(self, tree: DraftTree, accepted: int, width: int, seconds: float) -> None:
         """After a step: how deep the tree went, how many tokens were accepted, and what the step cost."""
+        if self.probing and len(tree) and 1 in self.step_time:  # back off from probes that lose to plain steps
+            lost = (accepted + 1) / seconds < 1.0 / self.step_time[1]
+            self.probe_interval = min(2 * self.probe_interval, self.max_probe_every) if lost else self.probe_every
+        self.probing = False
         b = self._bucket(width)
         old = self.step_time.get(b)
         self.step_time[b] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds

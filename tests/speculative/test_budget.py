@@ -19,7 +19,7 @@ def simulate(budget: DraftBudget, accept_rate: float, time_of_width, steps: int 
     g = torch.Generator().manual_seed(0)
     depths = []
     for _ in range(steps):
-        tree = budget.trim(DraftTree.chain(list(range(8))))
+        tree = budget.trim(DraftTree.chain(list(range(8)))) if budget.should_draft() else DraftTree()
         accepted = 0
         while accepted < len(tree) and torch.rand((), generator=g) < accept_rate:
             accepted += 1
@@ -36,3 +36,11 @@ def test_budget_backs_off_when_drafts_miss_and_verify_costs():
 def test_budget_keeps_deep_drafts_when_they_pay():
     gpu_like = lambda w: 1.0 + 0.01 * (w - 1)  # noqa: E731 - wide verify passes are nearly free
     assert simulate(DraftBudget(), 0.9, gpu_like) > 6
+
+
+def test_budget_stops_asking_the_drafter_and_backs_off_probes():
+    budget = DraftBudget()
+    slow_draft = lambda w: 1.0 if w == 1 else 5.0  # noqa: E731 - e.g. a drafter running eagerly beside a graph
+    simulate(budget, 0.5, slow_draft, steps=300)
+    asked = sum(budget.should_draft() for _ in range(100))
+    assert asked <= 100 // budget.probe_every and budget.probe_interval > budget.probe_every
