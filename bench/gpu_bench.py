@@ -169,7 +169,6 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     results["copy_bandwidth_GBps"] = bandwidth / 1e9
     log(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s")
-    out = Path(args.out)
     try:
         if args.shapes:
             shapes_section(args, results, bandwidth)

@@ -317,7 +317,7 @@ class Engine:
         generator = self._generator(sampling.seed)
         stopper = _StopChecker(self.tokenizer, set() if ignore_eos else self.eos_ids, stop)
         self.model.setup_cache(b, min(self.max_context, width + max_new_tokens + 1))
-        cache, dev = self.model.cache, self.device
+        dev = self.device
         pad = [width - len(ids) for ids in encoded]
         ids = torch.tensor([[0] * p + e for p, e in zip(pad, encoded)], device=dev)
         positions = torch.arange(width, device=dev)[None] - torch.tensor(pad, device=dev)[:, None]

@@ -9,11 +9,9 @@ import torch
 from scipy.stats import chisquare
 
 import decodekit
-from decodekit.engine import Engine
-from decodekit.models.config import ModelConfig
-from decodekit.models.loader import build_native
-from decodekit.sampling import LogitsProcessor, SamplingConfig
+from decodekit.sampling import SamplingConfig
 from decodekit.speculative.draft_model import DraftModel
+from micro import MICRO_PROMPT, VOCAB, exact_pair_distribution, micro_engine, micro_model
 
 PROMPT = list(range(3, 30))
 
@@ -154,56 +152,13 @@ def test_stop_threshold_drafts_fewer_tokens_through_the_engine(tiny, plain):
 
 
 # ---- stochastic drafting is lossless ------------------------------------------------------------------------
-class IdTokenizer:
-    eos_token_id = None
-    chat_template = None
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
-
-    def encode(self, text, add_special_tokens=False):
-        return [int(t) for t in text.split()]
-
-
-VOCAB = 6
-MICRO_PROMPT = [1, 2, 3, 1, 2, 3, 1, 2]
-
-
-def micro_model(seed: int, scale: float):
-    config = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
-                         num_kv_heads=1, head_dim=16, max_position_embeddings=512, eos_token_ids=[])
-    model = build_native(config, None, torch.device("cpu"), torch.float32, seed=seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.mul_(scale)
-    return model
-
-
-def exact_pairs(engine: Engine, sampling: SamplingConfig) -> torch.Tensor:
-    """P(t2, t3) after MICRO_PROMPT (marginal over t1), from the target alone."""
-    proc, model = LogitsProcessor(sampling), engine.model
-
-    def dist(seq):
-        model.setup_cache(1, 64)
-        with torch.no_grad():
-            return proc.probs(model(torch.tensor([seq]), torch.arange(len(seq))[None])[0, -1:].float())[0]
-
-    p1, joint = dist(MICRO_PROMPT), torch.zeros(VOCAB, VOCAB)
-    for t1 in range(VOCAB):
-        p2 = dist(MICRO_PROMPT + [t1])
-        for t2 in range(VOCAB):
-            joint[t2] += p1[t1] * p2[t2] * dist(MICRO_PROMPT + [t1, t2])
-    return joint.flatten()
-
-
 @pytest.mark.parametrize("knobs", [{"num_draft": 2}, {"tree_width": 3, "max_nodes": 6, "num_draft": 2}],
                          ids=["chain", "tree"])
 def test_sampled_drafts_keep_the_target_distribution(knobs):
-    target = Engine(micro_model(3, 8.0), IdTokenizer(), name="micro")
+    target = micro_engine(3, 8.0)
     draft = micro_model(5, 4.0)  # another model: q differs from p, so rejections and residuals matter
     sampling = SamplingConfig(temperature=1.0)
-    probs = exact_pairs(target, sampling)
+    probs = exact_pair_distribution(target, sampling)
     counts = torch.zeros(VOCAB * VOCAB)
     seen_draft_probs = False
     for i in range(300):

@@ -7,7 +7,6 @@ verifier that accepts drafts blindly.
 """
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch
@@ -15,10 +14,9 @@ from scipy.stats import chisquare
 
 import decodekit
 from decodekit.engine import Engine
-from decodekit.models.config import ModelConfig
-from decodekit.models.loader import build_native
-from decodekit.sampling import LogitsProcessor, SamplingConfig
+from decodekit.sampling import SamplingConfig
 from decodekit.speculative import DRAFTERS, verify as verify_module
+from micro import MICRO_PROMPT, VOCAB, exact_pair_distribution, micro_engine
 
 METHODS = sorted(m for m in DRAFTERS if m != "plain")
 
@@ -55,56 +53,9 @@ def test_greedy_identical_to_plain(method, which, request):
         assert spec.stats.decode_steps <= plain.stats.decode_steps
 
 
-class IdTokenizer:
-    eos_token_id = None
-    chat_template = None
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
-
-    def encode(self, text, add_special_tokens=False):
-        return [int(t) for t in text.split()]
-
-
-VOCAB = 6
-
-
 @pytest.fixture(scope="module")
 def micro():
-    config = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
-                         num_kv_heads=1, head_dim=16, max_position_embeddings=512, eos_token_ids=[])
-    model = build_native(config, None, torch.device("cpu"), torch.float32, seed=3)
-    with torch.no_grad():  # larger weights: peaked, context-dependent distributions
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.mul_(8.0)
-    return Engine(model, IdTokenizer(), name="micro")
-
-
-MICRO_PROMPT = [1, 2, 3, 1, 2, 3, 1, 2]
-
-
-def exact_pair_distribution(engine: Engine, sampling: SamplingConfig) -> torch.Tensor:
-    """P(t2, t3) after MICRO_PROMPT under `sampling`, marginalized over t1, from the target alone."""
-    proc = LogitsProcessor(sampling)
-    model = engine.model
-
-    def dist(seq):
-        model.setup_cache(1, 64)
-        with torch.no_grad():
-            logits = model(torch.tensor([seq]), torch.arange(len(seq))[None])[0, -1:].float()
-        return proc.probs(logits)[0]
-
-    p1 = dist(MICRO_PROMPT)
-    joint = torch.zeros(VOCAB, VOCAB)
-    for t1 in range(VOCAB):
-        if p1[t1] == 0:
-            continue
-        p2 = dist(MICRO_PROMPT + [t1])
-        for t2 in range(VOCAB):
-            if p2[t2] > 0:
-                joint[t2] += p1[t1] * p2[t2] * dist(MICRO_PROMPT + [t1, t2])
-    return joint.flatten()
+    return micro_engine()
 
 
 def empirical_pairs(engine: Engine, method: str, sampling: SamplingConfig, n: int, **options) -> torch.Tensor:
