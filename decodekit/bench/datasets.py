@@ -1,8 +1,14 @@
-"""Benchmark prompts: Spec-Bench's question file or any JSONL with a `turns` list or a `prompt` field."""
+"""Benchmark prompts: Spec-Bench's question file or any JSONL with a `turns` list or a `prompt` field.
+
+`spec_bench_sample.jsonl` (beside this file) holds the first two prompts of each of Spec-Bench's 13 categories
+(hemingkx/Spec-Bench, `data/spec_bench/question.jsonl`, Apache-2.0), so that `--limit 1` or `--limit 2` works on
+a machine without the full file.
+"""
 from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,9 +20,13 @@ class BenchPrompt:
     prompt: str  # the first user turn: Spec-Bench times single-turn answers here
 
 
+SAMPLE = Path(__file__).with_name("spec_bench_sample.jsonl")
+SAMPLE_PER_CATEGORY = 2
+
+
 def spec_bench_path() -> Path:
     """The Spec-Bench question file: $DECODEKIT_SPEC_BENCH, else `shared/data/spec_bench/question.jsonl` found
-    beside or above the working directory or this package."""
+    beside or above the working directory or this package, else the bundled sample."""
     if env := os.environ.get("DECODEKIT_SPEC_BENCH"):
         return Path(env)
     rel = Path("shared/data/spec_bench/question.jsonl")
@@ -24,12 +34,14 @@ def spec_bench_path() -> Path:
         for candidate in (base / rel, base.parent / rel):
             if candidate.is_file():
                 return candidate
-    raise FileNotFoundError("Spec-Bench question file not found: set DECODEKIT_SPEC_BENCH or pass --dataset PATH.jsonl "
-                            "(the file is shared/data/spec_bench/question.jsonl)")
+    return SAMPLE
 
 
 def load_prompts(dataset: str, limit_per_category: int | None = None) -> list[BenchPrompt]:
     path = spec_bench_path() if dataset == "spec-bench" else Path(dataset)
+    if path == SAMPLE and (limit_per_category is None or limit_per_category > SAMPLE_PER_CATEGORY):
+        print(f"decodekit: Spec-Bench's question file not found (set DECODEKIT_SPEC_BENCH); using the bundled sample, "
+              f"{SAMPLE_PER_CATEGORY} prompts per category", file=sys.stderr)
     if not path.is_file():
         raise FileNotFoundError(f"dataset {dataset!r} not found (use spec-bench or a .jsonl path)")
     prompts: list[BenchPrompt] = []
