@@ -4,7 +4,7 @@ import torch
 import decodekit
 from decodekit.speculative.aded import ADED
 from decodekit.speculative.base import DraftTree, StepResult
-from decodekit.speculative.pld import PromptLookup, find_continuation
+from decodekit.speculative.pld import NgramIndex, PromptLookup, find_continuation
 from decodekit.speculative.recycling import TokenRecycling
 from decodekit.speculative.suffix import SuffixDecoding, SuffixTrie
 from decodekit.speculative.tree_search import best_first_tree
@@ -127,3 +127,16 @@ def test_lookahead_window_is_a_tree_of_columns_and_collects_ngrams():
     d.observe([7, 1, 2], StepResult(tree, accepted=[], next_token=2, logits=logits))
     assert d.pool[10] == [(20, 30)] and d.pool[12] == [(22, 32)]
     assert d.levels == [[20, 21, 22], [30, 31, 32]]
+
+
+def test_ngram_index_answers_like_the_scan_as_the_context_grows():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        index = NgramIndex(1, 3)
+        context = torch.randint(0, 4 + trial % 5, (5,), generator=g).tolist()
+        for _ in range(40):
+            assert index.continuation(context, 4) == find_continuation(context, 1, 3, 4)
+            context += torch.randint(0, 4 + trial % 5, (int(torch.randint(1, 4, (1,), generator=g)),),
+                                     generator=g).tolist()
+        other = context[:7] + [99]  # not an extension of what was indexed: rebuilt
+        assert index.continuation(other, 4) == find_continuation(other, 1, 3, 4)
