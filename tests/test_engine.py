@@ -1,7 +1,9 @@
 """The generation loop: stopping, streaming, batching, seeds, penalties under speculation, stats."""
 import pytest
+import torch
 
 import decodekit
+from decodekit.engine import Engine
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +73,23 @@ def test_stats_are_consistent(engine):
     assert s.forward_passes == s.decode_steps + 1 and s.prompt_tokens == len(PROMPT)
     assert s.tau >= 1.0 and s.tokens_per_s > 0 and s.time_to_first_token_s > 0
     assert len(s.accepted_by_position) >= 1 and all(0 <= a <= 1 for a in s.accepted_by_position)
+
+
+def test_chunked_prefill_equals_one_pass_and_long_prompts_work():
+    from dataclasses import replace
+
+    from decodekit.models.config import shape
+    from decodekit.models.loader import build_native
+    from decodekit.models.tokenizer import ByteTokenizer
+
+    config = replace(shape("tiny-llama"), max_position_embeddings=40000)
+    engine = Engine(build_native(config, None, torch.device("cpu"), torch.float32, seed=0), ByteTokenizer(vocab_size=512))
+    ids = torch.randint(3, 500, (5000,), generator=torch.Generator().manual_seed(0))
+    engine.model.setup_cache(1, 5100)
+    with torch.inference_mode():
+        chunked = engine._prefill(ids[None], torch.arange(5000)[None], chunk=2048)
+        engine.model.setup_cache(1, 5100)
+        whole = engine._prefill(ids[None], torch.arange(5000)[None], chunk=5000)
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-4)
+    long = torch.randint(3, 500, (32768,), generator=torch.Generator().manual_seed(1)).tolist()
+    assert len(engine.generate(long, 2, ignore_eos=True).token_ids) == 2  # a 32k-token prompt, in 2,048-token chunks
