@@ -172,3 +172,18 @@ def test_chain_speculative_sampling_is_lossless_for_two_tokens():
             counts[seq[0], int(torch.multinomial(p[1], 1, generator=g))] += 1
     expected = (p[0][:, None] * p[1][None, :]).flatten() * counts.sum()
     assert chisquare(counts.flatten().numpy(), expected.numpy()).pvalue > 1e-3
+
+
+@pytest.mark.real_model
+def test_every_drafter_greedy_identical_on_the_real_model():
+    """SmolLM2-135M-Instruct in float32, Spec-Bench prompts of six categories, full drafts (no budget cuts)."""
+    from decodekit.bench.datasets import SAMPLE, load_prompts
+
+    engine = decodekit.load("smollm2", device="cpu", dtype="float32", progress=False)
+    prompts = [p for p in load_prompts(str(SAMPLE), 1)][:6]
+    plain = [engine.generate(p.prompt, 32, chat=True).token_ids for p in prompts]
+    for method in METHODS:
+        for p, want in zip(prompts, plain):
+            got = engine.generate(p.prompt, 32, chat=True, method=method, adaptive=False,
+                                  **method_options(method, engine))
+            assert got.token_ids == want, (method, p.category)
