@@ -93,6 +93,7 @@ def shapes_section(args, results: dict, bandwidth: float) -> None:
 
     for name in args.shapes:
         log(f"== random:{name}")
+        started = time.perf_counter()
         engine = decodekit.load(f"random:{name}", device="cuda", dtype="bfloat16", compile=False)
         eager = Engine(engine.model.model, engine.tokenizer, name=f"random:{name} (eager)")
         nbytes = weight_bytes(engine.model)
@@ -118,6 +119,7 @@ def shapes_section(args, results: dict, bandwidth: float) -> None:
                     row[key] = hf_speed(shape(name), args.hf_tokens, 2, static)
                 except Exception as e:  # noqa: BLE001 - report, do not hide, a baseline that failed
                     row[key] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        row["seconds"] = time.perf_counter() - started
         results["shapes"][name] = row
         save(results)
         log(json.dumps(row, indent=1, default=str))
@@ -169,13 +171,18 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     results["copy_bandwidth_GBps"] = bandwidth / 1e9
     log(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s")
+    sections = {"shapes": lambda: shapes_section(args, results, bandwidth) if args.shapes else None,
+                "smollm2": lambda: args.smollm2 and spec_section(args, results, "smollm2", args.smollm2,
+                                                                  args.methods, hf=True),
+                "gemma3-270m": lambda: args.gemma and spec_section(args, results, "gemma3-270m", args.gemma,
+                                                                    args.gemma_methods, hf=False)}
+    results["section_s"] = {}
     try:
-        if args.shapes:
-            shapes_section(args, results, bandwidth)
-        if args.smollm2:
-            spec_section(args, results, "smollm2", args.smollm2, args.methods, hf=True)
-        if args.gemma:
-            spec_section(args, results, "gemma3-270m", args.gemma, args.gemma_methods, hf=False)
+        for name, run in sections.items():
+            t = time.perf_counter()
+            run()
+            results["section_s"][name] = time.perf_counter() - t
+            log(f"[{name}: {results['section_s'][name]:.0f} s]")
     finally:
         save(results)
     log("\n| shape | weights | floor tok/s | eager | graphs | graphs + compiled blocks | % of floor | HF dynamic | "

@@ -72,6 +72,11 @@ def experiments(argv: list[str]) -> None:
         import decodekit.models.transformer as tr
 
         tr.linear = lambda layer, x: layer(x)
+    for a in argv:  # --gemv-rows=N: verify widths up to N tokens also as fused reductions
+        if a.startswith("--gemv-rows="):
+            import decodekit.models.transformer as tr
+
+            tr.GEMV_MAX_ROWS = int(a.split("=")[1])
     if "--ew-attn" in argv:  # single-query attention as multiply + reductions, grouped by KV head (no repeat)
         sdpa = F.scaled_dot_product_attention
 

@@ -65,13 +65,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 GEMV_MAX_WEIGHT = 8 << 20  # elements: up to here a fused reduction beats a GEMM call at batch 1 (H100, measured)
+GEMV_MAX_ROWS = 1  # tokens per call written as a reduction (verify widths above it use the GEMM)
 
 
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`layer(x)`. A single-token step of a small layer under torch.compile becomes multiply + row sum, which
     inductor fuses with its neighbours into one reduction kernel: 1.2x faster steps for SmolLM2-135M on an H100,
     while for 8B-sized layers cuBLAS reads the weights faster (docs/benchmarks.md)."""
-    if torch.compiler.is_compiling() and x.numel() == x.shape[-1] and layer.weight.numel() <= GEMV_MAX_WEIGHT:
+    rows = x.numel() // x.shape[-1]
+    if torch.compiler.is_compiling() and rows <= GEMV_MAX_ROWS and layer.weight.numel() <= GEMV_MAX_WEIGHT:
         out = (x.unsqueeze(-2) * layer.weight).sum(-1)
         return out if layer.bias is None else out + layer.bias
     return layer(x)
