@@ -74,6 +74,14 @@ class _StopChecker:
         return tokens, text, False
 
 
+def fused_plan(sizes: tuple[int, ...], tokens: int) -> tuple[int, int]:
+    """(steps per chunk, chunks) of the longest fused greedy chunk that fits in `tokens`; (0, 0): single steps."""
+    for steps in sizes:
+        if steps <= tokens:
+            return steps, tokens // steps
+    return 0, 0
+
+
 class Engine:
     """A model, its tokenizer, and generation. Build one with `decodekit.load(...)`."""
 
@@ -220,10 +228,8 @@ class Engine:
             accepted_at: list[int] = []
             proposed_at: list[int] = []
             new = [first]
-            # Greedy steps without a draft (plain decoding, or a draft the budget cut away) on a graph-captured
-            # model: several steps per replay, argmax on the device.
-            fused = getattr(self.model, "greedy_steps", 0) if drafter.name == "plain" and sampling.greedy \
-                and not sampling.has_penalties else 0
+            # Greedy steps without a draft on a graph-captured model: several steps per replay, argmax on the device.
+            fused = getattr(self.model, "greedy_sizes", ()) if sampling.greedy and not sampling.has_penalties else ()
             while not stopper.stopped(output, len(new)) and len(output) < max_new_tokens \
                     and cache.length + headroom <= cache.max_len:
                 if streaming:
@@ -231,17 +237,22 @@ class Engine:
                     yield GenerationResult(text, list(output), "running", stats, prompt_ids)
 
                 t_draft = time.perf_counter()
-                if budget is None:
-                    tree = drafter.propose(context)
-                else:
-                    tree = budget.trim(drafter.propose(context)) if budget.should_draft() else DraftTree()
+                refused = budget is not None and not budget.should_draft()
+                proposed = DraftTree() if refused else drafter.propose(context)
+                tree = budget.trim(proposed) if budget is not None and len(proposed) else proposed
                 t_verify = time.perf_counter()
                 stats.draft_time_s += t_verify - t_draft
-                chunks = min(max_new_tokens - len(output), cache.max_len - headroom - cache.length) // fused \
-                    if fused and not len(tree) else 0
-                if chunks:  # plain runs its chunks back to back; a drafter gets the next word after one
+                # Plain decoding runs long chunks back to back; a drafter the budget holds back gets one long chunk,
+                # one that found nothing to draft a short one (a match may start a few tokens later).
+                room = min(max_new_tokens - len(output), cache.max_len - headroom - cache.length)
+                if not fused or len(tree):
+                    room = 0
+                elif drafter.name != "plain":
+                    room = min(room, fused[0] if refused or len(proposed) else fused[-1])
+                steps, chunks = fused_plan(fused, room)
+                if chunks:
                     n0 = len(output)
-                    run = self.model.greedy_chunks(context[-1], cache.length, chunks if drafter.name == "plain" else 1)
+                    run = self.model.greedy_chunks(context[-1], cache.length, chunks, steps)
                     with contextlib.closing(run):  # closing: rolls back a chunk launched ahead, unused
                         for new in run:
                             context += new

@@ -93,3 +93,49 @@ def test_chunked_prefill_equals_one_pass_and_long_prompts_work():
     torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-4)
     long = torch.randint(3, 500, (32768,), generator=torch.Generator().manual_seed(1)).tolist()
     assert len(engine.generate(long, 2, ignore_eos=True).token_ids) == 2  # a 32k-token prompt, in 2,048-token chunks
+
+
+class EagerChunks(torch.nn.Module):
+    """A CPU stand-in for the CUDA-graph model's fused greedy chunks (`greedy_sizes`, `greedy_chunks`): the same
+    interface over eager single steps, so the engine's use of them is tested where CI runs."""
+
+    greedy_sizes = (16, 4)
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+        self.chunk_calls: list[tuple[int, int]] = []
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+    def greedy_chunks(self, token, position, chunks, steps):
+        self.chunk_calls.append((chunks, steps))
+        for _ in range(chunks):
+            out = []
+            for _ in range(steps):
+                logits = self.inner(torch.tensor([[token]]), torch.tensor([[position]]))
+                token, position = int(logits[0, -1].argmax()), position + 1
+                out.append(token)
+            yield out
+
+
+@pytest.mark.parametrize("method", ["plain", "pld", "suffix", "aded", "recycling", "lookahead"])
+def test_fused_greedy_chunks_are_exact_for_every_drafter(engine, method):
+    """Plain decoding and drafters the budget holds back (or that draft nothing) decode in fused chunks; the tokens
+    stay plain greedy's."""
+    want = engine.generate(PROMPT, 70, ignore_eos=True).token_ids
+    fused = Engine(EagerChunks(engine.model), engine.tokenizer)
+    got = fused.generate(PROMPT, 70, method=method, ignore_eos=True)
+    assert got.token_ids == want
+    assert fused.model.chunk_calls, "no fused chunk was used"
+    if method == "plain":
+        assert fused.model.chunk_calls[0] == (4, 16)  # 69 tokens after the first: 4 long chunks back to back
+    else:
+        assert all(chunks == 1 for chunks, _ in fused.model.chunk_calls)  # a drafter is asked again after each

@@ -18,7 +18,9 @@ from .kv_cache import EMPTY, KVCache
 from .transformer import Transformer
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-GREEDY_CHUNK = 16  # decode steps per replay of the fused greedy graph
+# Decode steps per replay of the fused greedy graphs: long chunks for plain decoding and for drafters the budget
+# has backed off, short ones after an empty draft (a drafter that may find a match a few tokens later).
+GREEDY_SIZES = (16, 4)
 
 
 class GraphedModel(nn.Module):
@@ -27,7 +29,7 @@ class GraphedModel(nn.Module):
         self.model, self.buckets = model, buckets
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
         self.pool = None
-        self.greedy = None  # the fused greedy graph: (graph, buffers, output tokens), see greedy_chunks
+        self.greedy: dict[int, tuple] = {}  # steps -> fused greedy graph (graph, buffers, tokens), see greedy_chunks
 
     def compile_blocks(self) -> None:
         """Capture graphs over torch.compile'd blocks (fewer, fused kernels per step); recaptures if needed."""
@@ -68,14 +70,15 @@ class GraphedModel(nn.Module):
     def _capture_all(self) -> None:
         # A fresh memory pool each time: recapturing into the pool of released graphs trips the caching allocator.
         self.graphs.clear()
-        self.greedy = None
+        self.greedy = {}
         self.pool = None
         torch.cuda.synchronize()
         for b in self.buckets:
             if b <= self.model.cache.max_len:
                 self.graphs[b] = self._capture(b)
-        if GREEDY_CHUNK + 1 <= self.model.cache.max_len:
-            self.greedy = self._capture_greedy(GREEDY_CHUNK)
+        for steps in GREEDY_SIZES:
+            if steps + 1 <= self.model.cache.max_len:
+                self.greedy[steps] = self._capture_greedy(steps)
         self.model.cache.reset()
 
     @torch.inference_mode()
@@ -117,20 +120,20 @@ class GraphedModel(nn.Module):
         return graph
 
     @property
-    def greedy_steps(self) -> int:
-        """Tokens per chunk of `greedy_chunks`; 0 when no fused greedy graph is captured (batch > 1, tiny cache)."""
-        return GREEDY_CHUNK if self.greedy is not None else 0
+    def greedy_sizes(self) -> tuple[int, ...]:
+        """Tokens per chunk that `greedy_chunks` offers, longest first; empty when no fused greedy graph is
+        captured (batch > 1, tiny cache)."""
+        return tuple(sorted(self.greedy, reverse=True))
 
-    def greedy_chunks(self, token: int, position: int, chunks: int) -> Iterator[list[int]]:
-        """Feed `token` at `position`, decode greedily; yield up to `chunks` lists of `greedy_steps` tokens.
+    def greedy_chunks(self, token: int, position: int, chunks: int, steps: int) -> Iterator[list[int]]:
+        """Feed `token` at `position`, decode greedily; yield up to `chunks` lists of `steps` tokens.
 
         Equal to that many single greedy steps (same kernels, argmax on the device). Pipelined: the graph updates
         its own inputs, so the next chunk is launched before the host reads this one, and launch cost hides behind
         the GPU's work. Closing the iterator early rolls back a chunk launched but not consumed.
         """
-        graph, buf, out = self.greedy
+        graph, buf, out = self.greedy[steps]
         own = self.model.cache
-        steps = self.greedy_steps
         host = [torch.empty(steps, dtype=torch.long, pin_memory=True) for _ in range(2)]
         done = [torch.cuda.Event() for _ in range(2)]
         consumed = own.length

@@ -19,7 +19,7 @@ def engines(request):
 PROMPT = [5, 6, 7, 8, 9, 10] * 5
 
 
-@pytest.mark.parametrize("method", ["plain", "pld", "recycling", "lookahead", "suffix"])
+@pytest.mark.parametrize("method", ["plain", "pld", "recycling", "lookahead", "suffix", "aded", "layerskip"])
 def test_graphed_greedy_equals_eager(engines, method):
     graphed, eager = engines
     a = graphed.generate(PROMPT, 60, method=method, ignore_eos=True)
@@ -51,8 +51,8 @@ def test_sampled_generation_reproducible_under_graphs(engines):
 
 def test_fused_greedy_chunk_is_used_and_exact(engines):
     graphed, eager = engines
-    assert graphed.model.greedy_steps > 0
-    n = 3 * graphed.model.greedy_steps + 5  # fused chunks, then single steps for the remainder
+    assert graphed.model.greedy_sizes == (16, 4)
+    n = 3 * 16 + 4 + 3  # long fused chunks, a short one, then single steps for the remainder
     a = graphed.generate(PROMPT, n, ignore_eos=True)
     b = eager.generate(PROMPT, n, ignore_eos=True)
     assert a.token_ids == b.token_ids
