@@ -242,19 +242,24 @@ class Engine:
                 tree = budget.trim(proposed) if budget is not None and len(proposed) else proposed
                 t_verify = time.perf_counter()
                 stats.draft_time_s += t_verify - t_draft
-                # Plain decoding runs long chunks back to back; a drafter the budget holds back gets one long chunk,
-                # one that found nothing to draft a short one (a match may start a few tokens later).
+                # Plain decoding runs long chunks back to back, and so does a drafter the budget holds back, up to
+                # its next probe; a drafter that found nothing to draft gets one short chunk (a match may start a
+                # few tokens later), or a verified step if it learns from the target's logits.
                 room = min(max_new_tokens - len(output), cache.max_len - headroom - cache.length)
                 if not fused or len(tree):
                     room = 0
+                elif refused:
+                    room = min(room, fused[0] * (1 + budget.quiet_steps()))
                 elif drafter.name != "plain":
-                    room = min(room, fused[0] if refused or len(proposed) else fused[-1])
+                    room = min(room, fused[0] if len(proposed) else 0 if drafter.learns_from_steps else fused[-1])
                 steps, chunks = fused_plan(fused, room)
                 if chunks:
                     n0 = len(output)
                     run = self.model.greedy_chunks(context[-1], cache.length, chunks, steps)
                     with contextlib.closing(run):  # closing: rolls back a chunk launched ahead, unused
-                        for new in run:
+                        for i, new in enumerate(run):
+                            if refused and i:
+                                budget.skip(1)
                             context += new
                             output += new
                             stats.decode_steps += len(new)

@@ -137,5 +137,16 @@ def test_fused_greedy_chunks_are_exact_for_every_drafter(engine, method):
     assert fused.model.chunk_calls, "no fused chunk was used"
     if method == "plain":
         assert fused.model.chunk_calls[0] == (4, 16)  # 69 tokens after the first: 4 long chunks back to back
-    else:
-        assert all(chunks == 1 for chunks, _ in fused.model.chunk_calls)  # a drafter is asked again after each
+
+
+def test_a_held_back_drafter_runs_chunks_back_to_back_up_to_its_next_probe(engine):
+    from decodekit.speculative.budget import DraftBudget
+
+    want = engine.generate(PROMPT, 70, ignore_eos=True).token_ids
+    fused = Engine(EagerChunks(engine.model), engine.tokenizer)
+    # A budget that has measured drafts as losing: refuses until its next probe.
+    fused._budgets["pld"] = DraftBudget(accept=[0.01] * 8, step_time={1: 1e-3, 2: 1.0, 4: 1.0, 8: 1.0},
+                                        probe_every=64, probe_interval=64)
+    got = fused.generate(PROMPT, 70, method="pld", ignore_eos=True)
+    assert got.token_ids == want
+    assert fused.model.chunk_calls[0] == (4, 16)

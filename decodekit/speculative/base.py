@@ -82,6 +82,9 @@ class Drafter:
     """Base class: subclasses are dataclasses of their knobs; `engine` is attached by `bind` before use."""
 
     name: ClassVar[str] = "plain"
+    # True: the drafter learns from the target's logits in `observe`, so when it has nothing to draft the step runs
+    # as one verified forward pass (whose logits it sees) instead of a fused greedy chunk (which it does not).
+    learns_from_steps: ClassVar[bool] = False
     engine: "Engine | None" = None
 
     def bind(self, engine: "Engine") -> "Drafter":
@@ -96,7 +99,8 @@ class Drafter:
         return DraftTree()
 
     def observe(self, context: list[int], step: StepResult) -> None:
-        """Called after each commit; `context` already holds the newly committed tokens."""
+        """Called after each verified step; `context` already holds the newly committed tokens. Tokens decoded in
+        fused greedy chunks (GPU) are not observed: the next `propose` sees them in `context`."""
 
     def max_draft_tokens(self) -> int:
         """Upper bound on a proposal's size (sizes the KV cache headroom)."""

@@ -90,6 +90,17 @@ class DraftBudget:
         depth = max(len(self.accept), 1)
         return self._best_depth([1 + k for k in range(depth + 1)]) > 0  # as a chain: the cheapest shape
 
+    def quiet_steps(self) -> int:
+        """After `should_draft` said no: how many more steps it will also say no to, up to its next probe (what it
+        decides from changes only when a draft is recorded). The engine runs them back to back."""
+        if len(self.step_time) < 2:  # still measuring, not deciding
+            return 0
+        return self.probe_interval - 1 - self.steps % self.probe_interval
+
+    def skip(self, steps: int) -> None:
+        """`steps` steps ran without asking `should_draft` (after `quiet_steps`)."""
+        self.steps += steps
+
     def trim(self, tree: DraftTree) -> DraftTree:
         if not len(tree) or self.probing:
             return tree

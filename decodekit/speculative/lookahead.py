@@ -23,6 +23,7 @@ class Lookahead(Drafter):
     kept per first token), `seed` (0, for the initial window)."""
 
     name = "lookahead"
+    learns_from_steps = True  # from the verify pass's logits
     window: int = 4
     ngram: int = 4
     guesses: int = 4

@@ -22,6 +22,7 @@ class TokenRecycling(Drafter):
     `max_nodes` (40)."""
 
     name = "recycling"
+    learns_from_steps = True  # from the verify pass's logits
     top_k: int = 8
     widths: tuple[int, ...] = (4, 2, 2, 1, 1, 1)
     max_nodes: int = 40

@@ -44,3 +44,13 @@ def test_budget_stops_asking_the_drafter_and_backs_off_probes():
     simulate(budget, 0.5, slow_draft, steps=300)
     asked = sum(budget.should_draft() for _ in range(100))
     assert asked <= 100 // budget.probe_every and budget.probe_interval > budget.probe_every
+
+
+def test_quiet_steps_predicts_the_refusals_before_the_next_probe():
+    budget = DraftBudget()
+    simulate(budget, 0.5, lambda w: 1.0 if w == 1 else 5.0, steps=300)
+    while budget.should_draft():  # step to a refusal
+        pass
+    quiet = budget.quiet_steps()
+    assert quiet > 0
+    assert [budget.should_draft() for _ in range(quiet + 1)] == [False] * quiet + [True]  # then the probe
