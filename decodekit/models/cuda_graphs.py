@@ -104,7 +104,9 @@ class GraphedModel(nn.Module):
                 buffers["pos"].add_(1)
                 buffers["start"].add_(1)
 
-        return self._record(chain), buffers, out
+        # Host-side double buffers, allocated once: pinning memory per call would cost more than a short chunk.
+        host = [torch.empty(steps, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        return self._record(chain), buffers, out, host, [torch.cuda.Event() for _ in range(2)]
 
     def _record(self, fn) -> torch.cuda.CUDAGraph:
         side = torch.cuda.Stream()
@@ -132,10 +134,8 @@ class GraphedModel(nn.Module):
         its own inputs, so the next chunk is launched before the host reads this one, and launch cost hides behind
         the GPU's work. Closing the iterator early rolls back a chunk launched but not consumed.
         """
-        graph, buf, out = self.greedy[steps]
+        graph, buf, out, host, done = self.greedy[steps]
         own = self.model.cache
-        host = [torch.empty(steps, dtype=torch.long, pin_memory=True) for _ in range(2)]
-        done = [torch.cuda.Event() for _ in range(2)]
         consumed = own.length
 
         def launch(i: int) -> None:
