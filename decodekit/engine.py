@@ -245,14 +245,16 @@ class Engine:
                 # Plain decoding runs long chunks back to back, and so does a drafter the budget holds back, up to
                 # its next probe; a drafter that found nothing to draft gets one short chunk (a match may start a
                 # few tokens later), or a verified step if it learns from the target's logits.
-                room = min(max_new_tokens - len(output), cache.max_len - headroom - cache.length)
+                chunk_tokens = min(max_new_tokens - len(output), cache.max_len - headroom - cache.length)
                 if not fused or len(tree):
-                    room = 0
+                    chunk_tokens = 0
                 elif refused:
-                    room = min(room, fused[0] * (1 + budget.quiet_steps()))
-                elif drafter.name != "plain":
-                    room = min(room, fused[0] if len(proposed) else 0 if drafter.learns_from_steps else fused[-1])
-                steps, chunks = fused_plan(fused, room)
+                    chunk_tokens = min(chunk_tokens, fused[0] * (1 + budget.quiet_steps()))
+                elif not len(proposed) and drafter.learns_from_steps:
+                    chunk_tokens = 0
+                elif drafter.name != "plain":  # the budget cut the draft away (long chunk) or there was none
+                    chunk_tokens = min(chunk_tokens, fused[0] if len(proposed) else fused[-1])
+                steps, chunks = fused_plan(fused, chunk_tokens)
                 if chunks:
                     n0 = len(output)
                     run = self.model.greedy_chunks(context[-1], cache.length, chunks, steps)
