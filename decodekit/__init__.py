@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 def load(source: str = DEFAULT_MODEL, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, max_context: int | None = None, progress: bool = True,
-         cuda_graphs: bool | None = None, compile: bool | None = None) -> Engine:
+         cuda_graphs: bool | None = None, compile: bool | None = None, **engine_options) -> Engine:
     """Load a model into an Engine.
 
     `source`: a built-in name (`smollm2`, `gemma3-270m`), a local Hugging Face folder, a `.gguf` file, a hub id
@@ -48,6 +48,6 @@ def load(source: str = DEFAULT_MODEL, device: str | torch.device | None = None,
             model = GraphedModel(model)
             if compile or compile is None:
                 model.compile_blocks()
-    engine = Engine(model, tokenizer, name=source, max_context=max_context)
+    engine = Engine(model, tokenizer, name=source, max_context=max_context, **engine_options)
     engine.source_folder = folder
     return engine
