@@ -2,6 +2,21 @@
 quantization (pack/unpack with the bytes held), and decode-time sparse attention (which tokens a step reads).
 
 Conventions are in `base.py`; one press a file in `presses/`; `make_press(name, **knobs)` builds one by name.
+
+| name | kind | what the engine hands it | paper |
+|---|---|---|---|
+| `streaming_llm` | eviction | keys | Xiao et al. 2023 (StreamingLLM) |
+| `h2o` | eviction | attn_mass (`accumulate_attention` each step) | Zhang et al. 2023 (H2O) |
+| `snapkv` | eviction, at prefill | queries of the last W prompt tokens | Li et al. 2024 (SnapKV) |
+| `knorm` | eviction | keys | Devoto et al. 2024 (L2 norm) |
+| `ems` | head-wise evict-then-merge | attn_mass, window queries | Li et al. 2024 (EMS) |
+| `scope` | budgets for prompt / generated tokens over two scorers | prompt_len + the scorers' inputs | Wu et al. 2024 |
+| `kivi` | 2/4-bit quantization | keys, values | Liu et al. 2024 (KIVI) |
+| `kvquant` | non-uniform quantization, sparse outliers | pre-RoPE keys (or cos/sin), calibration | Hooper et al. 2024 |
+| `gear` | quantization + low-rank + sparse | keys, values | Kang et al. 2024 (GEAR) |
+| `rotatekv` | Hadamard-rotated 2-bit quantization | keys, values (rope optional), calibration | Su et al. 2025 |
+| `tidal` | decode-time sparse attention, selection layers | decode queries | Yang et al. 2024 (TidalDecode) |
+| `quest` | decode-time page selection | decode queries | Tang et al. 2024 (Quest) |
 """
 from .base import PRESSES, LayerKV, PackedKV, Press, QuantPress, ScorerPress, make_press, reduce_headwise, register
 from . import presses  # noqa: F401  (registers every press)

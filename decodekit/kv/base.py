@@ -69,11 +69,18 @@ class LayerKV:
         return value
 
     def gather(self, indices: torch.Tensor) -> "LayerKV":
-        """The tokens at `indices` (`[n]`, one set for every head), each with its own position and attention mass.
+        """The tokens at `indices` (`[n]`, sorted, one set for every head), each with its own position and mass.
 
-        The observation-window queries are passed through unchanged: they belong to the step, not to the cache.
+        The observation-window queries stay only while they are still the queries of the last W tokens (the window
+        was kept whole, at the end); otherwise they no longer describe this cache and are dropped.
         """
-        return replace(self, keys=self.keys[:, indices], values=self.values[:, indices],
+        queries = self.queries
+        if queries is not None:
+            w, n = queries.shape[1], self.length
+            tail = torch.arange(n - w, n, device=indices.device)
+            if indices.numel() < w or not torch.equal(indices[indices.numel() - w:], tail):
+                queries = None
+        return replace(self, keys=self.keys[:, indices], values=self.values[:, indices], queries=queries,
                        positions=self.positions[indices],
                        attn_mass=None if self.attn_mass is None else self.attn_mass[:, indices])
 

@@ -18,6 +18,11 @@ def check_bits(bits: int, allowed: tuple[int, ...] = (2, 4)) -> None:
         raise ValueError(f"bits must be one of {allowed}, got {bits}")
 
 
+def check_kv(keys: torch.Tensor, values: torch.Tensor) -> None:
+    if keys.dim() != 3 or keys.shape != values.shape:
+        raise ValueError(f"keys and values must both be [H_kv, L, D], got {tuple(keys.shape)}, {tuple(values.shape)}")
+
+
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes `[..., N]` (each < 2**bits) -> `[..., ceil(N * bits / 8)]` bytes, first code in the low bits."""
     per = 8 // bits

@@ -87,3 +87,10 @@ def test_layerkv_shape_errors():
         LayerKV(k, k, torch.arange(5), attn_mass=torch.zeros(2, 4))
     with pytest.raises(ValueError, match="needs attn_mass"):
         make_press("h2o", compression_ratio=0.5).select(LayerKV(k, k, torch.arange(5)))
+
+
+def test_gather_keeps_window_queries_only_while_the_window_is_intact():
+    kv = layer(length=10, window=3)
+    assert kv.gather(torch.tensor([0, 4, 7, 8, 9])).queries is kv.queries
+    assert kv.gather(torch.tensor([0, 4, 7, 9])).queries is None  # token 8 of the window is gone
+    assert kv.gather(torch.tensor([8, 9])).queries is None

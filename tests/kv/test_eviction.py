@@ -137,3 +137,6 @@ def test_scope_keeps_sides_within_budget_whole_and_is_idempotent():
     assert torch.equal(once.positions, again.positions)
     with pytest.raises(ValueError, match="prompt_len"):
         press.select(layer())
+    # After generation the window queries are the generated tokens': SnapKV cannot rank the prompt with them.
+    with pytest.raises(ValueError, match="snapkv press needs queries"):
+        ScopePress(prefill=SnapKVPress(), prefill_budget=4, decode_budget=6).select(kv)

@@ -53,7 +53,8 @@ def test_kmeans_finds_cluster_means_and_respects_weights():
     assert torch.allclose(c, torch.tensor([x[:500].mean(), x[500:].mean()], dtype=torch.float64), atol=1e-6)
     # One centre, weights: the weighted mean.
     w = torch.rand(1000, generator=g)
-    assert kmeans_1d(x, 1, w).item() == pytest.approx(float((x.double() * w.double()).sum() / w.double().sum()), abs=1e-9)
+    weighted_mean = float((x.double() * w.double()).sum() / w.double().sum())
+    assert kmeans_1d(x, 1, w).item() == pytest.approx(weighted_mean, abs=1e-9)
     levels = torch.tensor([-1.0, 0.0, 0.5])
     assert nearest_level(torch.tensor([-2.0, -0.4, 0.2, 0.3, 9.0]), levels).tolist() == [0, 1, 1, 2, 2]
 

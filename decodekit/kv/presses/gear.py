@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from ..base import PackedKV, QuantPress, register
-from ..quant import add_outliers, check_bits, dequantize, pack_bits, quantize, split_outliers, unpack_bits
+from ..quant import (add_outliers, check_bits, check_kv, dequantize, pack_bits, quantize, split_outliers,
+                     unpack_bits)
 
 
 @register
@@ -49,7 +50,8 @@ class GEARPress(QuantPress):
         g = min(self.group, d)
         codes, scale, zero = quantize(dense, self.bits, dim=2, group=g)
         # Outliers overwrite their places on unpack, so their part of the residual needs no approximation.
-        residual = (dense - dequantize(codes, scale, zero, 2, g, torch.float32)).masked_fill(outlier.reshape(h, n, d), 0)
+        residual = dense - dequantize(codes, scale, zero, 2, g, torch.float32)
+        residual = residual.masked_fill(outlier.reshape(h, n, d), 0)
         u, s, vh = torch.linalg.svd(residual, full_matrices=False)
         r = min(self.rank, n, d)
         return {f"{prefix}_codes": pack_bits(codes, self.bits), f"{prefix}_scale": scale, f"{prefix}_zero": zero,
@@ -67,8 +69,7 @@ class GEARPress(QuantPress):
         return add_outliers(x, {"index": t[f"{prefix}_out_index"], "value": t[f"{prefix}_out_value"]}).to(dtype)
 
     def pack(self, keys: torch.Tensor, values: torch.Tensor) -> PackedKV:
-        if keys.dim() != 3 or keys.shape != values.shape:
-            raise ValueError(f"keys and values must both be [H_kv, L, D], got {tuple(keys.shape)}, {tuple(values.shape)}")
+        check_kv(keys, values)
         return PackedKV({**self._pack_one(keys, "k"), **self._pack_one(values, "v")},
                         {"shape": tuple(keys.shape), "dtype": keys.dtype})
 

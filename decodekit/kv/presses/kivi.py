@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..base import PackedKV, QuantPress, register
-from ..quant import check_bits, dequantize, pack_bits, quantize, unpack_bits
+from ..quant import check_bits, check_kv, dequantize, pack_bits, quantize, unpack_bits
 
 
 @register
@@ -36,8 +36,7 @@ class KIVIPress(QuantPress):
         return max(0, (length - self.residual) // self.group * self.group)
 
     def pack(self, keys: torch.Tensor, values: torch.Tensor) -> PackedKV:
-        if keys.dim() != 3 or keys.shape != values.shape:
-            raise ValueError(f"keys and values must both be [H_kv, L, D], got {tuple(keys.shape)}, {tuple(values.shape)}")
+        check_kv(keys, values)
         h, n, d = keys.shape
         nq, gv = self.quantized_length(n), min(self.group, d)
         kc, ks, kz = quantize(keys[:, :nq], self.bits, dim=1, group=self.group)  # per channel

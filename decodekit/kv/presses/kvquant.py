@@ -27,7 +27,8 @@ import torch
 
 from ...models.transformer import apply_rope
 from ..base import PackedKV, QuantPress, register
-from ..quant import SCALE_DTYPE, add_outliers, check_bits, kmeans_1d, nearest_level, pack_bits, split_outliers, unpack_bits
+from ..quant import (SCALE_DTYPE, add_outliers, check_bits, check_kv, kmeans_1d, nearest_level, pack_bits,
+                     split_outliers, unpack_bits)
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 
@@ -107,10 +108,10 @@ class KVQuantPress(QuantPress):
     def pack(self, keys: torch.Tensor, values: torch.Tensor, rope: Rope | None = None) -> PackedKV:
         if self.key_levels is None:
             raise ValueError("the kvquant press needs calibrate(keys, values) before pack")
-        if keys.dim() != 3 or keys.shape != values.shape or keys.shape[0] != self.key_lo.shape[0] \
-                or keys.shape[2] != self.key_lo.shape[1]:
-            raise ValueError(f"keys and values must both be [H_kv, L, D] matching the calibration "
-                             f"{tuple(self.key_lo.shape)}, got {tuple(keys.shape)}, {tuple(values.shape)}")
+        check_kv(keys, values)
+        if (keys.shape[0], keys.shape[2]) != tuple(self.key_lo.shape):
+            raise ValueError(f"keys {tuple(keys.shape)} do not match the calibration's [H_kv, D] = "
+                             f"{tuple(self.key_lo.shape)}")
         k = (unrotate(keys, rope) if rope is not None else keys).float()
         v = values.float()
         kn, k_in = self._normalise_keys(k)

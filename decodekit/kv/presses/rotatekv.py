@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..base import PackedKV, QuantPress, register
-from ..quant import check_bits, dequantize, hadamard, pack_bits, quantize, unpack_bits
+from ..quant import check_bits, check_kv, dequantize, hadamard, pack_bits, quantize, unpack_bits
 from .kvquant import Rope, rotate, unrotate
 
 
@@ -62,7 +62,8 @@ class RotateKVPress(QuantPress):
         h, n, d = x.shape
         if h % self.head_group:
             raise ValueError(f"head_group {self.head_group} must divide the number of heads {h}")
-        return x.reshape(h // self.head_group, self.head_group, n, d).transpose(1, 2).reshape(-1, n, self.head_group * d)
+        x = x.reshape(h // self.head_group, self.head_group, n, d).transpose(1, 2)
+        return x.reshape(-1, n, self.head_group * d)
 
     def _ungrouped(self, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         h, n, d = shape
@@ -105,8 +106,7 @@ class RotateKVPress(QuantPress):
         return torch.cat([sink.float(), self._ungrouped(x, (h, n - sink.shape[1], d))], dim=1).to(dtype)
 
     def pack(self, keys: torch.Tensor, values: torch.Tensor, rope: Rope | None = None) -> PackedKV:
-        if keys.dim() != 3 or keys.shape != values.shape:
-            raise ValueError(f"keys and values must both be [H_kv, L, D], got {tuple(keys.shape)}, {tuple(values.shape)}")
+        check_kv(keys, values)
         k = unrotate(keys, rope).to(keys.dtype) if rope is not None else keys
         tensors = {**self._pack_one(k, "k"), **self._pack_one(values, "v")}
         if self.order is not None:

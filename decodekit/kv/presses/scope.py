@@ -8,7 +8,9 @@ H2O: heavy hitters plus a recent window, the paper's "slide" strategy) keeps `de
 side is selected only among its own tokens, so generated tokens never evict prompt tokens and the reverse. Which
 tokens are the prompt's comes from `LayerKV.prompt_len` (positions below it). A side within its budget is kept
 whole without scoring, so the prompt is scored once, at prefill, when the window queries are the prompt's last
-tokens (what SnapKV expects); calling `select` again after that is idempotent on the prompt side.
+tokens (what SnapKV expects); calling `select` again after that is idempotent on the prompt side. Once tokens
+have been generated, the window queries are no longer the prompt's, so a prompt over its budget is an error for a
+prefill scorer that needs them.
 """
 from __future__ import annotations
 

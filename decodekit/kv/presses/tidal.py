@@ -33,7 +33,8 @@ class TidalDecode(Press):
             raise ValueError(f"token_budget must be >= 1, got {self.token_budget}")
         if not self.selection_layers or min(self.selection_layers) > self.dense_layers:
             raise ValueError(f"the first selection layer must come right after the dense layers (<= "
-                             f"{self.dense_layers}), got {self.selection_layers}: a sparse layer would have no selection")
+                             f"{self.dense_layers}), got {self.selection_layers}: a sparse layer would have no "
+                             "selection")
 
     def role(self, layer: int) -> str:
         """'select' (full attention, then pick tokens), 'dense' (full attention) or 'sparse' (selected tokens)."""
