@@ -205,7 +205,7 @@ def test_rotatekv_beats_plain_two_bit_on_outlier_heavy_data():
 
 def test_rotatekv_rotation_is_inverted_exactly():
     press = RotateKVPress(bits=2, head_group=2, block=16).calibrate(outlier_heavy(8))
-    r = press._matrix(128, torch.device("cpu"))
+    r = press._matrix(128, torch.device("cpu"), press.order)
     assert torch.allclose(r @ r.T, torch.eye(128), atol=1e-5)
     # A value already on the grid survives: all-constant tokens quantize exactly, whatever the rotation.
     x = torch.ones(4, 8, 64, dtype=torch.float16) * torch.arange(8, dtype=torch.float16)[None, :, None]

@@ -3,7 +3,8 @@
 Hooper et al., "KVQuant: Towards 10 Million Context Length LLM Inference with KV Cache Quantization" (NeurIPS 2024,
 arXiv 2401.18079). What is implemented, per layer:
 - Keys are quantized BEFORE the rotary embedding (RoPE mixes channel pairs and smears the per-channel outlier
-  structure): give `rope=(cos, sin)` (`[L, D]`, the tables at the tokens' positions, as the model's `rope_table`)
+  structure): give `rope=(cos, sin)`, each `[L, D]` at the tokens' positions (for the native model:
+  `model.rope_global[0][positions]`, `model.rope_global[1][positions]`; `rope_local` on Gemma's sliding layers),
   and the press un-rotates on `pack` and re-rotates on `unpack`; without `rope` the keys are taken as pre-RoPE.
 - Keys per channel: each (head, channel) has a range fixed offline by `calibrate` (the `outlier_fraction / 2`
   quantiles at each end); values per token: each token's range is its own, computed online, leaving out its

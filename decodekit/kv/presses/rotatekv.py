@@ -5,8 +5,9 @@ Su et al., "RotateKV: Accurate and Robust 2-Bit KV Cache Quantization for LLMs v
 channels no longer set the range of a whole token: after rotation each token is quantized per token (groups of
 `group` channels); the inverse rotation (the transpose) is applied on read. What is implemented:
 - Outlier-aware rotation: the rotation is block-diagonal (blocks of `block` channels, a power of two; default the
-  whole rotated width), and `calibrate` finds a channel order that deals the channels, largest mean magnitude
-  first, round-robin across blocks, so every block gets its share of the outlier channels.
+  whole rotated width), and `calibrate` finds a key channel order that deals the channels, largest mean magnitude
+  first, round-robin across blocks, so every block gets its share of the outlier channels (keys are where the
+  channel outliers are; values use the plain order).
 - Grouped-head rotation: `head_group` consecutive key/value heads are rotated together (one `head_group * D` wide
   transform), which also spreads outliers across heads. Keys may be given with `rope=(cos, sin)` to rotate them
   pre-RoPE, as the paper does (the un-rotation and re-rotation are KVQuant's `unrotate`/`rotate`).
@@ -69,13 +70,13 @@ class RotateKVPress(QuantPress):
         h, n, d = shape
         return x.reshape(h // self.head_group, n, self.head_group, d).transpose(1, 2).reshape(h, n, d)
 
-    def _matrix(self, width: int, device: torch.device) -> torch.Tensor:
+    def _matrix(self, width: int, device: torch.device, order: torch.Tensor | None) -> torch.Tensor:
         """The rotation (`[width, width]`, applied as x @ R): channel order, then block-diagonal Hadamard."""
         block = width if self.block is None else self.block
         if width % block:
             raise ValueError(f"block {block} must divide the rotated width {width}")
         r = torch.block_diag(*[hadamard(block, device)] * (width // block))
-        order = torch.arange(width, device=device) if self.order is None else self.order.long().to(device)
+        order = torch.arange(width, device=device) if order is None else order.long().to(device)
         if order.numel() != width:
             raise ValueError(f"calibrated channel order has {order.numel()} channels, the data {width}")
         return r[torch.argsort(order)]  # x @ r[argsort(order)] == x[:, order] @ r
@@ -88,9 +89,13 @@ class RotateKVPress(QuantPress):
         self.order = outlier_aware_order(k.abs().mean(dim=(0, 1)), block).to(torch.int16)
         return self
 
+    def _order(self, prefix: str) -> torch.Tensor | None:
+        return self.order if prefix == "k" else None
+
     def _pack_one(self, x: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
         s = min(self.n_sink, x.shape[1])
-        rot = self._grouped(x[:, s:].float()) @ self._matrix(self.head_group * x.shape[-1], x.device)
+        rot = self._grouped(x[:, s:].float()) @ self._matrix(self.head_group * x.shape[-1], x.device,
+                                                             self._order(prefix))
         codes, scale, zero = quantize(rot, self.bits, dim=2, group=min(self.group, rot.shape[-1]))
         return {f"{prefix}_codes": pack_bits(codes, self.bits), f"{prefix}_scale": scale, f"{prefix}_zero": zero,
                 f"{prefix}_sink": x[:, :s].clone()}
@@ -102,7 +107,7 @@ class RotateKVPress(QuantPress):
         width = self.head_group * d
         codes = unpack_bits(t[f"{prefix}_codes"], self.bits, width)
         rot = dequantize(codes, t[f"{prefix}_scale"], t[f"{prefix}_zero"], 2, min(self.group, width), torch.float32)
-        x = rot @ self._matrix(width, rot.device).T  # orthonormal: the inverse is the transpose
+        x = rot @ self._matrix(width, rot.device, self._order(prefix)).T  # orthonormal: inverse = transpose
         return torch.cat([sink.float(), self._ungrouped(x, (h, n - sink.shape[1], d))], dim=1).to(dtype)
 
     def pack(self, keys: torch.Tensor, values: torch.Tensor, rope: Rope | None = None) -> PackedKV:
