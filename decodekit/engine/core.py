@@ -83,11 +83,8 @@ class EngineCore:
         return req
 
     def _prototype(self, req: Request) -> Drafter:
-        if isinstance(req.method, Drafter):
-            key: Any = id(req.method)
-            if key not in self.drafters:
-                self.drafters[key] = req.method.bind(self.engine)
-            return self.drafters[key]
+        if isinstance(req.method, Drafter):  # the caller's own instance is the prototype
+            return req.method.bind(self.engine)
         key = (req.method, tuple(sorted((k, repr(v)) for k, v in req.method_options.items())))
         if key not in self.drafters:
             self.drafters[key] = make_drafter(req.method, dict(req.method_options)).bind(self.engine)
@@ -135,12 +132,12 @@ class EngineCore:
         return self._engine
 
     # ---- the step ----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> list[Sequence]:
         """Advance every scheduled sequence by one pass (or a few fused greedy chunks); returns the sequences that
         got new tokens or finished."""
         sched = self.scheduler
-        widths = {s.id: 1 + min(s.drafter.max_draft_tokens(), max(s.room - 1, 0))
-                  for s in sched.running if not s.prefilling}
+        widths = {s.id: 1 + s.drafter.max_draft_tokens() for s in sched.running if not s.prefilling}
         plan = sched.schedule(widths)
         if not plan:
             return []

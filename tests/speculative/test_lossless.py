@@ -58,12 +58,14 @@ def micro():
     return micro_engine()
 
 
-def empirical_pairs(engine: Engine, method: str, sampling: SamplingConfig, n: int, **options) -> torch.Tensor:
+def empirical_pairs(engine: Engine, method: str, sampling: SamplingConfig, n: int, seed: int | None = 1000,
+                    **options) -> torch.Tensor:
+    """Counts of (second, third) generated token over `n` samples of one request, decoded as one batch: sample i
+    is seeded `seed + i` (what it would get alone), or unseeded (`seed=None`: the draft budget is then on)."""
     counts = torch.zeros(VOCAB * VOCAB)
-    for i in range(n):
-        s = SamplingConfig(**{**sampling.__dict__, "seed": 1000 + i})
-        ids = engine.generate(MICRO_PROMPT, 3, method=method, sampling=s, **options).token_ids
-        counts[ids[1] * VOCAB + ids[2]] += 1
+    s = SamplingConfig(**{**sampling.__dict__, "seed": seed})
+    for r in engine.generate(MICRO_PROMPT, 3, method=method, sampling=s, n=n, **options):
+        counts[r.token_ids[1] * VOCAB + r.token_ids[2]] += 1
     return counts
 
 
@@ -108,7 +110,7 @@ def test_chi_square_catches_a_lossy_verifier(micro, monkeypatch):
         return path, int(torch.multinomial(probs[node], 1, generator=generator))
 
     monkeypatch.setattr(verify_module, "pick_verifier", lambda *a, **k: accept_all)
-    monkeypatch.setattr("decodekit.engine.pick_verifier", lambda *a, **k: accept_all)
+    monkeypatch.setattr("decodekit.engine.sequence.pick_verifier", lambda *a, **k: accept_all)
     sampling = SamplingConfig(temperature=1.0)
     probs = exact_pair_distribution(micro, sampling)
     counts = empirical_pairs(micro, "pld", sampling, 1200, num_draft=3)
