@@ -10,6 +10,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .models.kv_cache import EMPTY
+from .models.tokenizer import encode_prompt
 from .sampling import LogitsProcessor, SamplingConfig
 from .speculative.base import DraftTree, Drafter, StepResult, make_drafter
 from .speculative.budget import DraftBudget
@@ -101,15 +102,7 @@ class Engine:
     # ---- prompts -------------------------------------------------------------------------------------------
     def encode(self, prompt, chat: bool = False) -> list[int]:
         """Token ids of a prompt: a string (raw, or as one user turn when `chat`), chat messages, or ids."""
-        if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], int):
-            return list(prompt)
-        if isinstance(prompt, str) and not chat:
-            return self.tokenizer.encode(prompt, add_special_tokens=False)
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"{self.name} has no chat template; pass a plain string prompt")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return encode_prompt(self.tokenizer, prompt, chat)
 
     # ---- public API ----------------------------------------------------------------------------------------
     def generate(self, prompt, max_new_tokens: int = 128, *, method: str | Drafter = "plain",
