@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .kv_cache import EMPTY, KVCache
+from .rope import rope_table
 
 
 class RMSNorm(nn.Module):
@@ -29,33 +30,6 @@ class RMSNorm(nn.Module):
         if self.gemma:
             return (h * (1.0 + self.weight.float())).type_as(x)
         return self.weight * h.type_as(x)
-
-
-def rope_inv_freq(config: ModelConfig, theta: float) -> torch.Tensor:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim))
-    scaling = config.rope_scaling
-    if scaling is None:
-        return inv_freq.float()
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind == "linear":
-        return (inv_freq / scaling["factor"]).float()
-    if kind == "llama3":  # Llama 3.1 frequency-dependent scaling
-        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        smooth = (old_len / wavelen - lo) / (hi - lo)
-        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
-        mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        is_mid = (wavelen <= old_len / lo) & (wavelen >= old_len / hi)
-        return torch.where(is_mid, mid, scaled).float()
-    raise NotImplementedError(f"rope type {kind!r} is not supported by the native runtime")
-
-
-def rope_table(config: ModelConfig, theta: float, max_len: int) -> torch.Tensor:
-    """cos and sin for every position, stacked: `[2, max_len, head_dim]` float32."""
-    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(config, theta))
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return torch.stack([emb.cos(), emb.sin()])
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -224,8 +198,8 @@ class Transformer(nn.Module):
         if self.cache is None or self.cache.batch_size != batch_size or self.cache.max_len < max_len:
             self.cache = None  # free the old buffers before allocating new ones
             self.cache = self.make_cache(batch_size, max_len)
-            self.rope_global = rope_table(c, c.rope_theta, max_len).to(self.device)
-            self.rope_local = rope_table(c, c.local_rope_theta, max_len).to(self.device)
+            self.rope_global = rope_table(c, "global", max_len).to(self.device)
+            self.rope_local = rope_table(c, "local", max_len).to(self.device)
         self.cache.reset()
         return self.cache
 

@@ -60,8 +60,8 @@ def ensure_rope(net, positions: int) -> None:
         return
     c = net.config
     n = min(-(-positions // 256) * 256, c.max_position_embeddings)
-    net.rope_global = rope_table(c, c.rope_theta, n).to(net.device)
-    net.rope_local = rope_table(c, c.local_rope_theta, n).to(net.device)
+    net.rope_global = rope_table(c, "global", n).to(net.device)
+    net.rope_local = rope_table(c, "local", n).to(net.device)
 
 
 class ModelDrafter(Drafter):
