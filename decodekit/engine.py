@@ -89,6 +89,7 @@ class Engine:
     def __init__(self, model, tokenizer, name: str = "model", max_context: int | None = None) -> None:
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.source_folder = None  # the HF-format folder the weights came from, if any
+        self.generation_defaults: dict[str, Any] = {}  # sampling values of the model's generation_config.json
         self._budgets: dict[str, DraftBudget] = {}
         self.max_context = max_context or model.config.max_position_embeddings
         self.eos_ids = set(model.config.eos_token_ids)
@@ -141,7 +142,7 @@ class Engine:
     def _split_options(self, sampling: SamplingConfig | None, options: dict[str, Any]):
         sampling_kw = {k: options.pop(k) for k in list(options) if k in SAMPLING_FIELDS}
         if sampling is None:
-            sampling = SamplingConfig(**sampling_kw)
+            sampling = SamplingConfig.with_defaults(self.generation_defaults, sampling_kw)
         elif sampling_kw:
             sampling = SamplingConfig(**{**asdict(sampling), **sampling_kw})
         return sampling.validate(), options
