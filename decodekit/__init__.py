@@ -28,14 +28,14 @@ def load(source: str = DEFAULT_MODEL, device: str | torch.device | None = None,
 
     dev = parse_device(device)
     dt = parse_dtype(dtype, dev)
-    folder = None
+    folder, defaults = None, {}
     if source.startswith("random:"):
         model, tokenizer = load_random(source.removeprefix("random:"), dev, dt)
     else:
         from .models.sources import resolve
 
         folder = resolve(source, progress=progress)
-        model, tokenizer = load_folder(folder, dev, dt)
+        model, tokenizer, defaults = load_folder(folder, dev, dt)
     if cuda_graphs is None:
         cuda_graphs = dev.type == "cuda"
     if cuda_graphs:
@@ -50,4 +50,5 @@ def load(source: str = DEFAULT_MODEL, device: str | torch.device | None = None,
                 model.compile_blocks()
     engine = Engine(model, tokenizer, name=source, max_context=max_context, **engine_options)
     engine.source_folder = folder
+    engine.generation_defaults = defaults  # generation_config.json's sampling values
     return engine

@@ -6,6 +6,7 @@ from typing import Any, Iterator, Sequence as Seq
 
 import torch
 
+from ..models.tokenizer import encode_prompt
 from ..sampling import SamplingConfig
 from ..speculative.base import DRAFTERS, Drafter
 from .core import EngineCore, Request
@@ -40,11 +41,14 @@ class Engine:
                  max_step_tokens: int = 2048, prefix_caching: bool = True) -> None:
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.source_folder = None  # the HF-format folder the weights came from, if any
+        self.generation_defaults: dict[str, Any] = {}  # sampling values of the model's generation_config.json
         self.max_context = min(max_context or model.config.max_position_embeddings,
                                model.config.max_position_embeddings)
         self.eos_ids = set(model.config.eos_token_ids)
         if getattr(tokenizer, "eos_token_id", None) is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
+        if hasattr(model, "ensure_rope"):
+            model.ensure_rope(self.max_context)
         kv_tokens = kv_tokens or _default_kv_tokens(model, self.max_context)
         pool = model.make_pool(-(-kv_tokens // block_size) + 1, block_size)
         runner = model.make_runner(pool) if hasattr(model, "make_runner") else ModelRunner(model, pool)
@@ -58,16 +62,9 @@ class Engine:
 
     # ---- prompts -------------------------------------------------------------------------------------------
     def encode(self, prompt, chat: bool = False) -> list[int]:
-        """Token ids of a prompt: a string (raw, or as one user turn when `chat`), chat messages, or ids."""
-        if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], int):
-            return list(prompt)
-        if isinstance(prompt, str) and not chat:
-            return self.tokenizer.encode(prompt, add_special_tokens=False)
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"{self.name} has no chat template; pass a plain string prompt")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        """Token ids of a prompt: a string (raw, with the tokenizer's own special tokens, or as one user turn when
+        `chat`), chat messages, or ids."""
+        return encode_prompt(self.tokenizer, prompt, chat)
 
     # ---- requests ------------------------------------------------------------------------------------------
     def make_request(self, prompt, max_new_tokens: int = 128, *, method: str | Drafter = "plain",
@@ -87,8 +84,11 @@ class Engine:
             raise ValueError(f"option {k!r} is both a sampling setting and a knob of method {method!r}: pass "
                              f"sampling=SamplingConfig({k}=...) for the target, or method_options={{{k!r}: ...}} "
                              "(CLI: -O) for the method")
-        base = asdict(sampling) if sampling is not None else {}
-        sampling = SamplingConfig(**{**base, **sampling_kw}).validate()
+        if sampling is None:  # the model's generation_config.json defaults, under what the caller gave
+            sampling = SamplingConfig.with_defaults(self.generation_defaults, sampling_kw)
+        else:
+            sampling = SamplingConfig(**{**asdict(sampling), **sampling_kw})
+        sampling.validate()
         method_kw = {**options, **(method_options or {})}
         if isinstance(method, str) and method not in DRAFTERS:
             raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(DRAFTERS))}")

@@ -6,8 +6,6 @@ entries plus, inside its new block, either the causal past (a chain) or its ance
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,6 +13,7 @@ from torch import nn
 from .config import ModelConfig
 from .batch import ForwardBatch, Rows, RowSpec, build_batch
 from .kv_cache import KVPool, SeqKV
+from .rope import rope_table
 
 
 class RMSNorm(nn.Module):
@@ -30,33 +29,6 @@ class RMSNorm(nn.Module):
         if self.gemma:
             return (h * (1.0 + self.weight.float())).type_as(x)
         return self.weight * h.type_as(x)
-
-
-def rope_inv_freq(config: ModelConfig, theta: float) -> torch.Tensor:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim))
-    scaling = config.rope_scaling
-    if scaling is None:
-        return inv_freq.float()
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind == "linear":
-        return (inv_freq / scaling["factor"]).float()
-    if kind == "llama3":  # Llama 3.1 frequency-dependent scaling
-        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        smooth = (old_len / wavelen - lo) / (hi - lo)
-        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
-        mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        is_mid = (wavelen <= old_len / lo) & (wavelen >= old_len / hi)
-        return torch.where(is_mid, mid, scaled).float()
-    raise NotImplementedError(f"rope type {kind!r} is not supported by the native runtime")
-
-
-def rope_table(config: ModelConfig, theta: float, max_len: int) -> torch.Tensor:
-    """cos and sin for every position, stacked: `[2, max_len, head_dim]` float32."""
-    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(config, theta))
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return torch.stack([emb.cos(), emb.sin()])
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -218,7 +190,6 @@ class Transformer(nn.Module):
     def make_pool(self, num_blocks: int, block_size: int) -> KVPool:
         """KV memory shaped for this model."""
         c = self.config
-        self.ensure_rope(c.max_position_embeddings)
         return KVPool(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, self.dtype, self.device)
 
     def ensure_rope(self, positions: int) -> None:
@@ -227,8 +198,8 @@ class Transformer(nn.Module):
             return
         c = self.config
         n = min(-(-positions // 256) * 256, c.max_position_embeddings)
-        self.rope_global = rope_table(c, c.rope_theta, n).to(self.device)
-        self.rope_local = rope_table(c, c.local_rope_theta, n).to(self.device) if self.windows else self.rope_global
+        self.rope_global = rope_table(c, "global", n).to(self.device)
+        self.rope_local = rope_table(c, "local", n).to(self.device) if self.windows else self.rope_global
         self.rope_len = n
 
     def compile_blocks(self) -> None:
@@ -251,7 +222,7 @@ class Transformer(nn.Module):
         into `pool`; with `batch.hidden_layers`, also those layers' outputs `[M, len(layers) * hidden]` (layer
         `num_layers` = the final normed state), as `(logits, hidden)`. `compiled` runs the torch.compile'd blocks
         (static shapes only: CUDA-graph capture). Self-speculation passes the layers it skips in `skip_layers`."""
-        if not self.rope_len:
+        if not self.rope_len:  # an engine builds them for its context window (`ensure_rope`)
             self.ensure_rope(self.config.max_position_embeddings)
         pos = batch.positions
         pool.slot_pos.index_copy_(0, batch.write_slots, pos)
