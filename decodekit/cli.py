@@ -69,8 +69,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     flags = sampling_flags(args)
     options = parse_options(args.method_option)
     engine = load_engine(args)
+    # -O knobs go to the method only: a draft model's `temperature` never changes the target's sampling.
     kwargs = dict(method=args.method, stop=args.stop, chat=not args.raw, verifier=args.verifier,
-                  **{**flags, **options})
+                  method_options=options, **flags)
     if args.json:
         result = engine.generate(args.prompt, args.max_new_tokens, **kwargs)
         print(json.dumps({"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
@@ -108,7 +109,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
             continue
         messages.append({"role": "user", "content": line})
         stream = engine.stream(messages, args.max_new_tokens, method=args.method,
-                               **{**flags, **parse_options(args.method_option)})
+                               method_options=parse_options(args.method_option), **flags)
         reply = ""
         try:
             while True:
