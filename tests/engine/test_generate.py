@@ -4,6 +4,7 @@ import torch
 
 import decodekit
 from decodekit.engine import Engine
+from engine_helpers import fused_engine
 
 
 @pytest.fixture(scope="module")
@@ -97,23 +98,6 @@ def test_chunked_prefill_equals_one_pass_and_long_prompts_work():
     long = torch.randint(3, 500, (32768,), generator=torch.Generator().manual_seed(1)).tolist()
     r = engine.generate(long, 2, ignore_eos=True)  # a 32k-token prompt, in 2,048-token chunks
     assert len(r.token_ids) == 2 and r.stats.forward_passes == 16 + 1
-
-
-def fused_engine(engine, sizes=(16, 4)) -> Engine:
-    """An engine whose runner offers fused greedy chunks on the CPU (the eager reference of what CUDA graphs replay
-    on a GPU), recording each call as (chunks, steps), so the engine's use of chunks is tested where CI runs."""
-    fused = Engine(engine.model, engine.tokenizer)
-    runner = fused.core.runner
-    runner.fused_sizes = sizes
-    runner.chunk_calls = []
-    inner = runner.greedy_chunks
-
-    def record(kvs, roots, positions, steps, chunks):
-        runner.chunk_calls.append((chunks, steps))
-        return inner(kvs, roots, positions, steps, chunks)
-
-    runner.greedy_chunks = record
-    return fused
 
 
 @pytest.mark.parametrize("method", ["plain", "pld", "suffix", "aded", "recycling", "lookahead"])
