@@ -42,10 +42,11 @@ class Request:
     verifier: str | None = None
     id: int = -1
     sequences: list[Sequence] = field(default_factory=list)
+    aborted: bool = False
 
     @property
     def finished(self) -> bool:
-        return len(self.sequences) == self.n and all(s.finished for s in self.sequences)
+        return (self.aborted or len(self.sequences) == self.n) and all(s.finished for s in self.sequences)
 
 
 class EngineCore:
@@ -115,6 +116,7 @@ class EngineCore:
 
     def abort(self, req: Request) -> None:
         """Finish a request's sequences now ("abort"); their KV memory returns at once."""
+        req.aborted = True
         for seq in req.sequences:
             if not seq.finished:
                 if seq.status == Status.WAITING and seq in self.scheduler.waiting:

@@ -1,4 +1,6 @@
 """The generation loop: stopping, streaming, batching, seeds, penalties under speculation, stats."""
+import copy
+
 import pytest
 import torch
 
@@ -69,11 +71,24 @@ def test_penalties_see_each_draft_nodes_own_context(engine, method):
 
 
 def test_stats_are_consistent(engine):
-    r = engine.generate(PROMPT, 30, method="pld", ignore_eos=True, adaptive=False)
+    """Counts that follow from what happened: the target drafting for itself accepts everything, 4 tokens a step."""
+    r = engine.generate(PROMPT, 30, method="draft", model=engine, num_draft=3, ignore_eos=True, adaptive=False)
     s = r.stats
-    assert s.forward_passes == s.decode_steps + 1 and s.prompt_tokens == len(PROMPT)
-    assert s.tau >= 1.0 and s.tokens_per_s > 0 and s.time_to_first_token_s > 0
-    assert len(s.accepted_by_position) >= 1 and all(0 <= a <= 1 for a in s.accepted_by_position)
+    assert s.prompt_tokens == len(PROMPT) and s.generated_tokens == len(r.token_ids) == 30
+    assert s.decode_steps == 8 and s.forward_passes == 9  # 29 tokens after the first: 7 steps of 4, one of 1
+    assert s.tau == 29 / 8 and s.accepted_by_position == [1.0, 1.0, 1.0]
+    assert 0 < s.time_to_first_token_s < s.total_time_s and s.draft_time_s > 0 and s.verify_time_s > 0
+    assert s.tokens_per_s == pytest.approx(29 / (s.total_time_s - s.time_to_first_token_s), rel=0.05)
+    # a draft that misses: tau - 1 is the accepted tokens per step, at most the sum of per-depth acceptance rates
+    noisy = copy.deepcopy(engine.model)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.3 * p.std())
+    s = engine.generate(PROMPT, 40, method="draft", model=noisy, num_draft=4, ignore_eos=True, adaptive=False).stats
+    assert s.tau == (40 - 1) / s.decode_steps
+    rates = s.accepted_by_position
+    assert len(rates) == 4 and 0 < rates[0] < 1 and all(0 <= a <= 1 for a in rates)
+    assert 1 < s.tau <= 1 + sum(rates) + 1e-9
 
 
 def test_chunked_prefill_equals_one_pass_and_long_prompts_work():
