@@ -36,19 +36,18 @@ def load(source: str = DEFAULT_MODEL, device: str | torch.device | None = None,
 
         folder = resolve(source, progress=progress)
         model, tokenizer, defaults = load_folder(folder, dev, dt)
-    if cuda_graphs is None:
-        cuda_graphs = dev.type == "cuda"
-    if cuda_graphs:
-        from .models.cuda_graphs import GraphedModel
-        from .models.transformer import Transformer
+    from .models.transformer import Transformer
 
-        if dev.type != "cuda":
-            raise ValueError("cuda_graphs needs a CUDA device")
-        if isinstance(model, Transformer):
-            model = GraphedModel(model)
-            if compile or compile is None:
-                model.compile_blocks()
-    engine = Engine(model, tokenizer, name=source, max_context=max_context, **engine_options)
+    native = isinstance(model, Transformer)
+    if cuda_graphs is None:
+        cuda_graphs = dev.type == "cuda" and native
+    if cuda_graphs:
+        if dev.type != "cuda" or not native:
+            raise ValueError("cuda_graphs needs a CUDA device and a natively supported model")
+        if compile or compile is None:
+            model.compile_blocks()
+    engine = Engine(model, tokenizer, name=source, max_context=max_context, cuda_graphs=cuda_graphs,
+                    **engine_options)
     engine.source_folder = folder
     engine.generation_defaults = defaults  # generation_config.json's sampling values
     return engine

@@ -34,11 +34,14 @@ class Engine:
 
     Every path runs on one batched core (`engine.core`): `generate` of one prompt or a list, `n` samples of a
     prompt, `stream`, and callers that add requests while others run (`add_request` + `step`, as the server does).
+    `kv_tokens` sizes the KV pool (default: half the free GPU memory, or two context windows on the CPU);
+    `max_running` caps the sequences of one pass, `max_step_tokens` its tokens (the prefill chunk budget);
+    `cuda_graphs` replays passes as CUDA graphs (native models on a GPU).
     """
 
     def __init__(self, model, tokenizer, name: str = "model", max_context: int | None = None,
                  kv_tokens: int | None = None, block_size: int = 16, max_running: int = 256,
-                 max_step_tokens: int = 2048, prefix_caching: bool = True) -> None:
+                 max_step_tokens: int = 2048, prefix_caching: bool = True, cuda_graphs: bool = False) -> None:
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.source_folder = None  # the HF-format folder the weights came from, if any
         self.generation_defaults: dict[str, Any] = {}  # sampling values of the model's generation_config.json
@@ -51,7 +54,12 @@ class Engine:
             model.ensure_rope(self.max_context)
         kv_tokens = kv_tokens or _default_kv_tokens(model, self.max_context)
         pool = model.make_pool(-(-kv_tokens // block_size) + 1, block_size)
-        runner = model.make_runner(pool) if hasattr(model, "make_runner") else ModelRunner(model, pool)
+        if cuda_graphs:
+            from .graphs import GraphRunner
+
+            runner: ModelRunner = GraphRunner(model, pool)
+        else:
+            runner = ModelRunner(model, pool)
         config = SchedulerConfig(max_running, max_step_tokens, prefix_caching)
         self.core = EngineCore(model, tokenizer, self.eos_ids, self.max_context, runner, config)
         self.core._engine = self

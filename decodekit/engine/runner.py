@@ -2,7 +2,7 @@
 
 Rows (`RowSpec`: a prefill chunk, or a root token plus its draft tree) are grouped by width bucket, so a row of one
 token is not padded to the width of a 16-token draft beside it, and laid out flat (`models/batch.py`). This eager
-runner serves the CPU and any model; `models/cuda_graphs.py` replays captured graphs on a GPU behind the same
+runner serves the CPU and any model; `graphs.py` replays captured CUDA graphs on a GPU behind the same
 interface.
 """
 from __future__ import annotations

@@ -55,6 +55,50 @@ def bucket(n: int, buckets: tuple[int, ...]) -> int:
     return next((b for b in buckets if b >= n), n)
 
 
+@dataclass
+class GroupLayout:
+    """One group's rows laid out on the host, padded to `rows` x `width` and to `length` KV entries."""
+
+    tokens: list[int]
+    positions: list[int]
+    write_slots: list[int]
+    tables: torch.Tensor  # [rows, blocks] block tables (0 = scratch)
+    ctx: torch.Tensor  # [rows] entries before this pass
+    valid: torch.Tensor  # [rows] entries after this pass (readable)
+    tree: torch.Tensor | None  # [rows, width, width], None when every row is a chain
+    logit_rows: list[int]  # flat rows (from the group's start) whose logits the specs ask for
+
+
+def layout_group(specs: list[RowSpec], width: int, rows: int, length: int, block_size: int,
+                 first_logit: int = 0) -> GroupLayout:
+    """Lay out `specs` as a padded group; sets each spec's `first_logit` (counting from `first_logit`)."""
+    n_blocks = -(-length // block_size)
+    tokens, positions, slots, logit_rows = [], [], [], []
+    tables = torch.zeros(rows, n_blocks, dtype=torch.long)
+    ctx = torch.zeros(rows, dtype=torch.long)
+    valid = torch.zeros(rows, dtype=torch.long)
+    tree = torch.eye(width, dtype=torch.bool).repeat(rows, 1, 1) if any(s.tree is not None for s in specs) else None
+    for r, s in enumerate(specs):
+        w = len(s.tokens)
+        if w > width:
+            raise ValueError(f"row of {w} tokens in a group {width} wide")
+        tokens += s.tokens + [0] * (width - w)
+        positions += s.positions + [0] * (width - w)
+        slots += s.kv.slots(s.kv.length, w) + [SCRATCH] * (width - w)
+        tables[r, :len(s.kv.blocks)] = torch.tensor(s.kv.blocks[:n_blocks], dtype=torch.long)
+        ctx[r], valid[r] = s.kv.length, s.kv.length + w
+        if tree is not None:
+            tree[r, :w, :w] = s.tree if s.tree is not None else torch.ones(w, w, dtype=torch.bool).tril_()
+        s.first_logit = first_logit + len(logit_rows)
+        if s.logits == "all":
+            logit_rows += range(r * width, r * width + w)
+        elif s.logits == "last":
+            logit_rows.append(r * width + w - 1)
+    pad = (rows - len(specs)) * width
+    return GroupLayout(tokens + [0] * pad, positions + [0] * pad, slots + [SCRATCH] * pad, tables, ctx, valid, tree,
+                       logit_rows)
+
+
 def build_batch(groups: list[list[RowSpec]], device: torch.device, widths: list[int] | None = None,
                 rows: list[int] | None = None, kv_len: int | None = None,
                 hidden_layers: tuple[int, ...] = ()) -> ForwardBatch:
@@ -65,39 +109,15 @@ def build_batch(groups: list[list[RowSpec]], device: torch.device, widths: list[
     for gi, specs in enumerate(groups):
         width = widths[gi] if widths else max(len(s.tokens) for s in specs)
         n_rows = rows[gi] if rows else len(specs)
-        pool = specs[0].kv.pool
-        bs = pool.block_size
         length = kv_len or max(s.kv.length + width for s in specs)
-        n_blocks = -(-length // bs)
-        tables = torch.zeros(n_rows, n_blocks, dtype=torch.long)
-        ctx = torch.zeros(n_rows, dtype=torch.long)
-        valid = torch.zeros(n_rows, dtype=torch.long)
-        tree = None
-        if any(s.tree is not None for s in specs):
-            tree = torch.eye(width, dtype=torch.bool).repeat(n_rows, 1, 1)
-        for r, s in enumerate(specs):
-            w = len(s.tokens)
-            if w > width:
-                raise ValueError(f"row of {w} tokens in a group {width} wide")
-            tokens += s.tokens + [0] * (width - w)
-            positions += s.positions + [0] * (width - w)
-            slots += s.kv.slots(s.kv.length, w) + [SCRATCH] * (width - w)
-            tables[r, :len(s.kv.blocks)] = torch.tensor(s.kv.blocks[:n_blocks], dtype=torch.long)
-            ctx[r], valid[r] = s.kv.length, s.kv.length + w
-            if tree is not None:
-                tree[r, :w, :w] = s.tree if s.tree is not None else torch.ones(w, w, dtype=torch.bool).tril_()
-            first = start + r * width
-            s.first_logit = len(logit_rows)
-            if s.logits == "all":
-                logit_rows += range(first, first + w)
-            elif s.logits == "last":
-                logit_rows.append(first + w - 1)
-        pad_rows = n_rows - len(specs)
-        tokens += [0] * (pad_rows * width)
-        positions += [0] * (pad_rows * width)
-        slots += [SCRATCH] * (pad_rows * width)
-        table = slot_table(tables.to(device), valid.to(device), length, bs)
-        out.append(Rows(start, n_rows, width, table, ctx.to(device), None if tree is None else tree.to(device)))
+        bs = specs[0].kv.pool.block_size
+        g = layout_group(specs, width, n_rows, length, bs, len(logit_rows))
+        tokens += g.tokens
+        positions += g.positions
+        slots += g.write_slots
+        logit_rows += [start + r for r in g.logit_rows]
+        table = slot_table(g.tables.to(device), g.valid.to(device), length, bs)
+        out.append(Rows(start, n_rows, width, table, g.ctx.to(device), None if g.tree is None else g.tree.to(device)))
         start += n_rows * width
     as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
     return ForwardBatch(as_long(tokens), as_long(positions), as_long(slots), out,
