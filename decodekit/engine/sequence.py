@@ -187,18 +187,16 @@ class Sequence:
 
     def commit(self, new: list[int]) -> list[int]:
         """Append committed tokens through the stop rules; returns the ones kept (the output ends at a stop)."""
-        kept = []
-        for token in new:
-            if self.room <= 0:
-                break
-            self.tokens.append(token)
-            kept.append(token)
-            if self.first_token_at is None:
-                self.first_token_at = time.perf_counter()
-            if self.stopper.push(token):
-                self.finish("stop")
-                return kept
-        if self.room <= 0:
+        kept = new[:max(self.room, 0)]
+        if kept and self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        end = self.stopper.push_many(kept)
+        if end is not None:
+            kept = kept[:end + 1]
+        self.tokens += kept
+        if end is not None:
+            self.finish("stop")
+        elif self.room <= 0:
             self.finish("length")
         return kept
 

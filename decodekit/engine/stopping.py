@@ -1,9 +1,9 @@
 """Incremental detokenization and stop rules, token by token.
 
 Text grows by one token's piece at a time (`IncrementalDecoder`: the tokenizers library's `DecodeStream` where the
-tokenizer has one, else a window decode), so a step costs what its new tokens cost, not the whole output. The stop
-rules look at tokens in the order they were generated: EOS, or a stop string completed by a token, whichever comes
-first. The output then ends with that token (the same token ids whatever the method, however many tokens its steps
+tokenizer has one, else a window decode), so a step costs what its new tokens cost, not the whole output; without
+stop strings tokens are only decoded when the text is asked for (a stream, the result). The stop rules look at
+tokens in the order they were generated: EOS, or a stop string completed by a token, whichever comes first. The output then ends with that token (the same token ids whatever the method, however many tokens its steps
 commit at once), and the text ends just before the stop string. While running, text that could still turn out to be
 the start of a stop string is held back, so a stream never shows what the final text removes.
 """
@@ -23,7 +23,8 @@ class IncrementalDecoder:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.text = ""
+        self._text = ""
+        self.pending: list[int] = []  # appended, not decoded yet
         self.stream = None
         self.backend = getattr(tokenizer, "_tokenizer", None)  # a fast tokenizer's Rust tokenizer
         if self.backend is not None:
@@ -35,14 +36,28 @@ class IncrementalDecoder:
                 self.stream = DecodeStream(skip_special_tokens=True)
         self.read = 0  # generic path: ids[:read] are reflected in text
 
+    @property
+    def text(self) -> str:
+        if self.pending:
+            pending, self.pending = self.pending, []
+            for token in pending:
+                self.push(token)
+        return self._text
+
+    def append(self, tokens: list[int]) -> None:
+        """Add tokens to decode when the text is next asked for."""
+        self.pending += tokens
+
     def push(self, token: int) -> str:
-        """Add one token; return the text it completes (possibly "")."""
+        """Add one token now; return the text it completes (possibly "")."""
+        if self.pending:
+            self.text  # noqa: B018 - decode what came before, in order
         self.ids.append(token)
         if self.stream is not None:
             piece = self.stream.step(self.backend, token) or ""
         else:
             piece = self._generic()
-        self.text += piece
+        self._text += piece
         return piece
 
     def _generic(self) -> str:
@@ -84,16 +99,26 @@ class StopChecker:
 
     def push(self, token: int) -> bool:
         """Commit one token; True when it ends the output (it is then the last token kept)."""
-        if token in self.eos_ids:
-            self.reason = "stop"
-            return True
-        before = len(self.decoder.text)
-        self.decoder.push(token)
-        if self.stop:
+        return self.push_many([token]) == 0
+
+    def push_many(self, tokens: list[int]) -> int | None:
+        """Commit tokens in order; the index of the one that ends the output (kept: the rest are not), or None."""
+        if not self.stop:  # only EOS can stop: no need to decode now
+            end = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
+            self.decoder.append(tokens if end is None else tokens[:end])
+            if end is not None:
+                self.reason = "stop"
+            return end
+        for i, token in enumerate(tokens):
+            if token in self.eos_ids:
+                self.reason = "stop"
+                return i
+            before = len(self.decoder.text)
+            self.decoder.push(token)
             text = self.decoder.text
             lo = max(0, before - self.hold)
-            hits = [i for s in self.stop if (i := text.find(s, lo)) >= 0]
+            hits = [j for s in self.stop if (j := text.find(s, lo)) >= 0]
             if hits:
                 self.cut, self.reason = min(hits), "stop"
-                return True
-        return False
+                return i
+        return None
