@@ -53,6 +53,16 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return bits.flatten(-2)[..., :vocab_size].bool()
 
 
+def pack_bitmask(allowed: torch.Tensor) -> torch.Tensor:
+    """bool `[..., V]` -> packed int32 `[..., ceil(V/32)]` (the inverse of `unpack_bitmask`)."""
+    words = bitmask_words(allowed.shape[-1])
+    padded = torch.zeros(*allowed.shape[:-1], words * 32, dtype=torch.int64, device=allowed.device)
+    padded[..., : allowed.shape[-1]] = allowed.long()
+    shifts = torch.arange(32, device=allowed.device, dtype=torch.int64)
+    packed = (padded.view(*allowed.shape[:-1], words, 32) << shifts).sum(-1)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)  # bit 31 is the sign bit
+
+
 def apply_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """Set disallowed logits to -inf in place (`logits [..., V]`, `bitmask [..., W]` on the same device)."""
     allowed = unpack_bitmask(bitmask, logits.shape[-1])

@@ -18,7 +18,7 @@ import torch
 import xgrammar as xgr
 
 from .base import (Backend, Grammar, Matcher, bitmask_words, byte_vocab, check_hf_tokenizer, is_byte_tokenizer,
-                   one_line, special_ids)
+                   one_line, pack_bitmask, special_ids)
 from .spec import ConstraintSpec, choice_lark
 
 _WHAT = {"json_schema": "JSON schema", "json_object": "JSON schema", "regex": "regex", "grammar": "grammar",
@@ -40,11 +40,10 @@ class XGrammarBackend(Backend):
             self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=eos)
             self.encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
         # Special tokens (EOS aside, which the grammar governs) are cleared from every mask.
-        blocked = [t for t in special_ids(tokenizer) if t not in self.eos_ids and t < vocab_size]
-        self.blocked = frozenset(blocked)
-        self.keep = torch.full((bitmask_words(vocab_size),), -1, dtype=torch.int32)
-        for t in blocked:
-            self.keep[t >> 5] &= ~(1 << (t & 31))
+        self.blocked = frozenset(t for t in special_ids(tokenizer) if t not in self.eos_ids and t < vocab_size)
+        keep = torch.ones(vocab_size, dtype=torch.bool)
+        keep[list(self.blocked)] = False
+        self.keep = pack_bitmask(keep)
         self.token_bytes = self.info.decoded_vocab  # to check jump-forward tokenizations byte for byte
         # decodekit's ConstraintCompiler caches compiled grammars itself.
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=threads, cache_enabled=False)

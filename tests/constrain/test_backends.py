@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from decodekit.constrain import ConstraintCompiler, constraint_spec
-from decodekit.constrain.base import unpack_bitmask
+from decodekit.constrain.base import apply_bitmask_, pack_bitmask, unpack_bitmask
 
 from constrain_helpers import BACKENDS, BYTE_VOCAB, SMOL_EOS, encode, walk
 
@@ -249,3 +249,16 @@ def test_packed_mask_matches_bool_mask(byte):
     assert torch.equal(unpack_bitmask(row, BYTE_VOCAB), expected) and torch.equal(m.allowed(), expected)
     with pytest.raises(ValueError, match="contiguous int32"):
         m.fill_bitmask(torch.zeros(3, dtype=torch.int32))
+
+
+def test_pack_unpack_apply_roundtrip():
+    g = torch.Generator().manual_seed(0)
+    for vocab in [1, 31, 32, 33, 100]:
+        allowed = torch.rand(3, vocab, generator=g) < 0.5
+        allowed[0, -1] = True  # the sign bit of the last word when vocab is a multiple of 32
+        packed = pack_bitmask(allowed)
+        assert packed.shape == (3, (vocab + 31) // 32) and packed.dtype == torch.int32
+        assert torch.equal(unpack_bitmask(packed, vocab), allowed)
+        logits = torch.randn(3, vocab, generator=g)
+        masked = apply_bitmask_(logits.clone(), packed)
+        assert torch.equal(masked.isinf(), ~allowed) and torch.equal(masked[allowed], logits[allowed])
