@@ -15,6 +15,10 @@
 Masks are computed on the CPU into packed int32 rows (`allocate_bitmask`, pinned for a fast copy) so the engine
 can fill them while the device runs the forward pass, then copy them over and apply them there
 (`apply_bitmask_`, `unpack_bitmask`, both device-agnostic).
+
+Where the mask goes is the caller's choice: on the logits before penalties and warpers (then top-k/top-p see only
+allowed tokens; greedy must do this), or on the final distribution (`awrs.masked_probs`), which is what AWRS
+samples exactly and which can leave no mass when the warpers cut every allowed token away.
 """
 from __future__ import annotations
 
@@ -119,7 +123,8 @@ class Matcher(ABC):
 
     @abstractmethod
     def done(self) -> bool:
-        """Nothing but EOS can follow (or EOS was already committed)."""
+        """Nothing but EOS can follow (or EOS was already committed). On xgrammar this computes a mask when the
+        grammar is complete (it has no cheaper test); on llguidance it is a flag."""
 
     @abstractmethod
     def fork(self) -> "Matcher":

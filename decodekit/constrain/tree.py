@@ -98,7 +98,8 @@ def prune(tokens: Sequence[int], parents: Sequence[int],
     return new_tokens, new_parents, kept
 
 
-def prune_tree(tree: DraftTree, allowed: torch.Tensor, valid: Sequence[bool] | torch.Tensor) -> tuple[DraftTree, list[int]]:
+def prune_tree(tree: DraftTree, allowed: torch.Tensor,
+               valid: Sequence[bool] | torch.Tensor) -> tuple[DraftTree, list[int]]:
     """`prune` on a DraftTree (from `tree_masks`' `allowed` and `valid`); returns the pruned tree and `kept`.
 
     A stochastic drafter's `draft_probs` rows are masked by their parent's allowed set and renormalized: a kept

@@ -26,7 +26,8 @@ def test_schema_dict_string_and_response_format_are_one_spec_with_key_order_kept
 
 
 def test_json_object_regex_grammar_choice():
-    assert constraint_spec(response_format={"type": "json_object"}) == ConstraintSpec("json_object", '{"type":"object"}')
+    any_object = ConstraintSpec("json_object", '{"type":"object"}')
+    assert constraint_spec(response_format={"type": "json_object"}) == any_object
     assert constraint_spec(regex=r"\d+") == ConstraintSpec("regex", r"\d+")
     assert constraint_spec(grammar="start: /a+/").kind == "grammar"
     spec = constraint_spec(choice=["yes", "no", "yes"])
