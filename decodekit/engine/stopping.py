@@ -40,8 +40,12 @@ class IncrementalDecoder:
     def text(self) -> str:
         if self.pending:
             pending, self.pending = self.pending, []
-            for token in pending:
-                self.push(token)
+            if self.stream is None:  # the window decode takes any number of new tokens at once
+                self.ids += pending
+                self._text += self._generic()
+            else:
+                for token in pending:
+                    self.push(token)
         return self._text
 
     def append(self, tokens: list[int]) -> None:
