@@ -28,9 +28,13 @@ def log(*a) -> None:
     print(*a, flush=True)
 
 
-def prompts_of(engine, path: str | None, n: int) -> list:
+def prompts_of(engine, path: str | None, n: int, length: int = 0) -> list:
+    """Spec-Bench's first turns (chat template for chat models), cycled; or `length` random tokens each."""
     from decodekit.bench.datasets import load_prompts
 
+    if length:
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(100, 1000, (n, length), generator=g).tolist()
     chat = bool(getattr(engine.tokenizer, "chat_template", None))
     items = load_prompts(path or "spec-bench", None)
     texts = [p.prompt for p in items]
@@ -93,6 +97,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--hf", default="", help="batch sizes for transformers' batched generate, e.g. 1,8,32")
     ap.add_argument("--compile", type=int, default=1)
+    ap.add_argument("--prompt-tokens", type=int, default=0, help="random prompts of this many tokens instead")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     out = {"args": vars(args), "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
@@ -100,7 +105,8 @@ def main() -> None:
     engine = decodekit.load(args.model, device="cuda", dtype="bfloat16", compile=bool(args.compile), progress=False)
     log(f"loaded {args.model} in {time.perf_counter() - t:.1f} s")
     batches = [int(b) for b in args.batches.split(",")]
-    prompts = prompts_of(engine, args.spec_bench, max(batches))
+    prompts = prompts_of(engine, args.spec_bench, max(batches), args.prompt_tokens)
+    out["prompt_tokens_mean"] = sum(len(p) for p in prompts) / len(prompts)
     for b in batches:
         for method in args.methods.split(","):
             t = time.perf_counter()

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import ModelConfig
 from .batch import ForwardBatch, Rows, RowSpec, build_batch
 from .kv_cache import KVPool, SeqKV
@@ -82,7 +83,7 @@ class Attention(nn.Module):
                 v_store: torch.Tensor, write_slots: torch.Tensor, groups: list) -> torch.Tensor:
         """`x` `[N, hidden]` flat tokens; `k_store`, `v_store`: this layer's `[slots, kv_heads, head_dim]` pool
         (passed in, not looked up by layer index, so that one compiled block serves every layer); `groups`: per
-        attention group `(start, rows, width, slot_table [rows, L], mask [rows, 1, width, L])`."""
+        attention group `(start, rows, width, slot_table [rows, L], mask [rows, 1, width, L], ctx [rows])`."""
         c = self.config
         n = x.shape[0]
         q, k, v = linear(self.wqkv, x).split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim,
@@ -97,7 +98,15 @@ class Attention(nn.Module):
         k_store.index_copy_(0, write_slots, k)
         v_store.index_copy_(0, write_slots, v)
         outs = []
-        for start, rows, width, table, mask in groups:
+        for start, rows, width, table, mask, ctx in groups:
+            if width == 1 and kernels.available(q):
+                # One token a row: it sees entries [0, ctx] (within the window), read in place from the pool.
+                # Entry index = position here (no press has evicted anything), so the window is an entry range.
+                hi = ctx + 1
+                lo = (hi - self.window).clamp_min(0) if self.window else torch.zeros_like(hi)
+                og = kernels.paged_decode(q[start:start + rows], k_store, v_store, table, lo, hi, c.scale)
+                outs.append(og.reshape(rows, c.num_heads * c.head_dim))
+                continue
             qg = q[start:start + rows * width].view(rows, width, c.num_heads, c.head_dim).transpose(1, 2)
             keys, values = k_store[table].transpose(1, 2), v_store[table].transpose(1, 2)  # [rows, Hkv, L, D]
             if torch.compiler.is_compiling() and width == 1:
@@ -245,7 +254,8 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.layers):
             if i not in skip_layers:
                 rope = rope_local if block.attn.local_rope else rope_global
-                layer_groups = [(g.start, g.rows, g.width, g.slot_table, m[block.attn.window]) for g, m in groups]
+                layer_groups = [(g.start, g.rows, g.width, g.slot_table, m[block.attn.window], g.ctx)
+                                for g, m in groups]
                 x = run[i](x, rope, pool.k[i], pool.v[i], batch.write_slots, layer_groups)
             if i in batch.hidden_layers:
                 hidden.append(x if keep is None else x[keep])
