@@ -40,6 +40,7 @@ class Request:
     ignore_eos: bool = False
     adaptive: bool | None = None  # the draft budget; default: on unless a seeded sampled run (reproducible tokens)
     verifier: str | None = None
+    logprobs: int | None = None  # record each output token's logprob and this many alternatives (0: none)
     id: int = -1
     sequences: list[Sequence] = field(default_factory=list)
     aborted: bool = False
@@ -111,6 +112,7 @@ class EngineCore:
                        proto.spawn(kv, sampling, req.prompt_ids), budget, stopper, kv, req.verifier, proto.name,
                        self.model.config.vocab_size)
         seq.request, seq.index = req, index
+        seq.top_logprobs = req.logprobs
         req.sequences.append(seq)
         return seq
 
