@@ -6,6 +6,7 @@ from typing import Any, Iterator, Sequence as Seq
 
 import torch
 
+from ..kv.paged import PressSpec, press_knobs
 from ..models.tokenizer import encode_prompt
 from ..sampling import SamplingConfig
 from ..speculative.base import DRAFTERS, Drafter
@@ -78,14 +79,28 @@ class Engine:
     def make_request(self, prompt, max_new_tokens: int = 128, *, method: str | Drafter = "plain",
                      sampling: SamplingConfig | None = None, stop: Seq[str] | None = None, chat: bool = False,
                      verifier: str | None = None, n: int = 1, method_options: dict[str, Any] | None = None,
-                     **options) -> Request:
+                     press: str | None = None, compression_ratio: float = 0.0,
+                     press_options: dict[str, Any] | None = None, **options) -> Request:
         """A validated request. `options`: sampling fields (temperature, top_p, seed, ...), `ignore_eos`,
         `adaptive`, `logprobs` (k: record each output token's logprob and k alternatives, in `Sequence.logprobs`),
-        and the method's own knobs; `method_options` holds knobs only (for names that are both a
-        sampling field and a knob, e.g. a draft model's own temperature). Raises ValueError for bad input."""
+        the method's own knobs and the press's; `method_options` / `press_options` hold knobs only (for names that
+        are also a sampling field or the other's knob). `press`: a KV press by name (`decodekit.kv.PRESSES`) with
+        `compression_ratio` R, the fraction of the KV cache removed (0.75 keeps a quarter); see `kv/paged`.
+        Raises ValueError for bad input."""
         options = dict(options)
         engine_kw = {k: options.pop(k) for k in ENGINE_OPTIONS if k in options}
         knobs = self._knobs(method)
+        press_kw = dict(press_options or {})
+        if press is not None:
+            pk = press_knobs(press)
+            both = sorted(pk & knobs & set(options))
+            if both:
+                raise ValueError(f"option {both[0]!r} is a knob of method {method!r} and of press {press!r}: pass it "
+                                 "in method_options or press_options (CLI: -O or -P)")
+            press_kw.update({k: options.pop(k) for k in list(options) if k in pk and k not in SAMPLING_FIELDS})
+        elif press_kw or compression_ratio:
+            raise ValueError("press options and compression_ratio need a press (press=NAME)")
+        press_spec = PressSpec(press, float(compression_ratio), press_kw) if press is not None else None
         sampling_kw = {k: options.pop(k) for k in list(options) if k in SAMPLING_FIELDS}
         ambiguous = sorted(set(sampling_kw) & knobs)
         if ambiguous:
@@ -106,7 +121,7 @@ class Engine:
             raise ValueError(f"unknown option {unknown[0]!r} for method {method!r}"
                              + (f"; its knobs: {', '.join(sorted(knobs))}" if knobs else " (it has no knobs)"))
         return Request(self.encode(prompt, chat), max_new_tokens, sampling, method, method_kw,
-                       list(stop or []), n, verifier=verifier, **engine_kw)
+                       list(stop or []), n, verifier=verifier, press=press_spec, **engine_kw)
 
     @staticmethod
     def _knobs(method) -> set[str]:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..models.batch import RowSpec
+from ..kv.paged import PressSpec
 from ..models.kv_cache import PoolFull, SeqKV
 from ..sampling import SamplingConfig
 from ..speculative.base import Drafter, make_drafter
@@ -41,6 +42,7 @@ class Request:
     adaptive: bool | None = None  # the draft budget; default: on unless a seeded sampled run (reproducible tokens)
     verifier: str | None = None
     logprobs: int | None = None  # record each output token's logprob and this many alternatives (0: none)
+    press: PressSpec | None = None  # a KV press for every sequence of the request
     id: int = -1
     sequences: list[Sequence] = field(default_factory=list)
     aborted: bool = False
@@ -113,6 +115,9 @@ class EngineCore:
                        self.model.config.vocab_size)
         seq.request, seq.index = req, index
         seq.top_logprobs = req.logprobs
+        if req.press is not None:
+            seq.press = req.press.state(self.model, len(req.prompt_ids), req.max_new_tokens, self.pool.block_size)
+            seq.stats.press = req.press.name
         req.sequences.append(seq)
         return seq
 
@@ -123,7 +128,7 @@ class EngineCore:
             if not seq.finished:
                 if seq.status == Status.WAITING and seq in self.scheduler.waiting:
                     self.scheduler.waiting.remove(seq)
-                    seq.kv.free()
+                    seq.free_kv()
                 seq.finish("abort")
         self.scheduler.retire()
         self.requests.pop(req.id, None)
@@ -158,6 +163,7 @@ class EngineCore:
         if not updated:
             updated = self._verified_step(plan, t0)
         for seq in updated:
+            seq.press_kv()  # a KV press acts on the memory the step left (and the bytes held are recorded)
             if not seq.finished and self.scheduler.config.prefix_caching:
                 seq.kv.register_full_blocks(seq.tokens)
         sched.retire()
@@ -168,13 +174,14 @@ class EngineCore:
     def _verified_step(self, plan, t0: float) -> list[Sequence]:
         specs: list[RowSpec] = []
         for seq, n in plan.prefills:
-            start = seq.kv.length
+            start = seq.kv.written  # the next token to write (entries held may be fewer: a press evicted some)
             last = start + n == seq.prefill_end and not seq.output
-            specs.append(RowSpec(seq.kv, seq.tokens[start:start + n], list(range(start, start + n)), None,
-                                 "last" if last else "none"))
+            positions = list(range(start, start + n))
+            specs.append(RowSpec(seq.kv, seq.tokens[start:start + n], positions, None, "last" if last else "none",
+                                 seq.observer(True, positions)))
         for seq in plan.decodes:
             tokens, positions, mask = seq.step_tokens()
-            specs.append(RowSpec(seq.kv, tokens, positions, mask, "all"))
+            specs.append(RowSpec(seq.kv, tokens, positions, mask, "all", seq.observer(False, positions)))
         t_run = time.perf_counter()
         logits = self.runner.run(specs)
         device_path = [s for s in plan.decodes if not s.needs_host_logits]
@@ -198,6 +205,8 @@ class EngineCore:
             accepted, next_token = seq.verify(rows if host else None,
                                               None if host else best[spec.first_logit:spec.first_logit + width])
             seq.kv.keep_path(start, [0, *accepted])
+            if spec.observer is not None:
+                spec.observer.kept([0, *accepted])
             seq.commit([seq.tree.tokens[i - 1] for i in accepted] + [next_token])
             seq.stats.forward_passes += 1
             seq.stats.decode_steps += 1
@@ -221,6 +230,8 @@ class EngineCore:
                 self.scheduler.add(self._sequence(req, index, SeqKV(self.pool)), 1)
                 continue
             child = self._sequence(req, index, kv)
+            if parent.press is not None:  # what the press gathered from the prompt's passes, for this sample too
+                child.press = parent.press.fork()
             child.stats.forward_passes = 1
             child.commit(child.first_token(logits))
             self.scheduler.add_running(child)

@@ -127,7 +127,8 @@ class GraphRunner(ModelRunner):
         return self.passes[key]
 
     def run(self, specs: list[RowSpec], hidden_layers: tuple[int, ...] = ()):
-        graphable = [s for s in specs if s.logits == "all" and len(s.tokens) <= WIDTH_BUCKETS[-1]]
+        graphable = [s for s in specs if s.logits == "all" and len(s.tokens) <= WIDTH_BUCKETS[-1]
+                     and s.observer is None]  # a row a KV press observes runs eagerly
         width = bucket(max((len(s.tokens) for s in graphable), default=1), WIDTH_BUCKETS)
         rows = bucket(len(graphable), BATCH_BUCKETS)
         if hidden_layers or not graphable or rows > BATCH_BUCKETS[-1] or rows * width > MAX_GRAPH_TOKENS:

@@ -57,7 +57,7 @@ class Scheduler:
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        seq.kv.free()
+        seq.free_kv()
         seq.status = Status.WAITING
         seq.stats.preemptions += 1
         self.waiting.appendleft(seq)
@@ -82,7 +82,7 @@ class Scheduler:
             if seq.status != Status.RUNNING:  # preempted while reserving for an older sequence
                 continue
             if seq.prefilling:
-                n = min(seq.prefill_end - seq.kv.length, budget)
+                n = min(seq.prefill_end - seq.kv.written, budget)
                 if n > 0 and self._reserve(seq, seq.kv.length + n):
                     plan.prefills.append((seq, n))
                     budget -= n
@@ -93,9 +93,9 @@ class Scheduler:
         plan.prefills = [(s, n) for s, n in plan.prefills if s.status == Status.RUNNING]
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
             seq = self.waiting[0]
-            if seq.kv.length == 0 and self.config.prefix_caching:
+            if seq.kv.length == 0 and self.config.prefix_caching and seq.adopts_prefix:
                 seq.stats.cached_prompt_tokens = seq.kv.adopt_prefix(seq.tokens, seq.prefill_end - 1)
-            n = min(seq.prefill_end - seq.kv.length, budget)
+            n = min(seq.prefill_end - seq.kv.written, budget)
             # Admit only with a block to spare: a fresh admission must not immediately preempt the running ones.
             if seq.kv.blocks_needed(seq.kv.length + n) + 1 > self.alloc.num_free:
                 if not self.running and not plan.prefills:

@@ -43,6 +43,12 @@ class GenerationStats:
     cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     preemptions: int = 0
     method: str = "plain"
+    press: str | None = None  # the KV press (`press=`), if any
+    # KV memory of this sequence, in bytes: held (pool blocks it owns or shares, plus what a press keeps packed
+    # outside the pool) at its largest and at the end, and what its written tokens take uncompressed (same blocks).
+    kv_bytes_peak: int = 0
+    kv_bytes_final: int = 0
+    kv_bytes_uncompressed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,6 +103,7 @@ class Sequence:
         self.index = 0  # which of the request's samples
         self.top_logprobs: int | None = None  # record logprobs of committed tokens (and this many alternatives)
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []  # per output token: its logprob, top-k
+        self.press: Any = None  # a KV press's state (`kv.paged.PressState`), or None
 
     # ---- state -----------------------------------------------------------------------------------------------
     @property
@@ -115,7 +122,43 @@ class Sequence:
 
     @property
     def prefilling(self) -> bool:
-        return self.kv.length < self.prefill_end
+        return self.kv.written < self.prefill_end
+
+    @property
+    def observed(self) -> bool:
+        """A KV press takes part in this sequence's decode passes: they run eagerly, on the masked attention path."""
+        return self.press is not None and self.press.observed(self.kv)
+
+    @property
+    def adopts_prefix(self) -> bool:
+        """Whether the prompt may come from the prefix cache (not when a press must see the prompt's passes)."""
+        return self.press is None or not self.press.observes_prefill
+
+    def observer(self, prefill: bool, positions: list[int]):
+        """The press's part in this pass's row (None: plain attention)."""
+        return None if self.press is None else self.press.observer(self.kv, positions, prefill)
+
+    def press_kv(self) -> None:
+        """After a step: the press acts on the KV memory (evicts, packs); the memory held is recorded around it."""
+        self.note_kv()
+        if self.press is not None and not self.finished:
+            self.press.after_step(self.kv)
+            self.note_kv()
+
+    def note_kv(self) -> None:
+        kv, s = self.kv, self.stats
+        per_slot = kv.pool.bytes_per_token()
+        bs = kv.pool.block_size
+        held = len(kv.blocks) * bs * per_slot + (self.press.held_outside() if self.press is not None else 0)
+        s.kv_bytes_final = held
+        s.kv_bytes_peak = max(s.kv_bytes_peak, held)
+        s.kv_bytes_uncompressed = -(-kv.written // bs) * bs * per_slot
+
+    def free_kv(self) -> None:
+        """Give the KV memory back (preemption: the sequence prefills again later, its press starts over)."""
+        self.kv.free()
+        if self.press is not None:
+            self.press.reset()
 
     @property
     def room(self) -> int:
@@ -134,7 +177,7 @@ class Sequence:
         chunks instead (0: it needs a verified step, with `self.tree`, possibly empty)."""
         self.tree = self.proposed = DraftTree()
         self.refused = False
-        fusable = bool(fused_sizes) and not self.needs_host_logits and self.top_logprobs is None
+        fusable = bool(fused_sizes) and not self.needs_host_logits and self.top_logprobs is None and not self.observed
         if self.drafter.name == "plain":
             return self.room if fusable else 0
         budget = self.budget

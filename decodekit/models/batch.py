@@ -9,6 +9,7 @@ only themselves.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -26,6 +27,7 @@ class Rows:
     slot_table: torch.Tensor  # [rows, L] physical slot of each logical KV entry a query may read
     ctx: torch.Tensor  # [rows] entries committed before this pass's tokens: every query sees them (causally)
     tree: torch.Tensor | None = None  # [rows, width, width] ancestors (incl. self) inside the new block; None: causal
+    observers: list[tuple[int, Any]] | None = None  # (row, observer): rows whose attention a KV press takes part in
 
 
 @dataclass
@@ -47,6 +49,9 @@ class RowSpec:
     positions: list[int]
     tree: torch.Tensor | None = None  # [w, w] bool ancestor mask incl. self; None: a causal chain
     logits: str = "all"  # "all" | "last" | "none": which of its tokens need logits
+    # A KV press's part in this row's attention (`models.transformer.observe_rows`): it sees the row's queries, keys
+    # and mask in every layer and may change them. None: plain attention (and every fast path).
+    observer: Any = None
     first_logit: int = field(default=-1, init=False)  # set by `build_batch`: its first row in the logits
 
 
@@ -85,7 +90,8 @@ def layout_group(specs: list[RowSpec], width: int, rows: int, length: int, block
         tokens += s.tokens + [0] * (width - w)
         positions += s.positions + [0] * (width - w)
         slots += s.kv.slots(s.kv.length, w) + [SCRATCH] * (width - w)
-        tables[r, :len(s.kv.blocks)] = torch.tensor(s.kv.blocks[:n_blocks], dtype=torch.long)
+        table = s.kv.table()[:n_blocks]
+        tables[r, :len(table)] = torch.tensor(table, dtype=torch.long)
         ctx[r], valid[r] = s.kv.length, s.kv.length + w
         if tree is not None:
             tree[r, :w, :w] = s.tree if s.tree is not None else torch.ones(w, w, dtype=torch.bool).tril_()
@@ -117,7 +123,9 @@ def build_batch(groups: list[list[RowSpec]], device: torch.device, widths: list[
         slots += g.write_slots
         logit_rows += [start + r for r in g.logit_rows]
         table = slot_table(g.tables.to(device), g.valid.to(device), length, bs)
-        out.append(Rows(start, n_rows, width, table, g.ctx.to(device), None if g.tree is None else g.tree.to(device)))
+        observers = [(r, s.observer) for r, s in enumerate(specs) if s.observer is not None] or None
+        out.append(Rows(start, n_rows, width, table, g.ctx.to(device), None if g.tree is None else g.tree.to(device),
+                        observers))
         start += n_rows * width
     as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
     return ForwardBatch(as_long(tokens), as_long(positions), as_long(slots), out,

@@ -6,7 +6,9 @@
 - `BlockAllocator` hands out blocks with reference counts, so a fork (n samples, beams) shares its parent's blocks
   without copying, and keeps a chained hash of every full block of committed tokens, so a prompt prefix seen before
   (a system prompt) is prefilled once (prefix caching, as vLLM and nano-vllm do it).
-- `SeqKV` is one sequence's block table and length: append, rollback, keep one path of a token tree, fork, free.
+- `SeqKV` is one sequence's block table and length: append, rollback, keep one path of a token tree, fork, free;
+  and, for KV presses, compact (keep a subset of entries, each with its position) and hand leading blocks over to
+  a store outside the pool (quantized KV held packed).
 
 Nothing here knows about attention: the model reads a batch's `slot_table` (`slot_table()`) and writes at slots.
 """
@@ -44,14 +46,17 @@ class KVPool(nn.Module):
     def bytes_per_token(self) -> int:
         return 2 * self.k.shape[0] * self.k.shape[2] * self.k.shape[3] * self.k.element_size()
 
-    def copy_slots(self, src: list[int] | torch.Tensor, dst: list[int] | torch.Tensor) -> None:
-        """Move keys, values and positions from slots `src` to slots `dst` (every layer)."""
+    def copy_slots(self, src: list[int] | torch.Tensor, dst: list[int] | torch.Tensor,
+                   source: "KVPool | None" = None) -> None:
+        """Move keys, values and positions from slots `src` (of `source`, default this pool) to slots `dst` (every
+        layer)."""
         dev = self.k.device
-        src = torch.as_tensor(src, dtype=torch.long, device=dev)
+        source = self if source is None else source
+        src = torch.as_tensor(src, dtype=torch.long, device=source.k.device)
         dst = torch.as_tensor(dst, dtype=torch.long, device=dev)
-        self.k[:, dst] = self.k[:, src]
-        self.v[:, dst] = self.v[:, src]
-        self.slot_pos[dst] = self.slot_pos[src]
+        self.k[:, dst] = source.k[:, src].to(dev)
+        self.v[:, dst] = source.v[:, src].to(dev)
+        self.slot_pos[dst] = source.slot_pos[src].to(dev)
 
 
 class PoolFull(Exception):
@@ -123,9 +128,14 @@ class BlockAllocator:
 class SeqKV:
     """One sequence's KV memory: a block table into a pool and the number of logical entries written.
 
-    Logical entry i lives in slot `blocks[i // block_size] * block_size + i % block_size`. Blocks shared with other
-    sequences (forks, cached prefixes) are only ever read: a sequence writes from its own `length` on, which lies in
-    blocks it owns alone (a fork copies a shared partial last block first).
+    Logical entry i lives in slot `blocks[i // block_size - virtual] * block_size + i % block_size`. Blocks shared
+    with other sequences (forks, cached prefixes) are only ever read: a sequence writes from its own `length` on,
+    which lies in blocks it owns alone (a fork copies a shared partial last block first; `compact` copies on write).
+
+    Without a press, entry i holds token i. A press may break that: `compact` keeps a subset of the entries (each
+    keeps its token's position in the pool's `slot_pos`), counting the dropped ones in `evicted`; `hand_over`
+    moves the first blocks out of the pool (`virtual` leading blocks, read as scratch; their owner, a quantizing
+    press, holds them packed and supplies them to attention). `written` = tokens whose KV was written, held or not.
     """
 
     def __init__(self, pool: KVPool) -> None:
@@ -133,18 +143,34 @@ class SeqKV:
         self.blocks: list[int] = []
         self.length = 0
         self.hashes: list[int] = []  # chained hash of each full block registered for prefix caching
+        self.evicted = 0  # entries dropped by `compact`
+        self.virtual = 0  # leading logical blocks held outside the pool (`hand_over`)
 
     @property
     def alloc(self) -> BlockAllocator:
         return self.pool.allocator
 
     @property
+    def written(self) -> int:
+        """Tokens whose keys and values were written: the entries held plus those a press evicted."""
+        return self.length + self.evicted
+
+    @property
+    def dense(self) -> bool:
+        """Entry i holds token i, in the pool (what prefix caching needs)."""
+        return not self.evicted and not self.virtual
+
+    @property
     def capacity(self) -> int:
-        return len(self.blocks) * self.pool.block_size
+        return (self.virtual + len(self.blocks)) * self.pool.block_size
+
+    def table(self) -> list[int]:
+        """Block of each logical block, in order (blocks held outside the pool read as the scratch block)."""
+        return [0] * self.virtual + self.blocks
 
     def blocks_needed(self, n: int) -> int:
         """Blocks to add so that `n` logical entries fit."""
-        return max(0, -(-n // self.pool.block_size) - len(self.blocks))
+        return max(0, -(-n // self.pool.block_size) - self.virtual - len(self.blocks))
 
     def ensure(self, n: int) -> None:
         """Own enough blocks for `n` logical entries (raises PoolFull, keeping what it got, if the pool runs out)."""
@@ -153,15 +179,17 @@ class SeqKV:
 
     def trim(self) -> None:
         """Give back the blocks past `length`."""
-        keep = -(-self.length // self.pool.block_size)
+        keep = max(0, -(-self.length // self.pool.block_size) - self.virtual)
         for b in self.blocks[keep:]:
             self.alloc.release(b)
         del self.blocks[keep:]
         del self.hashes[keep:]
 
     def slots(self, start: int, n: int) -> list[int]:
-        bs = self.pool.block_size
-        return [self.blocks[i // bs] * bs + i % bs for i in range(start, start + n)]
+        bs, v = self.pool.block_size, self.virtual
+        if start < v * bs and n:
+            raise ValueError(f"entries from {start} lie in blocks held outside the pool")
+        return [self.blocks[i // bs - v] * bs + i % bs for i in range(start, start + n)]
 
     def rollback(self, length: int) -> None:
         """Forget entries from `length` on (their blocks stay until `trim`: the next pass may write there)."""
@@ -178,16 +206,59 @@ class SeqKV:
             self.pool.copy_slots(src, self.slots(start, n))
         self.length = start + n
 
+    def compact(self, keep: list[int] | torch.Tensor) -> None:
+        """Keep only the entries `keep` (ascending), moved to entries 0, 1, ...; each keeps its position. Freed
+        blocks return to the pool; blocks shared with other sequences (or offered to the prefix cache) are not
+        written: the kept entries that land there go to fresh blocks instead (copy on write)."""
+        if self.virtual:
+            raise ValueError("cannot evict from a sequence whose first blocks are held outside the pool")
+        keep = [int(i) for i in keep]
+        if any(b <= a for a, b in zip(keep, keep[1:])) or (keep and not 0 <= keep[0] <= keep[-1] < self.length):
+            raise ValueError("entries to keep must be ascending and held")
+        n, bs = len(keep), self.pool.block_size
+        if keep == list(range(n)):
+            self.evicted += self.length - n
+            self.length = n
+            self.trim()
+            return
+        src = [self.blocks[i // bs] * bs + i % bs for i in keep]
+        old = list(self.blocks)
+        fresh = {}  # block index -> newly allocated block, for destinations this sequence must not write
+        for j in range(-(-n // bs)):
+            b = self.blocks[j]
+            if self.alloc.refs[b] > 1 or b in self.alloc.hash_of:
+                fresh[j] = self.alloc.allocate()  # before any release: the source stays intact
+        for j, b in fresh.items():
+            self.blocks[j] = b
+        self.pool.copy_slots(src, self.slots(0, n))
+        for j in fresh:
+            self.alloc.release(old[j])
+        self.hashes = []
+        self.evicted += self.length - n
+        self.length = n
+        self.trim()
+
+    def hand_over(self, n_blocks: int) -> None:
+        """The first `n_blocks` real blocks leave the pool (their owner keeps them elsewhere): they are released and
+        read as scratch from now on."""
+        if n_blocks > len(self.blocks) or (self.virtual + n_blocks) * self.pool.block_size > self.length:
+            raise ValueError(f"cannot hand over {n_blocks} blocks: only full blocks of held entries can leave")
+        for b in self.blocks[:n_blocks]:
+            self.alloc.release(b)
+        del self.blocks[:n_blocks]
+        self.hashes = []
+        self.virtual += n_blocks
+
     def fork(self) -> "SeqKV":
         """A sequence with the same entries: full blocks shared, a partial last block copied."""
         child = SeqKV(self.pool)
-        bs = self.pool.block_size
-        full = self.length // bs
+        bs, v = self.pool.block_size, self.virtual
+        full = self.length // bs - v  # full blocks held in the pool
         for b in self.blocks[:full]:
             self.alloc.share(b)
         child.blocks = self.blocks[:full]
         child.hashes = list(self.hashes[:full])
-        child.length = self.length
+        child.length, child.evicted, child.virtual = self.length, self.evicted, v
         if self.length % bs:
             block = self.alloc.allocate()
             child.blocks.append(block)
@@ -198,7 +269,9 @@ class SeqKV:
 
     def free(self) -> None:
         self.length = 0
+        self.virtual = 0
         self.trim()
+        self.evicted = 0
 
     # ---- prefix caching ------------------------------------------------------------------------------------
     def adopt_prefix(self, tokens: list[int], limit: int) -> int:
@@ -218,7 +291,10 @@ class SeqKV:
         return self.length
 
     def register_full_blocks(self, tokens: list[int]) -> None:
-        """Offer every full block of committed `tokens` (the first `length` tokens of the text) to the cache."""
+        """Offer every full block of committed `tokens` (the first `length` tokens of the text) to the cache; only
+        while entry i holds token i."""
+        if not self.dense:
+            return
         bs = self.pool.block_size
         h = self.hashes[-1] if self.hashes else 0
         for i in range(len(self.hashes), min(self.length, len(tokens)) // bs):

@@ -80,10 +80,13 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, c.gemma_norms)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], k_store: torch.Tensor,
-                v_store: torch.Tensor, write_slots: torch.Tensor, groups: list) -> torch.Tensor:
+                v_store: torch.Tensor, write_slots: torch.Tensor, groups: list,
+                observers: list | None = None) -> torch.Tensor:
         """`x` `[N, hidden]` flat tokens; `k_store`, `v_store`: this layer's `[slots, kv_heads, head_dim]` pool
         (passed in, not looked up by layer index, so that one compiled block serves every layer); `groups`: per
-        attention group `(start, rows, width, slot_table [rows, L], mask [rows, 1, width, L], ctx [rows])`."""
+        attention group `(start, rows, width, slot_table [rows, L], mask [rows, 1, width, L], ctx [rows], lo)`
+        (`lo` `[rows]`: first entry inside this layer's sliding window for a single-token row, or None);
+        `observers`: per group, the rows a KV press takes part in (`observe_rows`), or None."""
         c = self.config
         n = x.shape[0]
         q, k, v = linear(self.wqkv, x).split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim,
@@ -98,17 +101,20 @@ class Attention(nn.Module):
         k_store.index_copy_(0, write_slots, k)
         v_store.index_copy_(0, write_slots, v)
         outs = []
-        for start, rows, width, table, mask, ctx in groups:
-            if width == 1 and kernels.available(q):
-                # One token a row: it sees entries [0, ctx] (within the window), read in place from the pool.
-                # Entry index = position here (no press has evicted anything), so the window is an entry range.
+        for gi, (start, rows, width, table, mask, ctx, lo) in enumerate(groups):
+            observed = observers[gi] if observers is not None else None
+            if width == 1 and kernels.available(q) and not observed:
+                # One token a row: it sees entries [lo, ctx], read in place from the pool. The window's first entry
+                # comes from the entries' positions (a press may have evicted some: entry index != position).
                 hi = ctx + 1
-                lo = (hi - self.window).clamp_min(0) if self.window else torch.zeros_like(hi)
-                og = kernels.paged_decode(q[start:start + rows], k_store, v_store, table, lo, hi, c.scale)
+                og = kernels.paged_decode(q[start:start + rows], k_store, v_store, table,
+                                          lo if lo is not None else torch.zeros_like(hi), hi, c.scale)
                 outs.append(og.reshape(rows, c.num_heads * c.head_dim))
                 continue
             qg = q[start:start + rows * width].view(rows, width, c.num_heads, c.head_dim).transpose(1, 2)
             keys, values = k_store[table].transpose(1, 2), v_store[table].transpose(1, 2)  # [rows, Hkv, L, D]
+            if observed:
+                keys, values, mask = observe_rows(self.layer, observed, qg, keys, values, mask, c.scale)
             if torch.compiler.is_compiling() and width == 1:
                 og = single_query_attention(qg, keys, values, mask, c.scale)
             else:
@@ -145,8 +151,8 @@ class Block(nn.Module):
             self.post_mlp_norm = RMSNorm(config.hidden_size, eps, gemma)
         self.gemma = gemma
 
-    def forward(self, x, rope, k_store, v_store, write_slots, groups) -> torch.Tensor:
-        h = self.attn(self.attn_norm(x), rope, k_store, v_store, write_slots, groups)
+    def forward(self, x, rope, k_store, v_store, write_slots, groups, observers=None) -> torch.Tensor:
+        h = self.attn(self.attn_norm(x), rope, k_store, v_store, write_slots, groups, observers)
         x = x + (self.post_attn_norm(h) if self.gemma else h)
         h = self.mlp(self.mlp_norm(x))
         return x + (self.post_mlp_norm(h) if self.gemma else h)
@@ -172,6 +178,39 @@ def attention_mask(group: Rows, q_pos: torch.Tensor, kv_pos: torch.Tensor | None
     if window is not None:  # a query always sees itself (position - position = 0 < window)
         mask = mask & (kv_pos[:, None, :] > q_pos[:, :, None] - window)
     return mask[:, None]
+
+
+def observe_rows(layer: int, observed: list, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 mask: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Let each observed row's KV press see (and change) its attention inputs in this layer.
+
+    `observed`: (row, observer) pairs; `q` `[rows, H, W, D]`, `keys`/`values` `[rows, Hkv, L, D]`, `mask`
+    `[rows, 1, W, L]`. `observer.attend(layer, q, keys, values, mask, scale)` gets one row's slices (`[H, W, D]`,
+    `[Hkv, L, D]`, `[1, W, L]`) and returns them, possibly replaced (a quantized prefix dequantized, a per-head
+    mask `[H, W, L]` of sparse attention). Other rows are untouched; nothing is changed in place."""
+    rows, heads = q.shape[0], q.shape[1]
+    changed = {}
+    for r, obs in observed:
+        given = (keys[r], values[r], mask[r])
+        got = obs.attend(layer, q[r], *given, scale)
+        if any(a is not b for a, b in zip(got, given)):
+            changed[r] = got
+    if not changed:
+        return keys, values, mask
+    keys, values = keys.clone(), values.clone()
+    mask = mask.expand(rows, heads, *mask.shape[2:]).clone()
+    for r, (k, v, m) in changed.items():
+        keys[r], values[r], mask[r] = k, v, m
+    return keys, values, mask
+
+
+def window_lo(kv_pos: torch.Tensor, q_pos: torch.Tensor, ctx: torch.Tensor, window: int) -> torch.Tensor:
+    """`[rows]`: the first entry a single-token row reads under a sliding `window`, from the entries' positions
+    `kv_pos` `[rows, L]` (ascending within a row; entries from `ctx` on are not counted): the entries at or before
+    `q_pos - window` fall outside. With entry index = position this is `ctx + 1 - window`, clamped at 0."""
+    idx = torch.arange(kv_pos.shape[1], device=kv_pos.device)
+    outside = (kv_pos <= q_pos[:, None] - window) & (idx[None] < ctx[:, None])
+    return outside.sum(-1)
 
 
 class Transformer(nn.Module):
@@ -240,7 +279,11 @@ class Transformer(nn.Module):
             q_pos = pos[g.start:g.start + g.rows * g.width].view(g.rows, g.width)
             kv_pos = pool.slot_pos[g.slot_table] if self.windows else None
             masks = {w: attention_mask(g, q_pos, kv_pos, w) for w in [None, *self.windows]}
-            groups.append((g, masks))
+            lows = {None: None}
+            if g.width == 1 and kernels.available(pos):  # the decode kernel's window bounds
+                lows.update({w: window_lo(kv_pos, q_pos[:, 0], g.ctx, w) for w in self.windows})
+            groups.append((g, masks, lows))
+        observers = [g.observers for g in batch.groups] if any(g.observers for g in batch.groups) else None
         cos_g, sin_g = self.rope_global[0][pos][:, None].to(self.dtype), self.rope_global[1][pos][:, None].to(self.dtype)
         rope_global = (cos_g, sin_g)
         rope_local = (self.rope_local[0][pos][:, None].to(self.dtype),
@@ -248,15 +291,20 @@ class Transformer(nn.Module):
         x = self.embed(batch.tokens)
         if self.config.embed_scale != 1.0:
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
-        run = self.compiled_blocks if compiled and self.compiled_blocks is not None else self.layers
+        # Rows a press observes run the plain blocks (the compiled ones are for the static shapes of graph capture).
+        run = self.compiled_blocks if compiled and self.compiled_blocks is not None and not observers else self.layers
         keep = batch.logit_rows
         hidden = []
         for i, block in enumerate(self.layers):
             if i not in skip_layers:
                 rope = rope_local if block.attn.local_rope else rope_global
-                layer_groups = [(g.start, g.rows, g.width, g.slot_table, m[block.attn.window], g.ctx)
-                                for g, m in groups]
-                x = run[i](x, rope, pool.k[i], pool.v[i], batch.write_slots, layer_groups)
+                w = block.attn.window
+                layer_groups = [(g.start, g.rows, g.width, g.slot_table, m[w], g.ctx, lo.get(w))
+                                for g, m, lo in groups]
+                if observers:
+                    x = run[i](x, rope, pool.k[i], pool.v[i], batch.write_slots, layer_groups, observers)
+                else:
+                    x = run[i](x, rope, pool.k[i], pool.v[i], batch.write_slots, layer_groups)
             if i in batch.hidden_layers:
                 hidden.append(x if keep is None else x[keep])
         x = x if keep is None else x[keep]
@@ -274,11 +322,12 @@ class Transformer(nn.Module):
 
     def forward_seq(self, kv: SeqKV, tokens: list[int], positions: list[int], tree: torch.Tensor | None = None,
                     logits: str = "all", skip_layers: frozenset[int] | set[int] = frozenset(),
-                    hidden_layers: tuple[int, ...] = ()):
+                    hidden_layers: tuple[int, ...] = (), observer=None):
         """One sequence's pass (prefill chunk, step or tree) appended after `kv.length`, which then advances.
-        Returns logits `[T or 1, V]` (and hidden states with `hidden_layers`)."""
+        Returns logits `[T or 1, V]` (and hidden states with `hidden_layers`). `observer`: a KV press's part in
+        the pass (`observe_rows`)."""
         kv.ensure(kv.length + len(tokens))
-        spec = RowSpec(kv, list(tokens), list(positions), tree, logits)
+        spec = RowSpec(kv, list(tokens), list(positions), tree, logits, observer)
         out = self(build_batch([[spec]], self.device, hidden_layers=hidden_layers), kv.pool, skip_layers)
         kv.length += len(tokens)
         return out

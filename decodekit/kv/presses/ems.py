@@ -18,8 +18,9 @@ Importance" (arXiv 2412.08521). Two parts:
    which is what the paper's head-wise parallel compression relies on.
 
 Output is head-wise (`HeadwiseKV`: each head its own `[n_keep]` tokens, keys, values, positions). A paged cache with
-one slot per token takes `select()` (the base's shared choice by mean score) or `reduce_headwise` on
-`select_headwise()`, and then gets eviction without the merge. Tests cover the score, the head-wise selection, the
+one slot per token (decodekit's engine) chooses one token set for every head (`select()`, the base's choice by mean
+score) and still merges: `merge(kv, kept, scores)` folds each head's evicted tokens into that head's copy of the
+shared centres. Tests cover the score, the head-wise selection, the
 merge (against a per-token loop) and the reducer.
 """
 from __future__ import annotations
@@ -61,11 +62,14 @@ class EMSPress(ScorerPress):
     name = "ems"
     merge_threshold: float = 0.8  # cosine similarity of keys at which an evicted token merges into a kept one
     scale: float | None = None  # attention scale; None = 1/sqrt(head_dim)
+    window_size: int = 64  # the engine keeps the queries of the prompt's last window_size tokens (the local view)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not -1.0 <= self.merge_threshold <= 1.0:
             raise ValueError(f"merge_threshold is a cosine similarity in [-1, 1], got {self.merge_threshold}")
+        if self.window_size < 1:
+            raise ValueError(f"window_size must be >= 1, got {self.window_size}")
 
     def score(self, kv: LayerKV, n_keep: int) -> torch.Tensor:
         return global_local_scores(kv, self.scale)
@@ -78,6 +82,17 @@ class EMSPress(ScorerPress):
             return HeadwiseKV(idx, kv.keys, kv.values, kv.positions.expand(h, -1))
         scores = self.score(kv, n_keep)
         kept = scores.topk(n_keep, dim=-1).indices.sort(dim=-1).values  # [H, n_keep]
+        keys, values = self.merge(kv, kept, scores)
+        return HeadwiseKV(kept, keys, values, kv.positions[kept])
+
+    def merge(self, kv: LayerKV, kept: torch.Tensor, scores: torch.Tensor,
+              chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evict-then-merge onto the centres `kept` (`[H, n_keep]`, sorted; one set for every head is `[n_keep]`
+        expanded): each head's evicted tokens join their most similar centre (at least `merge_threshold`) or the
+        zero class; returns the merged keys and values `[H, n_keep, D]`. `scores` `[H, L]` weight the means.
+        Evicted tokens are taken `chunk` at a time (the similarity matrix of a long cache does not fit at once)."""
+        h, n, d = kv.keys.shape
+        n_keep = kept.shape[1]
         evicted_mask = torch.ones(h, n, dtype=torch.bool, device=kv.keys.device)
         evicted_mask.scatter_(1, kept, False)
         evicted = evicted_mask.nonzero()[:, 1].reshape(h, n - n_keep)  # row-major: each head's evicted, ascending
@@ -85,22 +100,25 @@ class EMSPress(ScorerPress):
         def take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
 
-        keys, values = kv.keys.double(), kv.values.double()
+        keys, values, scores = kv.keys.double(), kv.values.double(), scores.double()
         centre_k, centre_v = take(keys, kept), take(values, kept)
-        member_k, member_v = take(keys, evicted), take(values, evicted)
-        sim = F.normalize(member_k, dim=-1) @ F.normalize(centre_k, dim=-1).transpose(1, 2)  # [H, n_ev, n_keep]
-        best_sim, best = sim.max(dim=-1)
-        cls = torch.where(best_sim >= self.merge_threshold, best + 1, 0)  # class 0 = the zero class: dropped
-        w_centre, w_member = scores.gather(1, kept), scores.gather(1, evicted)
-        weight = torch.zeros(h, n_keep + 1, dtype=torch.float64, device=keys.device)
-        weight[:, 1:] = w_centre
-        weight.scatter_add_(1, cls, w_member)
+        w_centre = scores.gather(1, kept)
+        # Class 0 is the zero class: its members are dropped.
+        weight = F.pad(w_centre, (1, 0))
         acc_k = F.pad(centre_k * w_centre[..., None], (0, 0, 1, 0))
         acc_v = F.pad(centre_v * w_centre[..., None], (0, 0, 1, 0))
-        acc_k.scatter_add_(1, cls[..., None].expand(-1, -1, d), member_k * w_member[..., None])
-        acc_v.scatter_add_(1, cls[..., None].expand(-1, -1, d), member_v * w_member[..., None])
+        unit_centres = F.normalize(centre_k, dim=-1).transpose(1, 2)
+        for s in range(0, n - n_keep, chunk):
+            part = evicted[:, s:s + chunk]
+            member_k, member_v = take(keys, part), take(values, part)
+            best_sim, best = (F.normalize(member_k, dim=-1) @ unit_centres).max(dim=-1)  # [H, chunk]
+            cls = torch.where(best_sim >= self.merge_threshold, best + 1, 0)
+            w_member = scores.gather(1, part)
+            weight.scatter_add_(1, cls, w_member)
+            acc_k.scatter_add_(1, cls[..., None].expand(-1, -1, d), member_k * w_member[..., None])
+            acc_v.scatter_add_(1, cls[..., None].expand(-1, -1, d), member_v * w_member[..., None])
         # A centre whose weights are all zero (no attention at all) keeps its own vector.
         denom = weight[:, 1:, None]
         merged_k = torch.where(denom > 0, acc_k[:, 1:] / denom.clamp_min(1e-300), centre_k)
         merged_v = torch.where(denom > 0, acc_v[:, 1:] / denom.clamp_min(1e-300), centre_v)
-        return HeadwiseKV(kept, merged_k.to(kv.keys.dtype), merged_v.to(kv.values.dtype), kv.positions[kept])
+        return merged_k.to(kv.keys.dtype), merged_v.to(kv.values.dtype)

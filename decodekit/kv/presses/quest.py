@@ -24,10 +24,13 @@ class QuestPress(Press):
     page_size: int = 16
     token_budget: int = 256  # tokens read per head: ceil(token_budget / page_size) pages
     scale: float | None = None  # attention scale; None = 1/sqrt(head_dim)
+    dense_layers: int = 2  # the first layers attend fully (the paper leaves its first two layers dense)
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.token_budget < 1:
             raise ValueError(f"page_size and token_budget must be >= 1, got {self.page_size}, {self.token_budget}")
+        if self.dense_layers < 0:
+            raise ValueError(f"dense_layers must be >= 0, got {self.dense_layers}")
 
     def page_metadata(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Channel-wise min and max of every page, `[H_kv, n_pages, D]` each (float32)."""

@@ -31,11 +31,14 @@ class SnapKVPress(ScorerPress):
     name = "snapkv"
     kernel_size: int = 5  # pooling kernel (odd): neighbours of a voted token share its vote
     scale: float | None = None  # attention scale; None = 1/sqrt(head_dim)
+    window_size: int = 64  # the engine hands the press the queries of the prompt's last window_size tokens
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd number, got {self.kernel_size}")
+        if self.window_size < 1:
+            raise ValueError(f"window_size must be >= 1, got {self.window_size}")
 
     def score(self, kv: LayerKV, n_keep: int) -> torch.Tensor:
         queries = kv.need("queries", self.name)

@@ -1,0 +1,93 @@
+"""KV presses inside the engine's paged cache: a request names a press; each of its sequences gets a `PressState`.
+
+`PressSpec` is what a request carries (validated when the request is made): the press's name, the compression
+ratio R (the fraction of the KV cache removed, kvpress's convention), the press's own knobs, and two engine knobs:
+- `compress_every` (eviction presses): while decoding, press again whenever the entries held exceed the target by
+  this many (default 32 for `streaming_llm`, `h2o`, `scope`, whose papers keep a budget as the output grows; 0 for
+  `snapkv`, `knorm`, `ems`, which press the prompt once);
+- `residual` (quantization presses): recent entries kept in full precision in the pool (KIVI's own knob of that
+  name; default 128 for the others).
+What R means per kind: eviction keeps `kept_count(tokens, R)` entries (SCOPE: its budgets, derived from R unless
+given: the prompt's and max_new_tokens' kept counts); sparse attention reads `kept_count(entries, R)` per head (an
+explicit `token_budget` wins); quantization presses take no R (their bits set the size: R must be 0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ..base import PRESSES, QuantPress, ScorerPress, check_ratio, kept_count, make_press
+from ..presses.quest import QuestPress
+from ..presses.scope import ScopePress
+from ..presses.tidal import TidalDecode
+from .eviction import DECODE_PRESSES, DEFAULT_EVERY, EvictionState
+from .quantized import DEFAULT_RESIDUAL, QuantState
+from .sparse import SparseState
+from .state import PressState, RowObserver
+
+ENGINE_KNOBS = ("compress_every", "residual")
+
+
+def press_knobs(name: str) -> set[str]:
+    """Every knob a press accepts through the engine: its dataclass fields and the engine's own."""
+    cls = PRESSES.get(name)
+    own = {f.name for f in fields(cls)} if cls is not None else set()
+    return own | set(ENGINE_KNOBS)
+
+
+@dataclass
+class PressSpec:
+    name: str
+    compression_ratio: float = 0.0
+    knobs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_ratio(self.compression_ratio)
+        knobs = dict(self.knobs)
+        self.every = knobs.pop("compress_every", None)
+        residual = knobs.pop("residual", None) if self.name != "kivi" else knobs.get("residual")
+        self.press_knobs = knobs
+        press = make_press(self.name, **knobs)  # unknown names and knobs: one-line errors here
+        if isinstance(press, QuantPress):
+            if self.compression_ratio:
+                raise ValueError(f"press {self.name!r} quantizes (its bits set the size): compression_ratio applies "
+                                 "to eviction and sparse presses; leave it at 0")
+            self.residual = press.residual if self.name == "kivi" else \
+                (DEFAULT_RESIDUAL if residual is None else int(residual))
+            if self.residual < 0:
+                raise ValueError(f"residual must be >= 0, got {self.residual}")
+        elif isinstance(press, (ScorerPress, ScopePress)):
+            if self.every is None:
+                self.every = DEFAULT_EVERY if self.name in DECODE_PRESSES else 0
+            if self.every < 0:
+                raise ValueError(f"compress_every must be >= 0, got {self.every}")
+        elif not isinstance(press, (TidalDecode, QuestPress)):
+            raise ValueError(f"press {self.name!r} cannot run in the engine")
+
+    def state(self, model, prompt_len: int, max_new_tokens: int, block_size: int) -> PressState:
+        """A fresh press state for one sequence of `model`."""
+        press = make_press(self.name, **self.press_knobs)
+        if hasattr(press, "scale") and press.scale is None:  # the model's own attention scale (Gemma's differs)
+            press.scale = model.config.scale
+        if isinstance(press, ScopePress):
+            for side in (press.prefill, press.decode):
+                if hasattr(side, "scale") and side.scale is None:
+                    side.scale = model.config.scale
+        r = self.compression_ratio
+        if isinstance(press, QuantPress):
+            return QuantState(press, model, prompt_len, self.residual, block_size)
+        if isinstance(press, (TidalDecode, QuestPress)):
+            budget = press.token_budget if "token_budget" in self.press_knobs else None
+            return SparseState(press, model, prompt_len, r, budget)
+        budgets = None
+        if isinstance(press, ScopePress):
+            budgets = (press.prefill_budget if "prefill_budget" in self.press_knobs or not r
+                       else kept_count(prompt_len, r),
+                       press.decode_budget if "decode_budget" in self.press_knobs or not r
+                       else kept_count(max_new_tokens, r))
+            if not r and not {"prefill_budget", "decode_budget"} & set(self.press_knobs):
+                budgets = None  # R = 0 and no budget given: keep everything
+        return EvictionState(press, model, prompt_len, r, self.every, budgets)
+
+
+__all__ = ["ENGINE_KNOBS", "PressSpec", "PressState", "RowObserver", "press_knobs"]
