@@ -3,7 +3,8 @@ from .base import DRAFTERS, DraftTree, Drafter, StepResult, make_drafter, regist
 from .verify import VERIFIERS, verify_greedy, verify_rsd, verify_specinfer
 
 # Importing a drafter module registers it by name.
-from . import aded, draft_model, layerskip, lookahead, pld, recycling, suffix  # noqa: E402,F401
+from . import (aded, draft_model, layerskip, lookahead, magicdec, pld, quantspec, recycling,  # noqa: E402,F401
+               suffix, triforce)
 
 __all__ = ["DRAFTERS", "DraftTree", "Drafter", "StepResult", "make_drafter", "register", "VERIFIERS",
            "verify_greedy", "verify_rsd", "verify_specinfer"]

@@ -82,17 +82,22 @@ class ModelDrafter(Drafter):
         self.vocab = self.engine.model.config.vocab_size
         self.generator = None
         self.cache = self.kv if shared else SeqKV(self._own_pool())
+        self.base: int | None = None  # entries of a shared cache before this step's root
 
     def finish(self, tokens: list[int]) -> None:
         if not self.shared:
             self.cache.free()
+
+    def _observer(self, positions: list[int]):
+        """A KV press's part in a drafting pass over the drafter's own cache (self-speculation); None: none."""
+        return None
 
     def _feed(self, tokens: list[int], positions: list[int], tree_mask: torch.Tensor | None = None,
               last_only: bool = False) -> torch.Tensor:
         """Append `tokens` at `positions` to the drafting cache; logits `[T, V]` (or `[1, V]`), target vocabulary."""
         with torch.inference_mode():
             logits = self.net.forward_seq(self.cache, tokens, positions, tree_mask, "last" if last_only else "all",
-                                          skip_layers=self.skip)
+                                          skip_layers=self.skip, observer=self._observer(positions))
         logits = logits.to(self.engine.device, torch.float32)
         v = logits.shape[-1]
         if v > self.vocab:  # padding rows of a larger embedding table
@@ -105,8 +110,12 @@ class ModelDrafter(Drafter):
         """Bring the cache to `context[:-1]`, feed the root; its logits `[V]`, or None if the cache cannot follow."""
         root = len(context) - 1
         if self.shared:
-            if self.cache.length != root:
+            self.base = None
+            # The target's memory holds the context but the root (a KV press may have evicted entries: they are
+            # fewer than the tokens). Quantized blocks held outside the pool cannot be read without the press.
+            if self.cache.written != root or self.cache.virtual:
                 return None
+            self.base = self.cache.length
             return self._feed([context[-1]], [root])[-1]
         n = self.committed if self.cached[:self.committed] == context[:self.committed] else 0
         limit = min(len(self.cached), root)
@@ -127,7 +136,8 @@ class ModelDrafter(Drafter):
         """After drafting: a shared cache gives back every entry from the root on (the target writes there next);
         an own cache keeps its memory to what it holds."""
         if self.shared:
-            self.cache.rollback(root)
+            if self.base is not None:  # None: nothing was written this step
+                self.cache.rollback(self.base)
         else:
             self.cache.trim()
 

@@ -68,10 +68,11 @@ def select_shared(layers: list[LayerKV], scorer: ScorerPress, n_keep: int) -> to
 
 class EvictionState(PressState):
     def __init__(self, press, model, prompt_len: int, ratio: float, every: int,
-                 scope_budgets: tuple[int, int] | None = None) -> None:
+                 scope_budgets: tuple[int, int] | None = None, budget: int | None = None) -> None:
         super().__init__(press, model, prompt_len)
         self.ratio, self.every = ratio, every
         self.budgets = scope_budgets  # scope: (prompt, generated) slots
+        self.budget = budget  # entries kept, instead of a ratio (a drafter's fixed-size cache)
         c = self.config
         windowed = [i for i in range(c.num_layers) if c.layer_window(i) is not None]
         self.score_layers = [i for i in range(c.num_layers) if i not in windowed] or list(range(c.num_layers))
@@ -80,7 +81,7 @@ class EvictionState(PressState):
         self.window = query_window(press)
         self.mass_on = needs_mass(press)
         self.observes_prefill = bool(self.window or self.mass_on)
-        inactive = ratio == 0 and scope_budgets is None
+        inactive = ratio == 0 and scope_budgets is None and budget is None
         if inactive:  # keeps everything: no inputs to gather, no pass to observe
             self.observes_prefill = self.mass_on = False
             self.window = 0
@@ -155,6 +156,8 @@ class EvictionState(PressState):
     def target(self, kv) -> int:
         if self.budgets is not None:
             return sum(self.budgets)
+        if self.budget is not None:
+            return self.budget
         return kept_count(kv.written, self.ratio)
 
     def layer_inputs(self, kv, layer: int, at_prefill: bool) -> LayerKV:
@@ -174,8 +177,8 @@ class EvictionState(PressState):
         if isinstance(self.press, ScopePress):
             keep = self._scope(scoring)
         else:
-            keep = select_shared(scoring, self.press, kept_count(kv.length, self.ratio) if at_prefill
-                                 else self.target(kv))
+            at_most = self.budget if self.budget is not None else kept_count(kv.length, self.ratio)
+            keep = select_shared(scoring, self.press, at_most if at_prefill else self.target(kv))
         if keep.numel() == kv.length:
             return
         merged = self._merge(layers, keep) if isinstance(self.press, EMSPress) else {}

@@ -1,0 +1,110 @@
+"""Long-context self-speculation: the target drafts for itself over a compressed copy of the sequence's KV cache,
+and verifies with the full cache (lossless by construction: the verify pass never sees the compressed copy).
+
+For a long context a decode step's cost is reading the KV cache; a draft that reads a small cache is cheap while
+drafting the same model's tokens, so it is accepted often (TriForce, Sun et al. 2024; MagicDec, Chen et al. 2024;
+QuantSpec, Tiwari et al. 2025). This base holds what they share; each drafter file only says which press builds
+the draft's cache (`_state`).
+
+The draft cache is a `SeqKV` in the drafters' own pool (`ModelDrafter` with `share_cache=False`) with a
+`kv.paged` press state on it, the same code that presses a sequence's cache in the engine. At the first proposal
+the target's keys and values of the context are copied into it (no second prefill), except the last
+`window` tokens, which are fed again so that the press sees their queries (SnapKV's observation window); then the
+press acts (evicts to its budget, or packs the old blocks). Each later proposal feeds the newly committed tokens
+(accepted drafts and the target's bonus token), lets the press act again (a sliding budget, new packed blocks),
+drafts a greedy chain from the root, and rolls the draft tokens back.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..kv.paged import PressState
+from ..models.kv_cache import SeqKV
+from .base import DraftTree
+from .draft_model import ModelDrafter, native_model
+
+
+class CompressedDrafter(ModelDrafter):
+    """Subclasses (dataclasses) define `num_draft`, `stop_threshold` and `_state(prompt_len)`."""
+
+    def _setup(self) -> None:
+        self.net = None
+        self.cache = None
+        self.pool_holder: list = []
+        self.skip = frozenset()
+        self.draw = None  # greedy drafts: deterministic, lossless under every verifier
+        if self.num_draft < 1:
+            raise ValueError(f"{self.name}: num_draft must be >= 1, got {self.num_draft}")
+        if not 0.0 <= self.stop_threshold < 1.0:
+            raise ValueError(f"{self.name}: stop_threshold must be in [0, 1), got {self.stop_threshold}")
+
+    def _state(self, prompt_len: int) -> PressState:
+        raise NotImplementedError
+
+    def bind(self, engine) -> "CompressedDrafter":
+        super().bind(engine)
+        self.net = native_model(engine.model)
+        return self
+
+    def reset(self, prompt_ids: list[int]) -> None:
+        self._open_cache(shared=False)
+        self.state: PressState | None = None
+        self.fed = 0  # context tokens whose keys and values the draft cache has taken in (held or evicted)
+
+    def finish(self, tokens: list[int]) -> None:
+        self.cache.free()
+        self.state = None
+
+    def _observer(self, positions: list[int]):
+        return self.state.observer(self.cache, positions, False) if self.state is not None else None
+
+    def _start(self, context: list[int]) -> None:
+        """Build the draft cache from the target's: copy the context's keys and values, feed the window again, press."""
+        root = len(context) - 1
+        self.state = self._state(root)
+        window = min(getattr(self.state, "window", 0), root)
+        target, cache = self.kv, self.cache
+        cache.free()
+        split = root - window
+        if target.virtual or target.written != root:  # the target's memory cannot be read here: prefill anew
+            split = 0
+        else:
+            slots = torch.tensor(target.slots(0, target.length), dtype=torch.long, device=target.pool.k.device)
+            take = slots[target.pool.slot_pos[slots] < split]  # entries are in position order
+            cache.ensure(len(take))
+            cache.pool.copy_slots(take, cache.slots(0, len(take)), source=target.pool)
+            cache.length = len(take)
+            cache.evicted = split - len(take)  # tokens the target itself had evicted
+        for s in range(split, root, 2048):
+            part = list(range(s, min(s + 2048, root)))
+            with torch.inference_mode():
+                self.net.forward_seq(cache, [context[i] for i in part], part, None, "none",
+                                     observer=self.state.observer(cache, part, True))
+        self.fed = root
+
+    def _sync(self, context: list[int]) -> torch.Tensor | None:
+        if self.state is None or self.fed > len(context) - 1:
+            self._start(context)
+        with torch.inference_mode():
+            self.state.after_step(self.cache)
+        new = list(range(self.fed, len(context)))
+        logits = self._feed([context[i] for i in new], new, last_only=True)[-1]
+        self.fed = len(context)
+        self.base = self.cache.length  # draft tokens go after this; rolled back when drafting ends
+        return logits
+
+    def _release(self, root: int) -> None:
+        if self.state is not None and self.cache.length > self.base:
+            self.cache.rollback(self.base)
+        self.cache.trim()
+
+    def propose(self, context: list[int]) -> DraftTree:
+        tree = super().propose(context)
+        if not len(tree) and self.cache.length == 0:  # the pool ran dry (`propose` rolled the cache back): restart
+            self.state = None
+        return tree
+
+
+def own_cache(drafter: CompressedDrafter) -> SeqKV:
+    """The draft cache of a sequence's drafter (tests)."""
+    return drafter.cache
