@@ -104,7 +104,7 @@ def kmeans_1d(x: torch.Tensor, k: int, weights: torch.Tensor | None = None, iter
 def nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Index (long) of the nearest of the sorted `levels` to each element of x."""
     mid = (levels[1:] + levels[:-1]) / 2
-    return torch.bucketize(x.to(levels.dtype), mid)
+    return torch.bucketize(x.to(levels.dtype).contiguous(), mid)
 
 
 def split_outliers(x: torch.Tensor, outlier: torch.Tensor, dtype: torch.dtype

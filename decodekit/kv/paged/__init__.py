@@ -6,14 +6,15 @@ ratio R (the fraction of the KV cache removed, kvpress's convention), the press'
   this many (default 32 for `streaming_llm`, `h2o`, `scope`, whose papers keep a budget as the output grows; 0 for
   `snapkv`, `knorm`, `ems`, which press the prompt once);
 - `residual` (quantization presses): recent entries kept in full precision in the pool (KIVI's own knob of that
-  name; default 128 for the others).
+  name; default 128 for the others); `chunk`: tokens packed together (default: a block, whole KIVI key groups,
+  256 for GEAR).
 What R means per kind: eviction keeps `kept_count(tokens, R)` entries (SCOPE: its budgets, derived from R unless
 given: the prompt's and max_new_tokens' kept counts); sparse attention reads `kept_count(entries, R)` per head (an
 explicit `token_budget` wins); quantization presses take no R (their bits set the size: R must be 0).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from ..base import PRESSES, QuantPress, ScorerPress, check_ratio, kept_count, make_press
@@ -25,13 +26,13 @@ from .quantized import DEFAULT_RESIDUAL, QuantState
 from .sparse import SparseState
 from .state import PressState, RowObserver
 
-ENGINE_KNOBS = ("compress_every", "residual")
+ENGINE_KNOBS = ("compress_every", "residual", "chunk")
 
 
 def press_knobs(name: str) -> set[str]:
     """Every knob a press accepts through the engine: its dataclass fields and the engine's own."""
     cls = PRESSES.get(name)
-    own = {f.name for f in fields(cls)} if cls is not None else set()
+    own = {f.name for f in fields(cls)} if cls is not None and is_dataclass(cls) else set()
     return own | set(ENGINE_KNOBS)
 
 
@@ -45,6 +46,9 @@ class PressSpec:
         check_ratio(self.compression_ratio)
         knobs = dict(self.knobs)
         self.every = knobs.pop("compress_every", None)
+        self.chunk = knobs.pop("chunk", None)
+        if self.chunk is not None and self.chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {self.chunk}")
         residual = knobs.pop("residual", None) if self.name != "kivi" else knobs.get("residual")
         self.press_knobs = knobs
         press = make_press(self.name, **knobs)  # unknown names and knobs: one-line errors here
@@ -75,7 +79,7 @@ class PressSpec:
                     side.scale = model.config.scale
         r = self.compression_ratio
         if isinstance(press, QuantPress):
-            return QuantState(press, model, prompt_len, self.residual, block_size)
+            return QuantState(press, model, prompt_len, self.residual, block_size, self.chunk)
         if isinstance(press, (TidalDecode, QuestPress)):
             budget = press.token_budget if "token_budget" in self.press_knobs else None
             return SparseState(press, model, prompt_len, r, budget)

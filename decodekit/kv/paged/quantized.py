@@ -2,7 +2,8 @@
 dequantized.
 
 A sequence keeps its most recent `residual` entries (at least) in full precision in the pool, as KIVI does. Once
-more than `residual + chunk` are there, the oldest whole chunks are packed, one `PackedKV` per layer and chunk
+more than `residual + chunk` are there, the oldest whole chunks are packed (`chunk`: a block, KIVI's key groups,
+256 tokens for GEAR), one `PackedKV` per layer and chunk
 (the press's own `pack`: integers packed several to a byte, scales, outliers, low-rank factors), and their blocks
 go back to the pool (`SeqKV.hand_over`: the sequence's first blocks now live outside it). The bytes held are the
 packed bytes plus the pool blocks the sequence still owns.
@@ -27,20 +28,25 @@ from dataclasses import replace
 import torch
 
 from ..base import PackedKV
+from ..presses.gear import GEARPress
 from ..presses.kivi import KIVIPress
 from ..presses.kvquant import KVQuantPress
 from ..presses.rotatekv import RotateKVPress
 from .state import PressState, RowObserver, layer_kv
 
 DEFAULT_RESIDUAL = 128
+GEAR_CHUNK = 256  # GEAR's low-rank factors ([n, rank] per head) amortise over the tokens packed together
 
 
 class QuantState(PressState):
-    def __init__(self, press, model, prompt_len: int, residual: int, block_size: int) -> None:
+    def __init__(self, press, model, prompt_len: int, residual: int, block_size: int, chunk: int | None = None
+                 ) -> None:
         super().__init__(press, model, prompt_len)
         self.residual = residual
-        token_group = press.group if isinstance(press, KIVIPress) else 1
-        self.chunk = math.lcm(block_size, token_group)
+        unit = math.lcm(block_size, press.group if isinstance(press, KIVIPress) else 1)
+        if chunk is None:
+            chunk = GEAR_CHUNK if isinstance(press, GEARPress) else unit
+        self.chunk = -(-chunk // unit) * unit
         self.takes_rope = isinstance(press, (KVQuantPress, RotateKVPress))
         self.reset()
 

@@ -1,0 +1,62 @@
+"""Long-context self-speculation (magicdec, triforce, quantspec): lossless against plain greedy, with a draft cache
+that is really compressed, also when the target's own cache is pressed. (Sampled losslessness: test_lossless.py.)"""
+import pytest
+import torch
+
+import decodekit
+
+SMALL = {"magicdec": {"budget": 24, "compress_every": 8}, "triforce": {"budget": 24, "window_size": 8},
+         "quantspec": {"residual": 16, "group": 16}}
+
+
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-gemma3"])
+def engine(request):
+    return decodekit.load(f"random:{request.param}", device="cpu")
+
+
+def long_prompt(seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    motif = torch.randint(3, 500, (12,), generator=g).tolist()
+    return motif * 8 + torch.randint(3, 500, (40,), generator=g).tolist()
+
+
+@pytest.mark.parametrize("method", sorted(SMALL))
+def test_greedy_identical_to_plain_with_a_compressed_draft_cache(method, engine):
+    p = long_prompt()
+    plain = engine.generate(p, 40, ignore_eos=True)
+    seen = []
+    req = engine.add_request(p, 40, ignore_eos=True, method=method, adaptive=False, method_options=SMALL[method])
+    while not req.finished:
+        engine.step()
+        drafter = req.sequences[0].drafter
+        if drafter.state is not None and not req.finished:
+            seen.append((drafter.cache.length, drafter.cache.written, drafter.cache.virtual))
+    seq = req.sequences[0]
+    assert seq.output == plain.token_ids
+    assert seq.stats.decode_steps < plain.stats.decode_steps  # drafts were accepted
+    if method == "quantspec":
+        assert any(v > 0 for _, _, v in seen)  # old blocks were packed out of the draft pool
+    elif method == "magicdec":  # a sliding budget: sinks and a window, pressed again every 8 tokens
+        assert max(length for length, _, _ in seen) <= 24 + 8 + 4  # budget + slack + the root and a draft
+    else:  # the prompt pressed to the budget once; generated tokens all kept
+        assert all(length <= 24 + written - len(p) for length, written, _ in seen)
+    if method != "quantspec":  # eviction: fewer entries than tokens
+        assert all(length < written for length, written, _ in seen)
+    # The drafters' own pool is empty once the sequence ends.
+    assert all(pool.allocator.num_free == pool.allocator.capacity for pool in seq.drafter.pool_holder)
+
+
+@pytest.mark.parametrize("method", sorted(SMALL))
+def test_with_a_pressed_target(method, engine):
+    p = long_prompt(1)
+    want = engine.generate(p, 30, ignore_eos=True, press="snapkv", compression_ratio=0.5, window_size=8)
+    got = engine.generate(p, 30, ignore_eos=True, press="snapkv", compression_ratio=0.5, press_options={
+        "window_size": 8}, method=method, adaptive=False, method_options=SMALL[method])
+    assert got.token_ids == want.token_ids
+
+
+def test_knobs_are_checked(engine):
+    with pytest.raises(ValueError):
+        engine.add_request("x", method="magicdec", budget=0)
+    with pytest.raises(ValueError):
+        engine.add_request("x", method="quantspec", bits=3)
