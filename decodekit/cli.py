@@ -1,4 +1,4 @@
-"""`decodekit` command line: generate, chat, models, bench. Bad input ends in one line on stderr, never a traceback."""
+"""`decodekit` command line: generate, chat, models, methods, presses, bench, eval-long. Bad input ends in one line on stderr, never a traceback."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +32,24 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verifier", default=None, help="greedy, specinfer, rsd (default: by sampling mode)")
     p.add_argument("--method-option", "-O", action="append", default=[], metavar="KEY=VALUE",
                    help="a drafter knob, e.g. -O num_draft=8 (repeatable)")
+
+
+def add_press_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--press", default=None, help="a KV-cache press (see `decodekit presses`)")
+    p.add_argument("--compression-ratio", type=float, default=0.0,
+                   help="fraction of the KV cache the press removes (0.75 keeps a quarter)")
+    p.add_argument("--press-option", "-P", action="append", default=[], metavar="KEY=VALUE",
+                   help="a press knob, e.g. -P window_size=32 (repeatable)")
+
+
+def press_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The press arguments of a request (nothing without --press)."""
+    options = parse_options(args.press_option)
+    if args.press is None:
+        if options or args.compression_ratio:
+            raise ValueError("--compression-ratio and -P need --press")
+        return {}
+    return {"press": args.press, "compression_ratio": args.compression_ratio, "press_options": options}
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
@@ -71,7 +89,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     engine = load_engine(args)
     # -O knobs go to the method only: a draft model's `temperature` never changes the target's sampling.
     kwargs = dict(method=args.method, stop=args.stop, chat=not args.raw, verifier=args.verifier,
-                  method_options=options, **flags)
+                  method_options=options, **press_kwargs(args), **flags)
     if args.json:
         result = engine.generate(args.prompt, args.max_new_tokens, **kwargs)
         print(json.dumps({"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
@@ -84,8 +102,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     except StopIteration as stop:
         result = stop.value
     s = result.stats
+    kv = f", KV {s.kv_bytes_final / 2**20:.2f} MiB held of {s.kv_bytes_uncompressed / 2**20:.2f} (peak " \
+         f"{s.kv_bytes_peak / 2**20:.2f}), press {s.press}" if s.press else ""
     print(f"\n[{s.generated_tokens} tokens, {s.tokens_per_s:.1f} tok/s, ttft {s.time_to_first_token_s * 1e3:.0f} ms,"
-          f" tau {s.tau:.2f}, {s.forward_passes} forward passes, method {s.method}]", file=sys.stderr)
+          f" tau {s.tau:.2f}, {s.forward_passes} forward passes, method {s.method}{kv}]", file=sys.stderr)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -109,7 +129,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
             continue
         messages.append({"role": "user", "content": line})
         stream = engine.stream(messages, args.max_new_tokens, method=args.method,
-                               method_options=parse_options(args.method_option), **flags)
+                               method_options=parse_options(args.method_option), **press_kwargs(args), **flags)
         reply = ""
         try:
             while True:
@@ -156,6 +176,20 @@ def cmd_methods(args: argparse.Namespace) -> None:
         print(f"{name:12s} {doc}")
 
 
+def cmd_presses(args: argparse.Namespace) -> None:
+    from .kv import PRESSES
+
+    for name, cls in sorted(PRESSES.items()):
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        print(f"{name:14s} {doc[0] if doc else ''}")
+
+
+def cmd_eval_long(args: argparse.Namespace) -> None:
+    from .eval.long_context import run_cli
+
+    run_cli(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from .bench.runner import run_bench_cli
 
@@ -175,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
     add_sampling_args(g)
     add_method_args(g)
+    add_press_args(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive chat with streaming output")
@@ -183,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None)
     add_sampling_args(c)
     add_method_args(c)
+    add_press_args(c)
     c.set_defaults(func=cmd_chat)
 
     m = sub.add_parser("models", help="list, fetch or describe models")
@@ -191,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     sub.add_parser("methods", help="list decoding methods").set_defaults(func=cmd_methods)
+    sub.add_parser("presses", help="list KV-cache presses").set_defaults(func=cmd_presses)
 
     b = sub.add_parser("bench", help="compare decoding methods side by side (Spec-Bench style)")
     add_model_args(b)
@@ -205,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--hf-baselines", action="store_true", help="also time transformers' generate in the same run")
     add_sampling_args(b)
     b.set_defaults(func=cmd_bench)
+
+    e = sub.add_parser("eval-long", help="long-context evals: needle in a haystack, RULER-style tasks, fidelity")
+    add_model_args(e)
+    from .eval.long_context import add_eval_args
+
+    add_eval_args(e)
+    e.set_defaults(func=cmd_eval_long)
     return parser
 
 

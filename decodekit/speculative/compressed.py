@@ -6,20 +6,24 @@ drafting the same model's tokens, so it is accepted often (TriForce, Sun et al. 
 QuantSpec, Tiwari et al. 2025). This base holds what they share; each drafter file only says which press builds
 the draft's cache (`_state`).
 
-The draft cache is a `SeqKV` in the drafters' own pool (`ModelDrafter` with `share_cache=False`) with a
+The draft cache is a `SeqKV` of its own (`ModelDrafter` with `share_cache=False`), in the target's pool, with a
 `kv.paged` press state on it, the same code that presses a sequence's cache in the engine. At the first proposal
 the target's keys and values of the context are copied into it (no second prefill), except the last
 `window` tokens, which are fed again so that the press sees their queries (SnapKV's observation window); then the
 press acts (evicts to its budget, or packs the old blocks). Each later proposal feeds the newly committed tokens
 (accepted drafts and the target's bonus token), lets the press act again (a sliding budget, new packed blocks),
-drafts a greedy chain from the root, and rolls the draft tokens back.
+drafts a greedy chain from the root, and rolls the draft tokens back. Where the runner offers fused greedy chunks
+(CUDA graphs on a GPU) and the press needs no part in the passes (eviction), the chain is one fused chunk of
+`num_draft` steps over the small cache, replayed as a captured graph; otherwise (quantized caches, the CPU) the
+draft runs eagerly, one `forward_seq` a token.
 """
 from __future__ import annotations
 
 import torch
 
 from ..kv.paged import PressState
-from ..models.kv_cache import SeqKV
+from ..models.batch import RowSpec
+from ..models.kv_cache import PoolFull, SeqKV
 from .base import DraftTree
 from .draft_model import ModelDrafter, native_model
 
@@ -48,6 +52,8 @@ class CompressedDrafter(ModelDrafter):
 
     def reset(self, prompt_ids: list[int]) -> None:
         self._open_cache(shared=False)
+        # The draft cache lives in the target's pool: the runner's fused greedy chunks (CUDA graphs) can draft there.
+        self.cache = SeqKV(self.kv.pool)
         self.state: PressState | None = None
         self.fed = 0  # context tokens whose keys and values the draft cache has taken in (held or evicted)
 
@@ -82,11 +88,47 @@ class CompressedDrafter(ModelDrafter):
                                      observer=self.state.observer(cache, part, True))
         self.fed = root
 
+    def propose(self, context: list[int]) -> DraftTree:
+        try:
+            if self.state is None or self.fed > len(context) - 1:
+                self._start(context)
+            with torch.inference_mode():
+                self.state.after_step(self.cache)
+            runner = self.engine.core.runner
+            if runner.fused_sizes and not self.state.observed(self.cache):
+                return self._fused(context, runner)
+            tree = super().propose(context)
+            if self.cache.length == 0:  # the pool ran dry while drafting (`propose` emptied the cache): start over
+                self.state = None
+            return tree
+        except PoolFull:
+            self.cache.free()
+            self.state = None
+            return DraftTree()
+
+    @torch.inference_mode()
+    def _fused(self, context: list[int], runner) -> DraftTree:
+        """Draft through the runner's fused greedy chunks (on a GPU: a captured graph over the small cache): feed the
+        committed tokens the cache lacks, then `num_draft` greedy steps from the root; keep the root's entry."""
+        root, cache = len(context) - 1, self.cache
+        new = list(range(self.fed, root))
+        if new:
+            cache.ensure(cache.length + len(new))
+            runner.run([RowSpec(cache, [context[i] for i in new], new)])
+            cache.length += len(new)
+        keep = cache.length + 1
+        cache.ensure(cache.length + self.num_draft)
+        run = runner.greedy_chunks([cache], [context[-1]], [root], self.num_draft, 1)
+        try:
+            tokens = next(run)[0]
+        finally:
+            run.close()
+        cache.rollback(keep)
+        cache.trim()
+        self.fed = root + 1
+        return DraftTree.chain(tokens[:max(self.num_draft, 0)])
+
     def _sync(self, context: list[int]) -> torch.Tensor | None:
-        if self.state is None or self.fed > len(context) - 1:
-            self._start(context)
-        with torch.inference_mode():
-            self.state.after_step(self.cache)
         new = list(range(self.fed, len(context)))
         logits = self._feed([context[i] for i in new], new, last_only=True)[-1]
         self.fed = len(context)
@@ -94,17 +136,6 @@ class CompressedDrafter(ModelDrafter):
         return logits
 
     def _release(self, root: int) -> None:
-        if self.state is not None and self.cache.length > self.base:
+        if self.state is not None and self.base is not None and self.cache.length > self.base:
             self.cache.rollback(self.base)
         self.cache.trim()
-
-    def propose(self, context: list[int]) -> DraftTree:
-        tree = super().propose(context)
-        if not len(tree) and self.cache.length == 0:  # the pool ran dry (`propose` rolled the cache back): restart
-            self.state = None
-        return tree
-
-
-def own_cache(drafter: CompressedDrafter) -> SeqKV:
-    """The draft cache of a sequence's drafter (tests)."""
-    return drafter.cache

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import decodekit
+from decodekit.engine import Engine
 
 SMALL = {"magicdec": {"budget": 24, "compress_every": 8}, "triforce": {"budget": 24, "window_size": 8},
          "quantspec": {"residual": 16, "group": 16}}
@@ -53,6 +54,24 @@ def test_with_a_pressed_target(method, engine):
     got = engine.generate(p, 30, ignore_eos=True, press="snapkv", compression_ratio=0.5, press_options={
         "window_size": 8}, method=method, adaptive=False, method_options=SMALL[method])
     assert got.token_ids == want.token_ids
+
+
+@pytest.mark.parametrize("method", ["magicdec", "triforce"])
+def test_fused_chunk_drafting_over_the_small_cache(method, engine):
+    """Where the runner has fused greedy chunks (CUDA graphs on a GPU; here their eager reference), an eviction
+    draft cache drafts with one chunk of num_draft steps: same tokens as plain decoding."""
+    fused = Engine(engine.model, engine.tokenizer)
+    runner = fused.core.runner
+    runner.fused_sizes, calls, inner = (16, 4), [], runner.greedy_chunks
+    runner.greedy_chunks = lambda kvs, roots, pos, steps, chunks: calls.append((chunks, steps)) or \
+        inner(kvs, roots, pos, steps, chunks)
+    p = long_prompt(2)
+    plain = fused.generate(p, 40, ignore_eos=True)
+    got = fused.generate(p, 40, ignore_eos=True, method=method, adaptive=False,
+                         method_options={**SMALL[method], "num_draft": 3})
+    assert got.token_ids == plain.token_ids
+    assert (1, 3) in calls  # one chunk of 3 draft steps
+    assert got.stats.decode_steps < plain.stats.decode_steps or plain.stats.decode_steps <= 3
 
 
 def test_knobs_are_checked(engine):
