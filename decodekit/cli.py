@@ -1,4 +1,5 @@
-"""`decodekit` command line: generate, chat, models, methods, presses, bench, eval-long. Bad input ends in one line on stderr, never a traceback."""
+"""`decodekit` command line: generate, chat, models, methods, presses, bench, eval-long. Bad input ends in one line
+on stderr, never a traceback."""
 from __future__ import annotations
 
 import argparse

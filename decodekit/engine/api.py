@@ -92,6 +92,8 @@ class Engine:
         knobs = self._knobs(method)
         press_kw = dict(press_options or {})
         if press is not None:
+            if not hasattr(self.model, "layers"):  # presses act through the native decoder's attention hook
+                raise ValueError(f"KV presses need a natively supported model; {self.name} runs through transformers")
             pk = press_knobs(press)
             both = sorted(pk & knobs & set(options))
             if both:

@@ -10,8 +10,8 @@ Everything is generated here from one haystack, the Paul Graham essays of gkamra
 - `vt` (variable tracking): a chain `VAR A = 12345. VAR B = VAR A. ...` of `hops` assignments spread over the
   haystack; which variables hold the value? The score is the fraction of the chain's names given.
 - `cwe` (common words extraction): a numbered list of words, 10 of them repeated 30 times (fewer in a short
-  prompt, at least twice), the others 3 times (once beside fewer than 6 repeats), as long as the length asks; which are the 10 most common? The score
-  is the fraction named.
+  prompt, at least twice), the others 3 times (once beside fewer than 6 repeats), as long as the length asks;
+  which are the 10 most common? The score is the fraction named.
 - `fidelity`: the essays themselves cut to a length; the fraction of greedy continuation tokens identical to the
   uncompressed run (position by position, and the identical prefix).
 Answers are greedy, scored by string match (RULER's "string_match_all": the share of references in the output).

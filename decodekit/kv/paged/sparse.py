@@ -5,7 +5,8 @@ They act through the attention mask of the sequence's row (`attend` returns a pe
 committed before the step (`ctx`) are visible only where the press selects them; the step's own tokens (root and
 draft) stay visible as before, and the sliding window still applies. The token budget per head is the press's
 `token_budget` if given, else `kept_count(ctx, R)` with the request's compression ratio (R = 0: every entry).
-Prefill passes attend fully, as in both papers. The mask makes the result exact to the method; the speed a sparse
+Prefill passes attend fully, as in both papers; so do sliding-window layers (Gemma 3's local layers), which
+read only their window anyway: the budget applies to the full-attention layers. The mask makes the result exact to the method; the speed a sparse
 kernel would gain is not measured here (the masked path still reads every entry).
 """
 from __future__ import annotations
@@ -41,11 +42,14 @@ class SparseState(PressState):
         budget = self.tokens(ctx)
         if budget >= ctx:
             return keys, values, mask
+        # A sliding-window layer reads its window only: it is sparse already and stays as it is (a TidalDecode
+        # selection layer there still selects, for the layers after it).
+        windowed = self.config.layer_window(layer) is not None
         if isinstance(self.press, TidalDecode):
             chosen = self._tidal(obs, layer, q, keys[:, :ctx], budget)
         else:
-            chosen = self._quest(obs, layer, q, keys[:, :ctx], budget)
-        if chosen is None:
+            chosen = None if windowed else self._quest(obs, layer, q, keys[:, :ctx], budget)
+        if chosen is None or windowed:
             return keys, values, mask
         heads, width, length = q.shape[0], mask.shape[1], mask.shape[2]
         visible = torch.zeros(heads, length, dtype=torch.bool, device=mask.device)

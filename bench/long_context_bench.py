@@ -1,0 +1,100 @@
+"""Decode speed on a long prompt: plain decoding, KV presses, and long-context self-speculation, one process.
+
+    PYTHONPATH=$PWD python3 bench/long_context_bench.py --model gemma3-270m --length 32768 --new-tokens 256 \
+        --configs plain,press:streaming_llm:0.75,press:snapkv:0.75,method:magicdec,method:triforce,method:quantspec \
+        --out $OUT
+
+The prompt is a needle-in-a-haystack sample (`decodekit.eval.long_context`, depth 0.5) of --length tokens, so each
+run also says whether the needle was found. Every configuration generates exactly --new-tokens tokens
+(`ignore_eos`) after one warm-up generation of the same prompt (graph capture, compilation); the median of
+--repeats timed runs is reported: `decode` = tokens after the first / time after the first token (the engine's
+`tokens_per_s`), `ttft`, `tau` (tokens per target step), KV bytes held at the end and uncompressed, and the speedup
+of decode tok/s over `plain`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import decodekit  # noqa: E402
+from decodekit.eval.long_context import Haystack, data_dir, make_sample, vocabulary  # noqa: E402
+from decodekit.sampling import SamplingConfig  # noqa: E402
+
+
+def config_kwargs(text: str) -> dict:
+    """`plain`, `press:NAME:RATIO[:k=v;k=v]` or `method:NAME[:k=v;k=v]`."""
+    parts = text.split(":")
+    if parts[0] == "plain":
+        return {}
+    options = {}
+    for pair in (parts[-1].split(";") if len(parts) > (3 if parts[0] == "press" else 2) else []):
+        k, _, v = pair.partition("=")
+        options[k] = json.loads(v)
+    if parts[0] == "press":
+        return {"press": parts[1], "compression_ratio": float(parts[2]), "press_options": options}
+    if parts[0] == "method":
+        return {"method": parts[1], "method_options": options, "adaptive": False}
+    raise ValueError(f"config {text!r}: plain, press:NAME:RATIO[:k=v;...] or method:NAME[:k=v;...]")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gemma3-270m")
+    p.add_argument("--length", type=int, default=32768)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--configs", default="plain,press:streaming_llm:0.75,press:snapkv:0.75,method:magicdec,"
+                   "method:triforce,method:quantspec")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default=None)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", default=None, help="folder for long_context_bench.json")
+    args = p.parse_args()
+
+    # No prefix caching: every run prefills its prompt (a press that reads the prompt's passes must anyway).
+    engine = decodekit.load(args.model, device=args.device, progress=False, prefix_caching=False)
+    haystack = Haystack.load(engine.tokenizer, data_dir(args.data_dir))
+    length = min(args.length, engine.max_context - args.new_tokens - 8)
+    sample = make_sample("niah", haystack, engine.tokenizer, length, 0.5, random.Random(0), vocabulary(haystack))
+    greedy = SamplingConfig(temperature=0.0)
+    rows = []
+    for config in args.configs.split(","):
+        kw = config_kwargs(config)
+        engine.generate(sample.prompt, args.new_tokens, sampling=greedy, ignore_eos=True, **kw)  # warm-up
+        runs = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            r = engine.generate(sample.prompt, args.new_tokens, sampling=greedy, ignore_eos=True, **kw)
+            runs.append((time.perf_counter() - t0, r))
+        s = [r.stats for _, r in runs]
+        last = runs[-1][1]
+        row = {"config": config, "prompt_tokens": len(last.prompt_ids),
+               "decode_tok_s": statistics.median(x.tokens_per_s for x in s),
+               "ttft_s": statistics.median(x.time_to_first_token_s for x in s), "tau": s[-1].tau,
+               "wall_s": statistics.median(t for t, _ in runs), "kv_bytes_final": s[-1].kv_bytes_final,
+               "kv_bytes_peak": s[-1].kv_bytes_peak, "kv_bytes_uncompressed": s[-1].kv_bytes_uncompressed,
+               "needle_found": sample.answers[0] in last.text[:64], "answer": last.text[:40]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    base = next((r["decode_tok_s"] for r in rows if r["config"] == "plain"), None)
+    print(f"\n{'config':34s} {'decode tok/s':>12s} {'speedup':>8s} {'tau':>5s} {'ttft s':>7s} {'KV held':>8s} needle")
+    for r in rows:
+        speed = r["decode_tok_s"] / base if base else float("nan")
+        held = r["kv_bytes_final"] / r["kv_bytes_uncompressed"]
+        print(f"{r['config']:34s} {r['decode_tok_s']:12.1f} {speed:8.2f} {r['tau']:5.2f} {r['ttft_s']:7.2f} "
+              f"{held:8.3f} {r['needle_found']}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"model": args.model, "device": str(engine.device), "length": args.length,
+                "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
+        (out / "long_context_bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
