@@ -194,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--hf-baselines", action="store_true", help="also time transformers' generate in the same run")
     add_sampling_args(b)
     b.set_defaults(func=cmd_bench)
+
+    from .eval.cli import add_eval_parser  # here, not at the top: decodekit.eval.cli imports this module
+
+    add_eval_parser(sub)
     return parser
 
 
