@@ -4,7 +4,10 @@ from __future__ import annotations
 import os
 import resource
 import socket
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -69,18 +72,24 @@ def test_stdin_is_closed():
     assert result.status == "failed" and "EOFError" in result.stderr
 
 
-def test_cannot_modify_files_outside_its_folder(tmp_path, monkeypatch):
-    """cwd-relative and absolute writes land in the temporary folder or are refused; the parent's files stay."""
-    tmp_path.chmod(0o755)  # reachable by the sandbox's uid, which may be `nobody`
-    monkeypatch.chdir(tmp_path)
-    victim = tmp_path / "victim.txt"
-    victim.write_text("original")
-    code = f"""
+@pytest.fixture
+def outside(monkeypatch):
+    """A folder the sandbox's own folders go into (so `../` from the program's cwd is this folder), holding a file
+    the program must not change, made the parent's cwd. In the system temp folder: reachable by `nobody`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        base.chmod(0o755)
+        (base / "victim.txt").write_text("original")
+        monkeypatch.chdir(base)
+        yield base
+
+
+ESCAPES = """
 import os
 open('victim.txt', 'w').write('inside')  # relative: the sandbox's own folder
 assert open('victim.txt').read() == 'inside'
 refused = 0
-for attempt in (lambda: open('../victim.txt', 'w'), lambda: open({str(victim)!r}, 'a'),
+for attempt in (lambda: open('../victim.txt', 'w'), lambda: open(os.path.abspath('../victim.txt'), 'a'),
                 lambda: os.open('../victim.txt', os.O_WRONLY | os.O_TRUNC), lambda: open('../new.txt', 'x'),
                 lambda: os.remove('../victim.txt'), lambda: os.rename('victim.txt', '../victim.txt'),
                 lambda: os.chdir('..')):
@@ -90,11 +99,39 @@ for attempt in (lambda: open('../victim.txt', 'w'), lambda: open({str(victim)!r}
         refused += 1
 print(refused)
 """
-    result = run_python(code, QUICK, base_dir=tmp_path)  # the sandbox folder is a child of tmp_path: ../ = tmp_path
+
+
+def test_cannot_modify_files_outside_its_folder(outside):
+    """cwd-relative and absolute writes land in the temporary folder or are refused; the parent's files stay."""
+    result = run_python(ESCAPES, QUICK, base_dir=outside)
     assert result.passed, result.stderr
     assert result.stdout.strip() == "7"
-    assert victim.read_text() == "original"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["victim.txt"]  # nothing new, sandbox folder removed
+    assert (outside / "victim.txt").read_text() == "original"
+    assert sorted(p.name for p in outside.iterdir()) == ["victim.txt"]  # nothing new, sandbox folder removed
+
+
+@pytest.fixture
+def readable_interpreter(monkeypatch):
+    """As root with an interpreter others can read (the system's), the sandbox runs programs as `nobody`."""
+    system = Path("/usr/bin/python3")
+    if os.geteuid() != 0 or not system.exists():
+        pytest.skip("needs root and /usr/bin/python3")
+    isolation.cache_clear()
+    monkeypatch.setattr(sys, "executable", str(system))
+    yield
+    isolation.cache_clear()  # the next probe, after monkeypatch restores sys.executable, sees the real interpreter
+
+
+def test_as_root_the_program_runs_as_nobody(readable_interpreter, outside):
+    if isolation().run_as < 0:
+        pytest.skip("the system interpreter cannot run as nobody here")
+    assert run_python("import os\nassert os.getuid() == os.getgid() == 65534\n", QUICK).passed
+    assert run_python(ESCAPES, QUICK, base_dir=outside).stdout.strip() == "7"
+    # The OS now stops what the Python-level guard cannot: writes and forks through `posix` directly.
+    bypass = "import posix\nposix.open('../victim.txt', posix.O_WRONLY | posix.O_TRUNC)\n"
+    assert "Permission denied" in run_python(bypass, QUICK, base_dir=outside).stderr
+    assert "Resource temporarily unavailable" in run_python("import posix\nposix.fork()\n", QUICK).stderr
+    assert (outside / "victim.txt").read_text() == "original"
 
 
 def test_processes_are_refused_and_the_group_is_killed():
