@@ -5,6 +5,7 @@ A task is one file holding one `@register`ed dataclass subclass of `Task` (its f
 """
 from __future__ import annotations
 
+import ast
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,3 +72,19 @@ def extract_code(text: str) -> str:
         if lang.lower() in ("python", "py", "python3"):
             return body
     return blocks[0][1] if blocks else text
+
+
+DEFINITIONS = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Assign,
+               ast.AnnAssign)
+
+
+def keep_definitions(code: str) -> str:
+    """A chat reply's code without its top-level demo statements (example calls, prints, asserts, a `__main__`
+    block), which would otherwise run before the tests and fail on their own: imports, functions, classes and
+    assignments stay (as evalplus's sanitizer keeps them). Code that does not parse is returned unchanged."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return code
+    kept = [node for node in tree.body if isinstance(node, DEFINITIONS)]
+    return ast.unparse(ast.Module(body=kept, type_ignores=[])) + "\n" if len(kept) < len(tree.body) else code

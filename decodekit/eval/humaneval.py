@@ -3,8 +3,9 @@
 Protocol. Base models: the problem's prompt as is (signature and docstring), stopped at the Codex paper's stop
 sequences; the program is prompt + completion. Chat models: one user turn with the prompt in a code fence, asking
 for the whole function in a fenced block; the program is the prompt (its imports and helper functions) followed by
-the extracted code, or prompt + code when the reply holds only the body. Then the problem's tests and
-`check(entry_point)` run in the sandbox (`sandbox.py`); pass@1 = the program exits cleanly (one sample per problem).
+the extracted code without its top-level demo statements (`keep_definitions`), or prompt + code when the reply holds
+only the body. Then the problem's tests and `check(entry_point)` run in the sandbox (`sandbox.py`); pass@1 = the
+program exits cleanly (one sample per problem).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .base import Item, Task, extract_code, register
+from .base import Item, Task, extract_code, keep_definitions, register
 from .data import read_jsonl
 from .sandbox import SandboxLimits, run_python
 
@@ -27,7 +28,10 @@ def program(item: Item, completion: str, chat: bool) -> str:
     prompt, entry = item.row["prompt"], item.row["entry_point"]
     if chat:
         code = extract_code(completion)
-        body = f"{prompt}\n\n{code}" if re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", code, re.M) else prompt + code
+        if re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", code, re.M):
+            body = f"{prompt}\n\n{keep_definitions(code)}"
+        else:  # only the body: it continues the prompt
+            body = prompt + code
     else:
         body = prompt + completion
     return f"{body}\n\n{item.row['test']}\n\ncheck({entry})\n"

@@ -4,8 +4,9 @@ Split: the test split as the MBPP convention defines it, task ids 11-510 (257 pr
 1-10 are the few-shot prompt pool, 511-600 validation, 601-974 train). Protocol. Base models: the paper's 3-shot
 prompt (tasks 2, 3 and 4) - "You are an expert Python programmer, and here is your task: {text} Your code should
 pass these tests:" with the tests, then the code between `[BEGIN]` and `[DONE]`, stopped at `[DONE]`. Chat models:
-the task and its tests in one user turn, asking for the code in a fenced block. The program is the test imports,
-the code, and the test asserts, run in the sandbox; pass@1 = it exits cleanly.
+the task and its tests in one user turn, asking for the code in a fenced block (extracted, without top-level demo
+statements). The program is the test imports, the code, and the test asserts, run in the sandbox; pass@1 = it exits
+cleanly.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .base import Item, Task, extract_code, register
+from .base import Item, Task, extract_code, keep_definitions, register
 from .data import read_jsonl
 from .sandbox import SandboxLimits, run_python
 
@@ -57,6 +58,6 @@ class MBPP(Task):
         return [] if chat else ["[DONE]"]
 
     def score(self, item: Item, completion: str, chat: bool) -> dict[str, Any]:
-        code = extract_code(completion) if chat or "```" in completion else completion
+        code = keep_definitions(extract_code(completion)) if chat else completion
         result = run_python(program(item.row, code), self.limits)
         return {"pass@1": float(result.passed), "status": result.status, "detail": result.detail()}

@@ -47,7 +47,8 @@ def _write(path: Path, rows: list[dict]) -> None:
 
 def write_data_dir(root: Path) -> Path:
     _write(root / "gsm8k" / "test.jsonl", GSM8K)
-    (root / "gsm8k" / "train.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in GSM8K).encode()))
+    train = "".join(json.dumps(r) + "\n" for r in GSM8K)
+    (root / "gsm8k" / "train.jsonl.gz").write_bytes(gzip.compress(train.encode()))
     _write(root / "humaneval" / "HumanEval.jsonl", HUMANEVAL)
     _write(root / "mbpp" / "sanitized-mbpp.jsonl", MBPP)
     _write(root / "spec_bench" / "question.jsonl", SPEC_BENCH)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from decodekit.eval import make_task
-from decodekit.eval.base import Item, extract_code
+from decodekit.eval.base import Item, extract_code, keep_definitions
 from decodekit.eval.data import data_dir as resolve_data_dir
 from decodekit.eval.gsm8k import extract_answer, is_correct, reference_answer
 from decodekit.eval.humaneval import program
@@ -157,3 +157,14 @@ def test_translation_chrf_bleu(data_dir):
     assert 100.0 > close["chrF"] > far["chrF"] >= 0.0
     corpus = task.corpus_scores([item], ["The dog is sleeping ."])
     assert corpus["corpus BLEU"] == pytest.approx(100.0) and corpus["corpus chrF"] == pytest.approx(100.0)
+
+
+def test_chat_code_keeps_definitions_only():
+    task = make_task("humaneval")
+    reply = ("```python\nimport math\n\nLIMIT = 10\n\ndef add(a, b):\n    return a + b\n\n"
+             "print(add(1, 2))\nassert add(1, 1) == 3  # a wrong demo\nif __name__ == '__main__':\n    add()\n```")
+    assert task.score(toy(0), reply, chat=True)["pass@1"] == 1.0
+    code = keep_definitions(extract_code(reply))
+    assert "LIMIT = 10" in code and "import math" in code and "print" not in code and "assert" not in code
+    assert keep_definitions("def f(:\n") == "def f(:\n"  # unparsable: unchanged
+    assert keep_definitions("x = 1\n") == "x = 1\n"
