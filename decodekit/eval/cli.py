@@ -83,6 +83,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.model} has no chat template; use --prompt-style base")
     chat = has_template if args.prompt_style == "auto" else args.prompt_style == "chat"
     max_new_tokens = args.max_new_tokens or task.max_new_tokens
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     results = evaluate(engine, task, items, runs, max_new_tokens, chat, options, args.batch_size)
     summaries = [summarize(task, items, r, CONFIDENCE) for r in results]
     meta = {
@@ -90,7 +91,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         "dtype": str(engine.model.dtype).replace("torch.", ""), "items": len(items),
         "max_new_tokens": max_new_tokens, "prompt_style": "chat" if chat else "base", "metrics": list(task.metrics),
         "confidence": CONFIDENCE, "options": options, "sweep": sweep, "batch_size": args.batch_size,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": started,
         "machine": f"{platform.machine()} {platform.processor() or platform.platform()}",
         "torch": torch.__version__, "decodekit": decodekit.__version__,
         "arguments": {k: v for k, v in vars(args).items() if k != "func"},

@@ -26,7 +26,7 @@ def print_table(summaries: list[dict[str, Any]], meta: dict[str, Any]) -> None:
                         f"{meta['items']} items, {meta['max_new_tokens']} new tokens at most: {head} with a "
                         f"{meta['confidence']:.0%} bootstrap CI")
     for name in ["run", head, "CI", *others, *corpus, "tok/s", "tokens/answer", "truncated"]:
-        table.add_column(name, justify="left" if name == "run" else "right")
+        table.add_column(name, justify="left" if name == "run" else "right", overflow="fold")
     for s in summaries:
         m = s["metrics"]
         table.add_row(s["label"], _fmt(m[head]["mean"]), f"[{_fmt(m[head]['ci_low'])}, {_fmt(m[head]['ci_high'])}]",
