@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 def load(source: str = DEFAULT_MODEL, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, max_context: int | None = None, progress: bool = True,
-         cuda_graphs: bool | None = None, compile: bool | None = None) -> Engine:
+         cuda_graphs: bool | None = None, compile: bool | None = None, **engine_options) -> Engine:
     """Load a model into an Engine.
 
     `source`: a built-in name (`smollm2`, `gemma3-270m`), a local Hugging Face folder, a `.gguf` file, a hub id
@@ -28,26 +28,26 @@ def load(source: str = DEFAULT_MODEL, device: str | torch.device | None = None,
 
     dev = parse_device(device)
     dt = parse_dtype(dtype, dev)
-    folder = None
+    folder, defaults = None, {}
     if source.startswith("random:"):
         model, tokenizer = load_random(source.removeprefix("random:"), dev, dt)
     else:
         from .models.sources import resolve
 
         folder = resolve(source, progress=progress)
-        model, tokenizer = load_folder(folder, dev, dt)
-    if cuda_graphs is None:
-        cuda_graphs = dev.type == "cuda"
-    if cuda_graphs:
-        from .models.cuda_graphs import GraphedModel
-        from .models.transformer import Transformer
+        model, tokenizer, defaults = load_folder(folder, dev, dt)
+    from .models.transformer import Transformer
 
-        if dev.type != "cuda":
-            raise ValueError("cuda_graphs needs a CUDA device")
-        if isinstance(model, Transformer):
-            model = GraphedModel(model)
-            if compile or compile is None:
-                model.compile_blocks()
-    engine = Engine(model, tokenizer, name=source, max_context=max_context)
+    native = isinstance(model, Transformer)
+    if cuda_graphs is None:
+        cuda_graphs = dev.type == "cuda" and native
+    if cuda_graphs:
+        if dev.type != "cuda" or not native:
+            raise ValueError("cuda_graphs needs a CUDA device and a natively supported model")
+        if compile or compile is None:
+            model.compile_blocks()
+    engine = Engine(model, tokenizer, name=source, max_context=max_context, cuda_graphs=cuda_graphs,
+                    **engine_options)
     engine.source_folder = folder
+    engine.generation_defaults = defaults  # generation_config.json's sampling values
     return engine

@@ -20,9 +20,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    # default=None: a flag the user did not give leaves the model's generation_config.json value in place.
     for f in fields(SamplingConfig):
         kind = int if f.name in ("top_k", "seed") else float
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=f"(default {f.default})")
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
+                       help=f"(default: the model's generation_config.json, else {f.default})")
 
 
 def add_method_args(p: argparse.ArgumentParser) -> None:
@@ -45,8 +47,16 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
+def sampling_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling flags the user gave (checked now, before the model loads); the others are left to the model."""
+    given = {f.name: getattr(args, f.name) for f in fields(SamplingConfig) if getattr(args, f.name) is not None}
+    SamplingConfig(**given).validate()
+    return given
+
+
 def sampling_from(args: argparse.Namespace) -> SamplingConfig:
-    return SamplingConfig(**{f.name: getattr(args, f.name) for f in fields(SamplingConfig)}).validate()
+    """A full SamplingConfig from the flags, decodekit's defaults elsewhere (benchmarks: the same rules per model)."""
+    return SamplingConfig(**sampling_flags(args))
 
 
 def load_engine(args: argparse.Namespace):
@@ -56,11 +66,12 @@ def load_engine(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    sampling = sampling_from(args)
+    flags = sampling_flags(args)
     options = parse_options(args.method_option)
     engine = load_engine(args)
-    kwargs = dict(method=args.method, sampling=sampling, stop=args.stop, chat=not args.raw, verifier=args.verifier,
-                  **options)
+    # -O knobs go to the method only: a draft model's `temperature` never changes the target's sampling.
+    kwargs = dict(method=args.method, stop=args.stop, chat=not args.raw, verifier=args.verifier,
+                  method_options=options, **flags)
     if args.json:
         result = engine.generate(args.prompt, args.max_new_tokens, **kwargs)
         print(json.dumps({"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
@@ -81,7 +92,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     engine = load_engine(args)
     if not getattr(engine.tokenizer, "chat_template", None):
         raise ValueError(f"{args.model} has no chat template; use `decodekit generate`")
-    sampling = sampling_from(args)
+    flags = sampling_flags(args)
     messages: list[dict[str, str]] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -97,8 +108,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
             messages = messages[:1] if args.system else []
             continue
         messages.append({"role": "user", "content": line})
-        stream = engine.stream(messages, args.max_new_tokens, method=args.method, sampling=sampling,
-                               **parse_options(args.method_option))
+        stream = engine.stream(messages, args.max_new_tokens, method=args.method,
+                               method_options=parse_options(args.method_option), **flags)
         reply = ""
         try:
             while True:

@@ -44,7 +44,7 @@ def test_generate_streams_text(capsys):
     (["--device", "tpu"], "unknown device"),
     (["--device", "cuda:0"], "no CUDA GPU"),
     (["--method", "nosuch"], "unknown method 'nosuch'"),
-    (["--method", "pld", "-O", "bogus=1"], "bad option for method 'pld'"),
+    (["--method", "pld", "-O", "bogus=1"], "unknown option 'bogus' for method 'pld'"),
     (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
 ])
 def test_bad_input_is_one_line_error(capsys, bad, message):

@@ -60,7 +60,7 @@ def run_method(engine, method: str, prompts: list[BenchPrompt], max_new_tokens: 
     options = {k: _number(v) for k, v in options.items()}
     chat = bool(getattr(engine.tokenizer, "chat_template", None))  # a base model gets the raw prompt text
     gen = lambda p: engine.generate(p.prompt, max_new_tokens, method=name, sampling=sampling, chat=chat,  # noqa: E731
-                                    **options)
+                                    method_options=options)
     gen(prompts[0])  # warm-up: allocation, graph capture, drafter tables
     result = MethodRun(method)
     acc_sum: list[float] = []

@@ -4,7 +4,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .rope import hf_config, layer_rope
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+
+
+def non_default(rope: dict[str, Any]) -> dict[str, Any] | None:
+    """The scaling part of normalised rope parameters (all but rope_theta), None for the default rule."""
+    if rope.get("rope_type", "default") == "default":
+        return None
+    return {k: v for k, v in rope.items() if k != "rope_theta"}
 
 
 @dataclass
@@ -21,8 +30,11 @@ class ModelConfig:
     head_dim: int = 128
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None  # HF rope parameters for non-default rope types (llama3, linear...)
+    # transformers' normalised rope parameters (rope_type, factor, ...; rope_theta aside) when not the default rule;
+    # Gemma 3's sliding-window layers have their own (models/rope.py turns them into tables).
+    rope_scaling: dict[str, Any] | None = None
     local_rope_theta: float = 10000.0  # Gemma 3: rope base of sliding-window layers
+    local_rope_scaling: dict[str, Any] | None = None
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2: biases on q, k, v
@@ -46,6 +58,13 @@ class ModelConfig:
     def scale(self) -> float:
         return self.attn_scale if self.attn_scale is not None else self.head_dim**-0.5
 
+    def rope_params(self, kind: str) -> dict[str, Any]:
+        """transformers' rope parameters of layers of `kind`: "global", or "local" (Gemma 3's sliding layers)."""
+        local = kind == "local" and self.model_type == "gemma3_text"
+        scaling = self.local_rope_scaling if local else self.rope_scaling
+        theta = self.local_rope_theta if local else self.rope_theta
+        return {"rope_type": "default", **(scaling or {}), "rope_theta": theta}
+
     def layer_window(self, layer: int) -> int | None:
         return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
 
@@ -66,17 +85,10 @@ class ModelConfig:
         n_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
         eos = hf.get("eos_token_id", 2)
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         is_gemma = model_type == "gemma3_text"
-        if is_gemma:
-            global_rope, local_rope = rope.get("full_attention", {}), rope.get("sliding_attention", {})
-            rope_theta = global_rope.get("rope_theta", hf.get("rope_theta", 1_000_000.0))
-            local_theta = local_rope.get("rope_theta", hf.get("rope_local_base_freq", 10_000.0))
-        else:
-            global_rope = rope
-            rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
-            local_theta = rope_theta
-        rope_type = global_rope.get("rope_type", global_rope.get("type", "default"))
+        # transformers normalises both config formats (4.x rope_scaling, 5.x rope_parameters, nested for Gemma 3)
+        normal = hf_config({**hf, "model_type": model_type})
+        global_rope, local_rope = layer_rope(normal, "global")[0], layer_rope(normal, "local")[0]
         n_layers = hf["num_hidden_layers"]
         layer_types = hf.get("layer_types") or []
         sliding = hf.get("sliding_window")
@@ -98,9 +110,10 @@ class ModelConfig:
             num_kv_heads=hf.get("num_key_value_heads") or n_heads,
             head_dim=head_dim,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta),
-            rope_scaling=dict(global_rope) if rope_type != "default" else None,
-            local_rope_theta=float(local_theta),
+            rope_theta=float(global_rope["rope_theta"]),
+            rope_scaling=non_default(global_rope),
+            local_rope_theta=float(local_rope["rope_theta"]),
+            local_rope_scaling=non_default(local_rope),
             max_position_embeddings=hf.get("max_position_embeddings", 8192),
             tie_word_embeddings=hf.get("tie_word_embeddings", is_gemma),
             attention_bias=hf.get("attention_bias", model_type == "qwen2"),
@@ -136,17 +149,16 @@ class ModelConfig:
         )
         if self.model_type == "gemma3_text":
             hf.update(
-                rope_parameters={
-                    "full_attention": {"rope_type": "default", "rope_theta": self.rope_theta},
-                    "sliding_attention": {"rope_type": "default", "rope_theta": self.local_rope_theta},
-                },
+                rope_parameters={"full_attention": self.rope_params("global"),
+                                 "sliding_attention": self.rope_params("local")},
                 sliding_window=self.sliding_window,
                 layer_types=self.layer_types,
                 query_pre_attn_scalar=round(self.scale**-2),
                 hidden_activation=self.hidden_act,
             )
         else:
-            hf.update(rope_theta=self.rope_theta, hidden_act=self.hidden_act, attention_bias=self.attention_bias)
+            hf.update(rope_parameters=self.rope_params("global"), hidden_act=self.hidden_act,
+                      attention_bias=self.attention_bias)
             if self.sliding_window:
                 hf.update(sliding_window=self.sliding_window, use_sliding_window=True)
         return hf

@@ -1,7 +1,9 @@
 """Any other causal LM through transformers' AutoModelForCausalLM, behind the native runtime's interface.
 
-Slower than the native runtime (dynamic cache, no graph capture) but exact: the same masks (derived from slot
-positions, ancestors for trees) are passed to transformers as a 4D attention mask, so every decoding method runs.
+Slower than the native runtime (no graph capture) but exact: the model's keys and values live in decodekit's paged
+pool through a transformers `Cache` whose layers write at the pass's slots and hand back each row's entries
+(`PagedLayer`), and the same masks (committed entries, ancestors inside a token tree) reach transformers as a 4D
+attention mask, so every decoding method and batching works.
 """
 from __future__ import annotations
 
@@ -9,49 +11,50 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .kv_cache import EMPTY
-from .transformer import attention_mask
+from .batch import ForwardBatch
+from .kv_cache import KVPool, SeqKV
+from .transformer import Transformer, attention_mask
 
 
 @dataclass
 class HFConfig:
     vocab_size: int
     max_position_embeddings: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
     eos_token_ids: list[int] = field(default_factory=list)
     model_type: str = "hf"
 
 
-class HFCache:
-    """The bookkeeping the engine expects (length, slot positions, rollback, keep_path) over a DynamicCache."""
+class PagedLayer(CacheLayerMixin):
+    """One layer's keys and values in the pool: `update` writes the group's new tokens at their slots and returns
+    every entry the group's rows may read, `[rows, kv_heads, L, head_dim]`."""
 
-    def __init__(self, batch_size: int, max_len: int, device: torch.device) -> None:
-        from transformers import DynamicCache
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, write_slots: torch.Tensor, table: torch.Tensor) -> None:
+        super().__init__()
+        self.k_store, self.v_store, self.write_slots, self.table = k, v, write_slots, table
+        self.is_initialized = True
 
-        self.kv = DynamicCache()
-        self.max_len, self.length = max_len, 0
-        self.slot_pos = torch.full((batch_size, max_len), EMPTY, device=device)
+    def lazy_initialization(self, key_states, value_states) -> None:  # the pool exists already
+        pass
 
-    @property
-    def batch_size(self) -> int:
-        return self.slot_pos.shape[0]
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        rows, heads, width, dim = key_states.shape
+        self.k_store.index_copy_(0, self.write_slots, key_states.transpose(1, 2).reshape(-1, heads, dim))
+        self.v_store.index_copy_(0, self.write_slots, value_states.transpose(1, 2).reshape(-1, heads, dim))
+        return self.k_store[self.table].transpose(1, 2), self.v_store[self.table].transpose(1, 2)
 
-    def check_room(self, n: int) -> None:
-        if self.length + n > self.max_len:
-            raise ValueError(f"KV cache full: {self.length} + {n} tokens > {self.max_len} slots (context window)")
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.table.shape[1], 0
 
-    def rollback(self, length: int) -> None:
-        self.keep_path(length, [])
+    def get_seq_length(self) -> int:
+        return self.table.shape[1]
 
-    def keep_path(self, start: int, nodes) -> None:
-        nodes = torch.as_tensor(nodes, dtype=torch.long, device=self.slot_pos.device)
-        keep = torch.cat([torch.arange(start, device=nodes.device), start + nodes])
-        for layer in self.kv.layers:
-            layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
-        n = start + nodes.numel()
-        self.slot_pos[:, :n] = self.slot_pos[:, keep]
-        self.slot_pos[:, n:] = EMPTY
-        self.length = n
+    def get_max_length(self) -> int:
+        return -1
 
 
 class HFModel(torch.nn.Module):
@@ -60,9 +63,11 @@ class HFModel(torch.nn.Module):
         self.hf = model
         c = model.config
         eos = c.eos_token_id if isinstance(c.eos_token_id, list) else [c.eos_token_id]
-        self.config = HFConfig(c.vocab_size, getattr(c, "max_position_embeddings", 2048), [e for e in eos if e is not None],
-                               c.model_type)
-        self.cache: HFCache | None = None
+        heads = c.num_attention_heads
+        self.config = HFConfig(c.vocab_size, getattr(c, "max_position_embeddings", 2048), c.num_hidden_layers,
+                               getattr(c, "num_key_value_heads", None) or heads,
+                               getattr(c, "head_dim", None) or c.hidden_size // heads,
+                               [e for e in eos if e is not None], c.model_type)
 
     @classmethod
     def from_folder(cls, folder: Path, device: torch.device, dtype: torch.dtype) -> "HFModel":
@@ -78,26 +83,27 @@ class HFModel(torch.nn.Module):
     def dtype(self) -> torch.dtype:
         return self.hf.dtype
 
-    def setup_cache(self, batch_size: int, max_len: int) -> HFCache:
-        self.cache = HFCache(batch_size, min(max_len, self.config.max_position_embeddings), self.device)
-        return self.cache
+    def make_pool(self, num_blocks: int, block_size: int) -> KVPool:
+        c = self.config
+        return KVPool(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, self.dtype, self.device)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor | None = None,
-                num_logits: int | None = None, **unsupported) -> torch.Tensor:
-        if unsupported:
-            raise NotImplementedError(f"the transformers fallback does not support {', '.join(unsupported)}")
-        cache = self.cache
-        t = input_ids.shape[1]
-        cache.check_room(t)
-        start = cache.length
-        cache.slot_pos[:, start:start + t] = positions
-        allowed = attention_mask(cache.slot_pos[:, :start + t], positions, start, tree_mask, None)
-        # Fully masked rows (padding queries) would turn softmax into NaN: let them see themselves.
-        allowed = allowed | ~allowed.any(-1, keepdim=True) & (torch.arange(start + t, device=allowed.device)
-                                                               == start + torch.arange(t, device=allowed.device)[:, None])
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
-        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
-        out = self.hf(input_ids=input_ids, position_ids=positions, attention_mask=mask, past_key_values=cache.kv,
-                      use_cache=True, logits_to_keep=num_logits or 0)
-        cache.length = start + t
-        return out.logits
+    def forward(self, batch: ForwardBatch, pool: KVPool, skip_layers=frozenset(), compiled: bool = False):
+        if skip_layers or batch.hidden_layers:
+            raise NotImplementedError("the transformers fallback does not skip layers or return hidden states")
+        pool.slot_pos.index_copy_(0, batch.write_slots, batch.positions)
+        logits = []
+        for g in batch.groups:  # transformers sees one dense [rows, width] batch per group
+            flat = slice(g.start, g.start + g.rows * g.width)
+            positions = batch.positions[flat].view(g.rows, g.width)
+            allowed = attention_mask(g, positions, None, None)
+            mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+            mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+            cache = Cache(layers=[PagedLayer(pool.k[i], pool.v[i], batch.write_slots[flat], g.slot_table)
+                                  for i in range(self.config.num_layers)])
+            out = self.hf(input_ids=batch.tokens[flat].view(g.rows, g.width), position_ids=positions,
+                          attention_mask=mask, past_key_values=cache, use_cache=True)
+            logits.append(out.logits.reshape(g.rows * g.width, -1))
+        logits = torch.cat(logits)
+        return logits if batch.logit_rows is None else logits[batch.logit_rows]
+
+    forward_seq = Transformer.forward_seq  # one sequence's pass: the same function over this forward

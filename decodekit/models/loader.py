@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -81,7 +82,37 @@ def load_random(spec: str, device: torch.device, dtype: torch.dtype):
     return model, ByteTokenizer(vocab_size=config.vocab_size)
 
 
+# Sampling fields of generation_config.json that transformers applies only when do_sample is true.
+SAMPLED_FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+OFF = {"top_k": 0, "top_p": 1.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0}
+
+
+def generation_config(folder: Path) -> tuple[list[int], dict[str, Any]]:
+    """EOS ids of `folder`'s generation_config.json, and the sampling values transformers' `generate` would apply
+    when the caller passes none, in SamplingConfig's terms (empty without the file).
+
+    transformers samples only when do_sample is true: then the file's temperature, top_k, ... apply, and what it
+    leaves unset takes transformers' global defaults (temperature 1, top_k 50); otherwise decoding is greedy whatever
+    temperature says. The repetition penalty applies either way. Values that change nothing are left out.
+    """
+    if not (folder / "generation_config.json").is_file():
+        return [], {}
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig.from_pretrained(str(folder))
+    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    values: dict[str, Any] = {}
+    if gen.do_sample:
+        fallback = GenerationConfig._get_default_generation_params()
+        values = {k: getattr(gen, k) if getattr(gen, k) is not None else fallback.get(k) for k in SAMPLED_FIELDS}
+    values["repetition_penalty"] = gen.repetition_penalty
+    defaults = {k: v for k, v in values.items() if v is not None and OFF.get(k) != v}
+    return [int(e) for e in eos if e is not None], defaults
+
+
 def load_folder(folder: Path, device: torch.device, dtype: torch.dtype):
+    """(model, tokenizer, generation defaults): the model's EOS ids include those of its tokenizer and of its
+    generation_config.json, whose default sampling values come back as a dict (see `generation_config`)."""
     from transformers import AutoTokenizer
 
     hf_config = json.loads((folder / "config.json").read_text())
@@ -91,7 +122,12 @@ def load_folder(folder: Path, device: torch.device, dtype: torch.dtype):
     except NotImplementedError:
         from .hf_fallback import HFModel
 
-        return HFModel.from_folder(folder, device, dtype), tokenizer
-    if getattr(tokenizer, "eos_token_id", None) is not None and tokenizer.eos_token_id not in config.eos_token_ids:
-        config.eos_token_ids.append(tokenizer.eos_token_id)
-    return build_native(config, read_state_dict(folder), device, dtype), tokenizer
+        model = HFModel.from_folder(folder, device, dtype)
+    else:
+        model = build_native(config, read_state_dict(folder), device, dtype)
+    eos, defaults = generation_config(folder)
+    eos_ids = model.config.eos_token_ids
+    for e in [*eos, getattr(tokenizer, "eos_token_id", None)]:
+        if e is not None and e not in eos_ids:
+            eos_ids.append(e)
+    return model, tokenizer, defaults

@@ -1,4 +1,6 @@
-"""A stand-in tokenizer for random-weight models: one token per UTF-8 byte, no files, no training.
+"""Prompts -> token ids (`encode_prompt`), and a stand-in tokenizer for random-weight models (`ByteTokenizer`).
+
+ByteTokenizer: one token per UTF-8 byte, no files, no training.
 
 Ids: 0 pad, 1 bos, 2 eos, 3..258 the bytes 0..255; ids from 259 up to `vocab_size` exist only so that the tokenizer
 covers a model's whole vocabulary, and decode to nothing. It offers the subset of the Hugging Face tokenizer API the
@@ -7,6 +9,7 @@ engine uses (`encode`, `decode`, special token ids, `apply_chat_template`, `chat
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from numbers import Integral
 from typing import Any
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -89,3 +92,31 @@ class ByteTokenizer:
         if add_generation_prompt:
             text += "<|assistant|>\n"
         return self.encode(text) if tokenize else text
+
+
+def encode_prompt(tokenizer: Any, prompt: str | Sequence[int] | Sequence[Mapping[str, Any]], chat: bool) -> list[int]:
+    """Token ids of a prompt, built as transformers builds them for the same tokenizer.
+
+    - a string with `chat=False`: the tokenizer's own special-token rule (`tokenizer(prompt)["input_ids"]`), e.g.
+      Gemma prepends <bos>, SmolLM2 adds nothing. Dropping it changes what a base model continues with.
+    - a string with `chat=True`: one user turn, then as chat messages.
+    - chat messages (dicts with role and content): the chat template with the generation prompt, encoded without
+      special tokens, since templates write their own BOS (as `apply_chat_template(tokenize=True)` does).
+    - token ids: passed through unchanged.
+    """
+    if isinstance(prompt, str):
+        if not chat:
+            return list(tokenizer.encode(prompt, add_special_tokens=True))
+        messages: list[Mapping[str, Any]] = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, (list, tuple)) and all(isinstance(t, Integral) for t in prompt):
+        return [int(t) for t in prompt]
+    elif isinstance(prompt, (list, tuple)) and all(isinstance(m, Mapping) for m in prompt):
+        messages = list(prompt)
+    else:
+        raise ValueError("a prompt must be a string, a list of token ids, or a list of chat messages "
+                         "({'role': ..., 'content': ...})")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model's tokenizer has no chat template; pass a plain string prompt with chat=False "
+                         "(--raw on the command line)")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer.encode(text, add_special_tokens=False))

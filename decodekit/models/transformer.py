@@ -1,19 +1,20 @@
 """A compact decoder for the Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2/2.5/3) and Gemma 3, gpt-fast style.
 
-One forward pass serves prefill, single-token decode and token-tree verification: new tokens are written to the
-static KV cache at consecutive slots, and each query attends to the committed prefix plus, inside the new block,
-either the causal past (a chain) or its ancestors (a tree, given by `tree_mask`).
+One forward pass serves prefill chunks, decode steps and token-tree verification of many sequences at once
+(`batch.py`): new tokens are written into the paged KV pool, and each query attends to its sequence's committed
+entries plus, inside its new block, either the causal past (a chain) or its ancestors (a tree).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import ModelConfig
-from .kv_cache import EMPTY, KVCache
+from .batch import ForwardBatch, Rows, RowSpec, build_batch
+from .kv_cache import KVPool, SeqKV
+from .rope import rope_table
 
 
 class RMSNorm(nn.Module):
@@ -29,33 +30,6 @@ class RMSNorm(nn.Module):
         if self.gemma:
             return (h * (1.0 + self.weight.float())).type_as(x)
         return self.weight * h.type_as(x)
-
-
-def rope_inv_freq(config: ModelConfig, theta: float) -> torch.Tensor:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim))
-    scaling = config.rope_scaling
-    if scaling is None:
-        return inv_freq.float()
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind == "linear":
-        return (inv_freq / scaling["factor"]).float()
-    if kind == "llama3":  # Llama 3.1 frequency-dependent scaling
-        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        smooth = (old_len / wavelen - lo) / (hi - lo)
-        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
-        mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        is_mid = (wavelen <= old_len / lo) & (wavelen >= old_len / hi)
-        return torch.where(is_mid, mid, scaled).float()
-    raise NotImplementedError(f"rope type {kind!r} is not supported by the native runtime")
-
-
-def rope_table(config: ModelConfig, theta: float, max_len: int) -> torch.Tensor:
-    """cos and sin for every position, stacked: `[2, max_len, head_dim]` float32."""
-    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(config, theta))
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return torch.stack([emb.cos(), emb.sin()])
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -105,31 +79,44 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, c.gemma_norms)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, c.gemma_norms)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], k_cache: torch.Tensor,
-                v_cache: torch.Tensor, slots: torch.Tensor, kv_len: int, mask: torch.Tensor) -> torch.Tensor:
-        """`k_cache`, `v_cache`: this layer's `[B, H, L, D]` cache (passed in, not looked up by layer index, so that
-        one compiled block serves every layer)."""
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], k_store: torch.Tensor,
+                v_store: torch.Tensor, write_slots: torch.Tensor, groups: list) -> torch.Tensor:
+        """`x` `[N, hidden]` flat tokens; `k_store`, `v_store`: this layer's `[slots, kv_heads, head_dim]` pool
+        (passed in, not looked up by layer index, so that one compiled block serves every layer); `groups`: per
+        attention group `(start, rows, width, slot_table [rows, L], mask [rows, 1, width, L], ctx [rows])`."""
         c = self.config
-        b, t, _ = x.shape
+        n = x.shape[0]
         q, k, v = linear(self.wqkv, x).split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim,
-                                       c.num_kv_heads * c.head_dim], dim=-1)
-        q = q.view(b, t, c.num_heads, c.head_dim)
-        k = k.view(b, t, c.num_kv_heads, c.head_dim)
-        v = v.view(b, t, c.num_kv_heads, c.head_dim)
+                                              c.num_kv_heads * c.head_dim], dim=-1)
+        q = q.view(n, c.num_heads, c.head_dim)
+        k = k.view(n, c.num_kv_heads, c.head_dim)
+        v = v.view(n, c.num_kv_heads, c.head_dim)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
-        q = apply_rope(q.transpose(1, 2), cos, sin)
-        k = apply_rope(k.transpose(1, 2), cos, sin)
-        k_cache.index_copy_(2, slots, k)
-        v_cache.index_copy_(2, slots, v.transpose(1, 2))
-        keys, values = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
-        if torch.compiler.is_compiling() and t == 1:
-            out = single_query_attention(q, keys, values, mask, c.scale)
-        else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=c.scale,
-                                                 enable_gqa=c.num_kv_heads != c.num_heads)
-        return linear(self.wo, out.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_store.index_copy_(0, write_slots, k)
+        v_store.index_copy_(0, write_slots, v)
+        outs = []
+        for start, rows, width, table, mask, ctx in groups:
+            if width == 1 and kernels.available(q):
+                # One token a row: it sees entries [0, ctx] (within the window), read in place from the pool.
+                # Entry index = position here (no press has evicted anything), so the window is an entry range.
+                hi = ctx + 1
+                lo = (hi - self.window).clamp_min(0) if self.window else torch.zeros_like(hi)
+                og = kernels.paged_decode(q[start:start + rows], k_store, v_store, table, lo, hi, c.scale)
+                outs.append(og.reshape(rows, c.num_heads * c.head_dim))
+                continue
+            qg = q[start:start + rows * width].view(rows, width, c.num_heads, c.head_dim).transpose(1, 2)
+            keys, values = k_store[table].transpose(1, 2), v_store[table].transpose(1, 2)  # [rows, Hkv, L, D]
+            if torch.compiler.is_compiling() and width == 1:
+                og = single_query_attention(qg, keys, values, mask, c.scale)
+            else:
+                og = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=c.scale,
+                                                    enable_gqa=c.num_kv_heads != c.num_heads)
+            outs.append(og.transpose(1, 2).reshape(rows * width, c.num_heads * c.head_dim))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return linear(self.wo, out)
 
 
 class MLP(nn.Module):
@@ -158,34 +145,33 @@ class Block(nn.Module):
             self.post_mlp_norm = RMSNorm(config.hidden_size, eps, gemma)
         self.gemma = gemma
 
-    def forward(self, x, rope, k_cache, v_cache, slots, kv_len, mask) -> torch.Tensor:
-        h = self.attn(self.attn_norm(x), rope, k_cache, v_cache, slots, kv_len, mask)
+    def forward(self, x, rope, k_store, v_store, write_slots, groups) -> torch.Tensor:
+        h = self.attn(self.attn_norm(x), rope, k_store, v_store, write_slots, groups)
         x = x + (self.post_attn_norm(h) if self.gemma else h)
         h = self.mlp(self.mlp_norm(x))
         return x + (self.post_mlp_norm(h) if self.gemma else h)
 
 
-def attention_mask(slot_pos: torch.Tensor, positions: torch.Tensor, start: torch.Tensor | int,
-                   tree_mask: torch.Tensor | None, window: int | None) -> torch.Tensor:
-    """Boolean `[B, 1, T, L]`: may query t attend to slot l?
+def attention_mask(group: Rows, q_pos: torch.Tensor, kv_pos: torch.Tensor | None,
+                   window: int | None) -> torch.Tensor:
+    """Boolean `[rows, 1, width, L]`: may query t of a row read logical entry l?
 
-    Derived from the cache's slot positions: a slot is visible if it holds a token at a position <= the query's
-    (which is exactly causal for a chain). Inside a tree block positions repeat across siblings, so there the
-    ancestor matrix `tree_mask` `[T, T]` decides instead.
+    Entries committed before this pass (l < ctx) are visible to every query; inside the new block the ancestor matrix
+    decides (causal for chains); a sliding `window` then drops what lies too far back, by position. Padding queries
+    see only their own entry, which keeps every softmax row finite.
     """
-    kv = slot_pos[:, None, :]  # [B, 1, L]
-    q = positions[:, :, None]  # [B, T, 1]
-    t, length = positions.shape[1], slot_pos.shape[1]
-    rel = torch.arange(length, device=slot_pos.device) - start  # slot index relative to the new block
-    mask = (kv != EMPTY) & (kv <= q)
-    if tree_mask is not None:
-        in_block = (rel >= 0) & (rel < t)
-        mask = torch.where(in_block, tree_mask[:, rel.clamp(0, t - 1)], mask)
-    if window is not None:
-        mask = mask & (kv > q - window)
-    # A query always sees its own slot: padding tokens (position EMPTY) then attend to themselves only, which keeps
-    # their values finite (an all-masked softmax row is NaN, and NaN values poison even masked-out products).
-    return (mask | (rel == torch.arange(t, device=rel.device)[:, None]))[:, None]
+    rows, width, length = group.rows, group.width, group.slot_table.shape[1]
+    rel = torch.arange(length, device=q_pos.device)[None] - group.ctx[:, None]  # [rows, L]: entry - ctx
+    seen = (rel < 0)[:, None, :].expand(rows, width, length)
+    tree = group.tree
+    if tree is None:
+        tree = torch.ones(width, width, dtype=torch.bool, device=q_pos.device).tril_().expand(rows, width, width)
+    inside = tree.gather(2, rel.clamp(0, width - 1)[:, None, :].expand(rows, width, length))
+    in_block = ((rel >= 0) & (rel < width))[:, None, :]
+    mask = torch.where(in_block, inside, seen)
+    if window is not None:  # a query always sees itself (position - position = 0 < window)
+        mask = mask & (kv_pos[:, None, :] > q_pos[:, :, None] - window)
+    return mask[:, None]
 
 
 class Transformer(nn.Module):
@@ -198,9 +184,9 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.cache: KVCache | None = None
         self.compiled_blocks: list | None = None  # set by compile_blocks(); used on the static-shape path only
         self.windows = sorted({w for i in range(config.num_layers) if (w := config.layer_window(i))}, key=str)
+        self.rope_len = 0
 
     @property
     def device(self) -> torch.device:
@@ -210,92 +196,92 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
-    def make_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """A KV cache shaped for this model (the model's own is `self.cache`; drafters may keep another)."""
+    def make_pool(self, num_blocks: int, block_size: int) -> KVPool:
+        """KV memory shaped for this model."""
         c = self.config
-        with torch.inference_mode(False):  # normal tensors: updated in place both inside and outside inference mode
-            return KVCache(c.num_layers, batch_size, c.num_kv_heads, max_len, c.head_dim, self.dtype, self.device)
+        return KVPool(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, self.dtype, self.device)
 
-    def setup_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """Allocate the static KV cache and the rotary tables once, for `max_len` slots."""
+    def ensure_rope(self, positions: int) -> None:
+        """Rotary tables (cos and sin) covering `positions`, built once."""
+        if self.rope_len >= positions:
+            return
         c = self.config
-        # Round up so that prompts of similar lengths reuse one allocation (and one captured graph on the GPU).
-        max_len = min(-(-max_len // 256) * 256, c.max_position_embeddings)
-        if self.cache is None or self.cache.batch_size != batch_size or self.cache.max_len < max_len:
-            self.cache = None  # free the old buffers before allocating new ones
-            self.cache = self.make_cache(batch_size, max_len)
-            self.rope_global = rope_table(c, c.rope_theta, max_len).to(self.device)
-            self.rope_local = rope_table(c, c.local_rope_theta, max_len).to(self.device)
-        self.cache.reset()
-        return self.cache
+        n = min(-(-positions // 256) * 256, c.max_position_embeddings)
+        self.rope_global = rope_table(c, "global", n).to(self.device)
+        self.rope_local = rope_table(c, "local", n).to(self.device) if self.windows else self.rope_global
+        self.rope_len = n
 
     def compile_blocks(self) -> None:
         """Fuse each block's small kernels with torch.compile (regional compilation).
 
         Blocks hold no per-layer constants that their forward reads, so one compiled graph serves every layer (one
-        compilation per step width and layer kind, not per layer). Only static-shape callers (CUDA-graph capture,
-        which passes `start` as a tensor) use them: eager steps change `kv_len` every call and would recompile.
+        compilation per shape kind and layer kind, not per layer). Only static-shape callers (CUDA-graph capture)
+        use them: eager steps change shapes every call and would recompile.
         """
         import torch._dynamo
 
-        # Automatic dynamic shapes: a width or a cache size seen a second time is compiled once more, as a symbol
-        # (size 1 stays specialized: the single-token step keeps its own kernels), so a new cache size does not
-        # trigger a compilation per step width.
+        # Automatic dynamic shapes: a size seen a second time is compiled once more as a symbol (size 1 stays
+        # specialized: the single-token step keeps its own kernels).
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.compiled_blocks = [torch.compile(block, dynamic=None) for block in self.layers]
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        start: int | torch.Tensor | None = None,
-        kv_len: int | None = None,
-        tree_mask: torch.Tensor | None = None,
-        num_logits: int | None = None,
-        cache: KVCache | None = None,
-        skip_layers: frozenset[int] | set[int] = frozenset(),
-    ) -> torch.Tensor:
-        """Logits `[B, T', V]` for `input_ids` `[B, T]` at `positions` `[B, T]` (T' = num_logits or T).
-
-        Writes the new tokens' keys and values at cache slots `start...start+T` (default: the cache's length, which
-        then advances) and attends over the first `kv_len` slots (default: start + T). A CUDA-graph caller passes
-        `start` as a device tensor and `kv_len` = the cache size so that every shape is static. Drafters
-        that run the target's own weights (self-speculation) pass their own `cache` and the layers to `skip_layers`.
-        """
-        cache = self.cache if cache is None else cache
-        b, t = input_ids.shape
-        eager = start is None
-        if eager:
-            cache.check_room(t)
-            start = cache.length
-        if kv_len is None:
-            kv_len = start + t
-        slots = start + torch.arange(t, device=input_ids.device)
-        cache.slot_pos.index_copy_(1, slots, positions)
-        slot_pos = cache.slot_pos[:, :kv_len]
-        masks = {w: attention_mask(slot_pos, positions, start, tree_mask, w) for w in [None, *self.windows]}
-        idx = positions.clamp_min(0)  # padding tokens (position EMPTY) get any rotation: nobody attends to them
-        rope_global = (self.rope_global[0][idx][:, None].to(self.dtype), self.rope_global[1][idx][:, None].to(self.dtype))
-        rope_local = (self.rope_local[0][idx][:, None].to(self.dtype),
-                      self.rope_local[1][idx][:, None].to(self.dtype)) if self.windows else rope_global
-        x = self.embed(input_ids)
+    def forward(self, batch: ForwardBatch, pool: KVPool, skip_layers: frozenset[int] | set[int] = frozenset(),
+                compiled: bool = False):
+        """Logits `[M, V]` of `batch.logit_rows` (every token if None), after writing every token's key and value
+        into `pool`; with `batch.hidden_layers`, also those layers' outputs `[M, len(layers) * hidden]` (layer
+        `num_layers` = the final normed state), as `(logits, hidden)`. `compiled` runs the torch.compile'd blocks
+        (static shapes only: CUDA-graph capture). Self-speculation passes the layers it skips in `skip_layers`."""
+        if not self.rope_len:  # an engine builds them for its context window (`ensure_rope`)
+            self.ensure_rope(self.config.max_position_embeddings)
+        pos = batch.positions
+        pool.slot_pos.index_copy_(0, batch.write_slots, pos)
+        groups = []
+        for g in batch.groups:
+            q_pos = pos[g.start:g.start + g.rows * g.width].view(g.rows, g.width)
+            kv_pos = pool.slot_pos[g.slot_table] if self.windows else None
+            masks = {w: attention_mask(g, q_pos, kv_pos, w) for w in [None, *self.windows]}
+            groups.append((g, masks))
+        cos_g, sin_g = self.rope_global[0][pos][:, None].to(self.dtype), self.rope_global[1][pos][:, None].to(self.dtype)
+        rope_global = (cos_g, sin_g)
+        rope_local = (self.rope_local[0][pos][:, None].to(self.dtype),
+                      self.rope_local[1][pos][:, None].to(self.dtype)) if self.windows else rope_global
+        x = self.embed(batch.tokens)
         if self.config.embed_scale != 1.0:
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
-        run = self.compiled_blocks if self.compiled_blocks is not None and not eager else self.layers
+        run = self.compiled_blocks if compiled and self.compiled_blocks is not None else self.layers
+        keep = batch.logit_rows
+        hidden = []
         for i, block in enumerate(self.layers):
-            if i in skip_layers:
-                continue
-            rope = rope_local if block.attn.local_rope else rope_global
-            x = run[i](x, rope, cache.k[i], cache.v[i], slots, kv_len, masks[block.attn.window])
-        if num_logits is not None:
-            x = x[:, -num_logits:]
-        logits = self.lm_head(self.norm(x))
+            if i not in skip_layers:
+                rope = rope_local if block.attn.local_rope else rope_global
+                layer_groups = [(g.start, g.rows, g.width, g.slot_table, m[block.attn.window], g.ctx)
+                                for g, m in groups]
+                x = run[i](x, rope, pool.k[i], pool.v[i], batch.write_slots, layer_groups)
+            if i in batch.hidden_layers:
+                hidden.append(x if keep is None else x[keep])
+        x = x if keep is None else x[keep]
+        x = self.norm(x)
+        if self.config.num_layers in batch.hidden_layers:
+            hidden.append(x)
+        logits = self.lm_head(x)
         if self.config.final_logit_softcap:
             cap = self.config.final_logit_softcap
             logits = torch.tanh(logits / cap) * cap
-        if eager:
-            cache.length = start + t
+        if batch.hidden_layers:
+            order = sorted(batch.hidden_layers)
+            return logits, torch.cat([hidden[order.index(i)] for i in batch.hidden_layers], dim=-1)
         return logits
+
+    def forward_seq(self, kv: SeqKV, tokens: list[int], positions: list[int], tree: torch.Tensor | None = None,
+                    logits: str = "all", skip_layers: frozenset[int] | set[int] = frozenset(),
+                    hidden_layers: tuple[int, ...] = ()):
+        """One sequence's pass (prefill chunk, step or tree) appended after `kv.length`, which then advances.
+        Returns logits `[T or 1, V]` (and hidden states with `hidden_layers`)."""
+        kv.ensure(kv.length + len(tokens))
+        spec = RowSpec(kv, list(tokens), list(positions), tree, logits)
+        out = self(build_batch([[spec]], self.device, hidden_layers=hidden_layers), kv.pool, skip_layers)
+        kv.length += len(tokens)
+        return out
 
 
 def convert_hf_state_dict(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:

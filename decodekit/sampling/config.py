@@ -1,7 +1,9 @@
 """Sampling settings: one dataclass, validated once, shared by plain and speculative decoding."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 
 @dataclass
@@ -24,6 +26,15 @@ class SamplingConfig:
     presence_penalty: float = 0.0  # OpenAI-style, over output tokens
     frequency_penalty: float = 0.0  # OpenAI-style, over output tokens
     seed: int | None = None
+
+    @classmethod
+    def with_defaults(cls, defaults: Mapping[str, Any], explicit: Mapping[str, Any]) -> "SamplingConfig":
+        """The user's `explicit` values over a model's `defaults` (its generation_config.json) over this class's.
+
+        Not validated: call `validate()`. Keys of `defaults` that are not fields here are ignored.
+        """
+        names = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in defaults.items() if k in names}, **explicit})
 
     @property
     def greedy(self) -> bool:

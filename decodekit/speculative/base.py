@@ -7,6 +7,7 @@ empty tree.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
@@ -14,6 +15,8 @@ import torch
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import Engine
+    from ..models.kv_cache import SeqKV
+    from ..sampling import SamplingConfig
 
 
 @dataclass
@@ -75,24 +78,45 @@ class StepResult:
     tree: DraftTree
     accepted: list[int]  # accepted node indices (1-based), in path order
     next_token: int  # the target's token after the accepted path
-    logits: torch.Tensor  # `[n+1, V]` target logits of root + every node (float32, before sampling rules)
+    logits: torch.Tensor | None  # `[n+1, V]` target logits of root + every node (float32, before sampling rules);
+    # None when the step's logits stayed on the device (greedy): drafters that learn from them set learns_from_steps
+    hidden: torch.Tensor | None = None  # `[n+1, F]` the target's features (`Drafter.feature_layers`), rows as logits
 
 
 class Drafter:
-    """Base class: subclasses are dataclasses of their knobs; `engine` is attached by `bind` before use."""
+    """Base class: subclasses are dataclasses of their knobs; `engine` is attached by `bind` before use.
+
+    The engine keeps one bound drafter per method and options (the *prototype*) and gives every sequence its own
+    copy (`spawn`). The copy is shallow: what `bind` or `__post_init__` creates and the drafter mutates in place (a
+    table, a trie, a matrix) is shared by every sequence of the engine, so the method keeps learning across
+    generations; what `reset` assigns is the sequence's own.
+    """
 
     name: ClassVar[str] = "plain"
     # True: the drafter learns from the target's logits in `observe`, so when it has nothing to draft the step runs
-    # as one verified forward pass (whose logits it sees) instead of a fused greedy chunk (which it does not).
+    # as one verified forward pass (whose logits it sees) instead of a fused greedy chunk (which it does not), and
+    # the logits come to the host.
     learns_from_steps: ClassVar[bool] = False
     engine: "Engine | None" = None
+    kv: "SeqKV | None" = None  # the target's KV memory of this drafter's sequence (self-speculation drafts there)
+    sampling: "SamplingConfig | None" = None  # the sequence's sampling rule (stochastic drafters match it)
 
     def bind(self, engine: "Engine") -> "Drafter":
         self.engine = engine
         return self
 
+    def spawn(self, kv: "SeqKV", sampling: "SamplingConfig", prompt_ids: list[int]) -> "Drafter":
+        """This prototype's copy for one sequence, reset for its prompt."""
+        drafter = copy.copy(self)
+        drafter.kv, drafter.sampling = kv, sampling
+        drafter.reset(prompt_ids)
+        return drafter
+
     def reset(self, prompt_ids: list[int]) -> None:
-        """Called once per generation with the prompt, before the first `propose`."""
+        """Called once per sequence with the prompt, before the first `propose`."""
+
+    def finish(self, tokens: list[int]) -> None:
+        """Called when the sequence ends, with its prompt and output (drafters that learn from outputs keep them)."""
 
     def propose(self, context: list[int]) -> DraftTree:
         """Draft after `context` (every committed token; its last one is the root). Empty tree = plain decoding."""

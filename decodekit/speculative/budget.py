@@ -7,7 +7,8 @@ width. Before each step the proposed tree is cut at the depth k that maximizes
     (1 + sum_{i<=k} prod_{j<=i} accept_j) / time(width of the tree cut at k).
 On a GPU a wider verify pass costs almost nothing and deep drafts survive; on a CPU, or where a drafter keeps
 missing, drafts shrink down to plain decoding, and once no depth pays the drafter is not even asked
-(`should_draft`), so its own cost goes too. Every `probe_every` steps the whole tree goes through, so the
+(`should_draft`), so its own cost goes too. Step times are kept per batch size (`StepCosts`, shared by the
+sequences of a method): in a wide batch verification tokens cost more, and drafts back off. Every `probe_every` steps the whole tree goes through, so the
 estimates never go stale; probes that lose to plain steps back off exponentially. Cutting a draft never changes
 the output distribution.
 """
@@ -40,6 +41,36 @@ def cut_tree(tree: DraftTree, max_depth: int) -> DraftTree:
     )
 
 
+def width_bucket(width: int) -> int:
+    return 1 << (width - 1).bit_length()
+
+
+@dataclass
+class StepCosts:
+    """Measured seconds per step by (batch-size bucket, forward-width bucket), shared by every sequence of one method
+    on one engine: the cost of verifying is a property of the machine and of how many sequences share the pass (a
+    wider batch makes each verified token dearer), not of one prompt. Also keeps the method's last acceptance rates,
+    so a new generation starts from what earlier ones measured."""
+
+    decay: float = 0.8
+    times: dict[tuple[int, int], float] = field(default_factory=dict)
+    accept: list[float] = field(default_factory=list)
+
+    def record(self, batch: int, width: int, seconds: float) -> None:
+        key = (width_bucket(batch), width_bucket(width))
+        old = self.times.get(key)
+        self.times[key] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
+
+    def known(self, batch: int) -> dict[int, float]:
+        """Step time by width bucket at this batch size (the nearest measured batch size if this one is not)."""
+        b = width_bucket(batch)
+        sizes = {k[0] for k in self.times}
+        if not sizes:
+            return {}
+        near = min(sizes, key=lambda s: (abs(s.bit_length() - b.bit_length()), s))
+        return {w: t for (s, w), t in self.times.items() if s == near}
+
+
 @dataclass
 class DraftBudget:
     decay: float = 0.8  # weight of the past in the moving averages
@@ -47,20 +78,21 @@ class DraftBudget:
     max_probe_every: int = 128  # probes that keep losing back off up to this interval
     prior_accept: float = 0.5
     accept: list[float] = field(default_factory=list)  # conditional acceptance rate at depth 1, 2, ...
-    step_time: dict[int, float] = field(default_factory=dict)  # seconds per step by forward width bucket
+    costs: StepCosts = field(default_factory=StepCosts)
+    batch: int = 1  # sequences in the current pass (set by the engine before each step)
     steps: int = 0
     probe_interval: int = 0  # current interval: probe_every, doubled after each probe that lost to plain
     probing: bool = False  # this step is a probe: the whole draft goes through
 
-    @staticmethod
-    def _bucket(width: int) -> int:
-        return 1 << (width - 1).bit_length()
+    @property
+    def step_time(self) -> dict[int, float]:
+        return self.costs.known(self.batch)
 
     def _time(self, width: int) -> float:
         known = sorted(self.step_time.items())
         if not known:
             return 1.0
-        b = self._bucket(width)
+        b = width_bucket(width)
         if b in self.step_time:
             return self.step_time[b]
         # Unmeasured width: assume it costs like the nearest measured one (optimistic, so it gets tried).
@@ -116,15 +148,15 @@ class DraftBudget:
         depths = tree.depths()[1:]
         return [d for i, d in enumerate(depths) if tree.verify is None or tree.verify[i]]
 
-    def record(self, tree: DraftTree, accepted: int, width: int, seconds: float) -> None:
-        """After a step: how deep the tree went, how many tokens were accepted, and what the step cost."""
+    def record(self, tree: DraftTree, accepted: int, width: int, seconds: float | None = None) -> None:
+        """After a step: how deep the tree went and how many tokens were accepted; with `seconds`, also what a
+        step of `width` tokens cost (the engine records a batched step's cost once, in `costs`)."""
+        if seconds is not None:
+            self.costs.record(self.batch, width, seconds)
         if self.probing and len(tree) and 1 in self.step_time:  # back off from probes that lose to plain steps
-            lost = (accepted + 1) / seconds < 1.0 / self.step_time[1]
+            lost = (accepted + 1) / self._time(width) < 1.0 / self.step_time[1]
             self.probe_interval = min(2 * self.probe_interval, self.max_probe_every) if lost else self.probe_every
         self.probing = False
-        b = self._bucket(width)
-        old = self.step_time.get(b)
-        self.step_time[b] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
         depth = max(self._verified_depths(tree), default=0)
         for d in range(1, min(depth, accepted + 1) + 1):  # depths that were reached, i.e. got a verdict
             while len(self.accept) < d:

@@ -16,10 +16,10 @@ tokens it did not draft itself, plus the target's bonus token): the context is p
   path's cumulative draft probability times the draft's top-1 probability -- falls under `stop_threshold`.
 
 Drafting is greedy and deterministic (`draft_probs=None`, lossless under every verifier) unless a drafting
-temperature applies: `temperature>0`, or `temperature=None` and the engine exposes a non-greedy `sampling`
-config (then the draft samples from its own logits under the target's temperature and warpers, and the tree's
-siblings are drawn without replacement for the RSD verifier). Every shape decision is made before the token it
-concerns is drawn, which keeps stochastic trees lossless.
+temperature applies: `temperature>0`, or `temperature=None` and the sequence samples (then the draft samples from
+its own logits under the sequence's temperature and warpers, and the tree's siblings are drawn without replacement
+for the RSD verifier). Every shape decision is made before the token it concerns is drawn, which keeps stochastic
+trees lossless.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ..models.kv_cache import PoolFull, SeqKV
 from .base import DraftTree, Drafter, register
 
 PREFILL_CHUNK = 2048
@@ -40,7 +41,7 @@ def native_model(obj: Any):
     """The native `Transformer` behind an Engine, a CUDA-graph wrapper, or a model (drafting runs it eagerly)."""
     start = obj
     for _ in range(4):
-        if hasattr(obj, "make_cache") and hasattr(obj, "layers"):
+        if hasattr(obj, "make_pool") and hasattr(obj, "layers"):
             return obj
         obj = getattr(obj, "model", None)
         if obj is None:
@@ -48,62 +49,50 @@ def native_model(obj: Any):
     raise ValueError(f"a model-based drafter needs a native decodekit model, got {type(start).__name__}")
 
 
-def ensure_rope(net, positions: int) -> None:
-    """Rotary tables covering `positions` for a model the engine never set up (its `make_cache` alone lacks them).
-
-    Built here rather than by `net.setup_cache`, which would replace the model's own cache under whoever uses it.
-    """
-    from ..models.transformer import rope_table
-
-    have = getattr(net, "rope_global", None)
-    if have is not None and have.shape[1] >= positions:
-        return
-    c = net.config
-    n = min(-(-positions // 256) * 256, c.max_position_embeddings)
-    net.rope_global = rope_table(c, c.rope_theta, n).to(net.device)
-    net.rope_local = rope_table(c, c.local_rope_theta, n).to(net.device)
+DRAFT_POOL_TOKENS = 1 << 16  # KV entries of a draft model's own pool, shared by the sequences of one engine
 
 
 class ModelDrafter(Drafter):
-    """Shared machinery of drafters that run a transformer: its cache, chain drafting, draft distributions.
+    """Shared machinery of drafters that run a transformer: its KV memory, chain drafting, draft distributions.
 
-    Subclasses set `self.net` (a native Transformer), `self.skip` (layers it skips) and `self.sampling`
-    (None = greedy drafting, else a callable logits `[V]` -> distribution `[V]` to sample from), and call
-    `_open_cache(shared)` in `reset`. A shared cache is the target's own: it holds exactly the committed context
-    but the root, drafts are written after it and rolled back (Draft & Verify's KV reuse). Otherwise the drafter
-    owns a cache and `self.cached` lists the tokens whose keys and values it holds, slot by slot.
+    Subclasses set `self.net` (a native Transformer), `self.skip` (layers it skips) and `self.draw` (None = greedy
+    drafting, else a callable logits `[V]` -> distribution `[V]` to sample from), and call `_open_cache(shared)` in
+    `reset`. A shared cache is the target's own memory of the sequence (`self.kv`): it holds exactly the committed
+    context but the root; drafts are written after it and rolled back (Draft & Verify's KV reuse). Otherwise the
+    drafter keeps the sequence in a pool of its own (one per engine and method), and `self.cached` lists the
+    tokens whose keys and values it holds, entry by entry.
     """
 
     num_draft: int
     stop_threshold: float
 
     # ---- cache ---------------------------------------------------------------------------------------------
+    def _own_pool(self):
+        """The pool of the drafters' own caches: made once, in a holder the sequences' copies share."""
+        if not self.pool_holder:
+            target = self.engine.core.pool
+            tokens = min(target.num_slots, DRAFT_POOL_TOKENS)
+            self.pool_holder.append(self.net.make_pool(-(-tokens // target.block_size) + 1, target.block_size))
+        return self.pool_holder[0]
+
     def _open_cache(self, shared: bool) -> None:
         self.shared = shared
         self.cached: list[int] = []
         self.committed = 0  # length of the context at the last propose: a prefix of every later context
         self.vocab = self.engine.model.config.vocab_size
         self.generator = None
-        if shared:
-            self.cache = self.engine.model.cache
-            return
-        target_cache = self.engine.model.cache
-        size = target_cache.max_len + self.max_draft_tokens() + 2
-        ensure_rope(self.net, target_cache.max_len)  # drafts sit at the target's positions: a no-op for it
-        old = getattr(self, "cache", None)
-        fits = old is not None and old is not target_cache and old.max_len >= size and old.k.dtype == self.net.dtype
-        self.cache = old if fits else self.net.make_cache(1, size)
-        self.cache.reset()
+        self.cache = self.kv if shared else SeqKV(self._own_pool())
+
+    def finish(self, tokens: list[int]) -> None:
+        if not self.shared:
+            self.cache.free()
 
     def _feed(self, tokens: list[int], positions: list[int], tree_mask: torch.Tensor | None = None,
               last_only: bool = False) -> torch.Tensor:
         """Append `tokens` at `positions` to the drafting cache; logits `[T, V]` (or `[1, V]`), target vocabulary."""
-        dev = self.net.device
-        ids = torch.tensor([tokens], device=dev)
-        pos = torch.tensor([positions], device=dev)
         with torch.inference_mode():
-            logits = self.net(ids, pos, tree_mask=tree_mask, cache=self.cache, skip_layers=self.skip,
-                              num_logits=1 if last_only else None)[0]
+            logits = self.net.forward_seq(self.cache, tokens, positions, tree_mask, "last" if last_only else "all",
+                                          skip_layers=self.skip)
         logits = logits.to(self.engine.device, torch.float32)
         v = logits.shape[-1]
         if v > self.vocab:  # padding rows of a larger embedding table
@@ -116,7 +105,7 @@ class ModelDrafter(Drafter):
         """Bring the cache to `context[:-1]`, feed the root; its logits `[V]`, or None if the cache cannot follow."""
         root = len(context) - 1
         if self.shared:
-            if self.cache.length != root or self.cache.length + self.max_draft_tokens() + 1 > self.cache.max_len:
+            if self.cache.length != root:
                 return None
             return self._feed([context[-1]], [root])[-1]
         n = self.committed if self.cached[:self.committed] == context[:self.committed] else 0
@@ -135,9 +124,12 @@ class ModelDrafter(Drafter):
         return logits
 
     def _release(self, root: int) -> None:
-        """After drafting: a shared cache gives back every slot from the root on (the engine writes there next)."""
+        """After drafting: a shared cache gives back every entry from the root on (the target writes there next);
+        an own cache keeps its memory to what it holds."""
         if self.shared:
             self.cache.rollback(root)
+        else:
+            self.cache.trim()
 
     # ---- drafting ------------------------------------------------------------------------------------------
     def _predicted(self, path_prob: float, top1: float) -> float:
@@ -146,12 +138,12 @@ class ModelDrafter(Drafter):
 
     def _distribution(self, logits: torch.Tensor) -> torch.Tensor:
         """What the next token is drawn from (sampling) or how sure the draft is (greedy): `[V]` float."""
-        if self.sampling is not None:
-            return self.sampling(logits)
+        if self.draw is not None:
+            return self.draw(logits)
         return logits.softmax(-1)
 
     def _seed_generator(self, seed: int | None) -> None:
-        if self.sampling is None:
+        if self.draw is None:
             return
         self.generator = torch.Generator(device=self.engine.device)
         self.generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
@@ -161,14 +153,14 @@ class ModelDrafter(Drafter):
         tokens, rows, path = [], [], 1.0
         for i in range(self.num_draft):
             q = self._distribution(logits)
-            if self.sampling is None:
+            if self.draw is None:
                 top1, tok = q.max(-1)
                 top1, tok = float(top1), int(tok)
             else:  # decide whether to draft from q's shape, then draw: the decision never sees the draw
                 top1 = float(q.max())
             if tokens and self._predicted(path, top1) < self.stop_threshold:
                 break
-            if self.sampling is not None:
+            if self.draw is not None:
                 tok = int(torch.multinomial(q, 1, generator=self.generator))
                 rows.append(q)
                 path *= float(q[tok])
@@ -182,11 +174,16 @@ class ModelDrafter(Drafter):
         return DraftTree.chain(tokens, torch.stack(rows) if rows else None)
 
     def propose(self, context: list[int]) -> DraftTree:
-        logits = self._sync(context)
-        if logits is None:
-            return DraftTree()
         try:
+            logits = self._sync(context)
+            if logits is None:
+                return DraftTree()
             return self._draft(context, logits)
+        except PoolFull:  # no memory left to draft in: a plain step (the drafter resynchronizes next time)
+            self.cached, self.committed = [], 0
+            if not self.shared:
+                self.cache.rollback(0)
+            return DraftTree()
         finally:
             self._release(len(context) - 1)
 
@@ -218,7 +215,7 @@ class DraftModel(ModelDrafter):
     Transformer with the target's tokenizer), `num_draft` (6: max draft depth), `tree_width` (1 = chain; else
     children per node of the dynamic tree), `max_nodes` (16: tree size), `stop_threshold` (0.0 = off: SpecDec++
     stop when path probability x top-1 probability falls under it), `temperature` (None: greedy drafting unless
-    the engine exposes a sampling config; > 0: sample drafts at this temperature), `seed` (None: of the draft's
+    the sequence samples; > 0: sample drafts at this temperature), `seed` (None: of the draft's
     sampling; fresh randomness per generation)."""
 
     name = "draft"
@@ -239,8 +236,9 @@ class DraftModel(ModelDrafter):
             raise ValueError(f"draft: temperature must be >= 0, got {self.temperature}")
         self.net = None
         self.cache = None
+        self.pool_holder: list = []
         self.skip = frozenset()
-        self.sampling = None
+        self.draw = None
 
     def _load(self, engine):
         if not isinstance(self.model, str):
@@ -267,12 +265,12 @@ class DraftModel(ModelDrafter):
         return self
 
     def reset(self, prompt_ids: list[int]) -> None:
-        cfg = getattr(self.engine, "sampling", None)
+        cfg = self.sampling  # the sequence's own sampling rule
         if self.temperature is not None:
             stochastic = self.temperature > 0 and not (cfg is not None and cfg.greedy)
         else:
             stochastic = cfg is not None and not cfg.greedy
-        self.sampling = warped_sampler(cfg, self.temperature) if stochastic else None
+        self.draw = warped_sampler(cfg, self.temperature) if stochastic else None
         seed = self.seed
         if seed is None and cfg is not None and cfg.seed is not None:
             seed = (cfg.seed * 1_000_003 + 12_345) % (1 << 62)  # reproducible, yet not the verifier's stream
@@ -303,7 +301,7 @@ class DraftModel(ModelDrafter):
             q = self._distribution(logits)
             k = min(self.tree_width, q.shape[-1])
             top_p, top_t = q.topk(k)
-            if self.sampling is None:
+            if self.draw is None:
                 order = top_t
             else:  # Gumbel-top-k: the order of sampling without replacement; a child is used only once chosen
                 k = min(k, int((q > 0).sum()))
@@ -333,7 +331,7 @@ class DraftModel(ModelDrafter):
                 parents.append(parent)
                 depth.append(depth[parent] + 1)
                 score.append(score[parent] * chosen_p[rank])
-                if self.sampling is not None:
+                if self.draw is not None:
                     rows.append(q)
                 if rank + 1 < len(chosen):
                     heapq.heappush(heap, (-score[parent] * estimate[rank + 1], next(tiebreak), parent, rank + 1))
@@ -350,7 +348,7 @@ class DraftModel(ModelDrafter):
                 expand(node, logits[node - 1])
             pending = []
         self.cache.rollback(base)  # the accepted path is fed again next step: a few tokens, one pass
-        if self.sampling is None:
+        if self.draw is None:
             return DraftTree(tokens, parents)
         return DraftTree(tokens, parents, torch.stack(rows) if rows else None, without_replacement=True)
 

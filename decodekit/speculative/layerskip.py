@@ -12,7 +12,7 @@ No second model and, by default, no second cache: like Draft & Verify and LayerS
 draft attends over the target's exact keys and values of the committed text (`share_cache=True`); draft tokens
 are written past them, for the layers the draft runs, and rolled back before the target's verify pass. Nothing
 is prefilled or synchronized, and changing the skipped set costs nothing. With `share_cache=False` the draft
-keeps its own cache (`model.make_cache`), synchronized like the draft-model drafter's, and re-prefills when the
+keeps its own cache (a pool of its own), synchronized like the draft-model drafter's, and re-prefills when the
 skipped set changes.
 
 Adaptation (`adapt=True`): acceptance (accepted tokens per drafted token) is measured over windows of
@@ -63,7 +63,8 @@ class LayerSkip(ModelDrafter):
         self.rng = random.Random(self.seed)
         self.net = None
         self.cache = None
-        self.sampling = None  # drafts are greedy: deterministic, lossless under every verifier
+        self.draw = None  # drafts are greedy: deterministic, lossless under every verifier
+        self.pool_holder: list = []
         self.order: list[int] = []  # skippable layers, most redundant first
         self.scores: dict[frozenset[int], float] = {}  # acceptance rate measured per skipped set (moving average)
         self.trial: frozenset[int] | None = None  # a neighbouring set on trial ...
@@ -103,7 +104,7 @@ class LayerSkip(ModelDrafter):
             return
         self.skip_layers = skipped
         if not self.shared and self.cache is not None:  # own cache: the newly run layers lack the context's keys
-            self.cache.reset()
+            self.cache.rollback(0)
             self.cached, self.committed = [], 0
 
     def observe(self, context: list[int], step: StepResult) -> None:

@@ -33,10 +33,12 @@ class TokenRecycling(Drafter):
             raise ValueError(f"recycling: widths must be in [1, top_k={self.top_k}], got {self.widths}")
         self.adjacency: torch.Tensor | None = None  # [V, top_k] candidate ids, -1 = never seen
 
-    def reset(self, prompt_ids: list[int]) -> None:
-        if self.adjacency is None:  # kept across generations: the matrix is the method's memory
-            vocab = self.engine.model.config.vocab_size
+    def bind(self, engine) -> "TokenRecycling":
+        super().bind(engine)
+        if self.adjacency is None:  # one per engine, shared by its sequences: the matrix is the method's memory
+            vocab = engine.model.config.vocab_size
             self.adjacency = torch.full((vocab, self.top_k), -1, dtype=torch.long)
+        return self
 
     def propose(self, context: list[int]) -> DraftTree:
         tree = DraftTree()

@@ -89,12 +89,15 @@ class SuffixDecoding(Drafter):
         self.context_len = 0
 
     def reset(self, prompt_ids: list[int]) -> None:
-        if self.output:  # the previous output joins the corpus of earlier outputs
-            self.global_trie.extend(self.output)
-            self.global_trie.end_sequence()
         self.request = SuffixTrie(self.max_depth)
         self.request.extend(prompt_ids)
         self.output, self.context_len = [], len(prompt_ids)
+
+    def finish(self, tokens: list[int]) -> None:
+        """The sequence's output joins the corpus of earlier outputs (shared by the engine's sequences)."""
+        self._sync(tokens)
+        self.global_trie.extend(self.output)
+        self.global_trie.end_sequence()
 
     def _sync(self, context: list[int]) -> None:
         """Feed the tokens committed since the last call (a few per step) to the request trie."""

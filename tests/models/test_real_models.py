@@ -4,6 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import decodekit
+from decodekit.models.kv_cache import private_pool
 
 pytestmark = pytest.mark.real_model
 
@@ -37,17 +38,17 @@ def check_logits(engine, hf, text: str) -> None:
     ids = torch.tensor([engine.encode(text, chat=True)])
     n = ids.shape[1]
     model = engine.model
+    _, kv = private_pool(model, n + 16)
     with torch.inference_mode():
         expected = hf(ids).logits[0]
-        model.setup_cache(1, n + 16)
-        prefill = model(ids[:, :-1], torch.arange(n - 1)[None])[0]
-        decode = model(ids[:, -1:], torch.tensor([[n - 1]]))[0]
+        prefill = model.forward_seq(kv, ids[0, :-1].tolist(), list(range(n - 1)))
+        decode = model.forward_seq(kv, ids[0, -1:].tolist(), [n - 1])
         torch.testing.assert_close(prefill, expected[:-1], rtol=1e-3, atol=1e-3)
         torch.testing.assert_close(decode, expected[-1:], rtol=1e-3, atol=1e-3)
         # tree forward: nodes = candidate continuations; each path must match transformers on that path
         parents, anc, positions = tree_of(n)
         nodes = expected[-1].topk(6).indices[None]
-        tree_logits = model(nodes, positions[None], tree_mask=anc)[0]
+        tree_logits = model.forward_seq(kv, nodes[0].tolist(), positions.tolist(), tree=anc)
         for leaf in (3, 5):
             path = [i for i in range(6) if anc[leaf, i]]
             ref = hf(torch.cat([ids, nodes[:, path]], 1)).logits[0, n:]

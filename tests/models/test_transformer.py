@@ -4,6 +4,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from decodekit.models.config import ModelConfig, shape
+from decodekit.models.kv_cache import PoolFull, private_pool
 from decodekit.models.transformer import Transformer, convert_hf_state_dict
 
 FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3"]
@@ -28,13 +29,13 @@ def make_pair(name: str, seed: int = 0):
 def test_prefill_and_decode_match_transformers(name):
     ref, model = make_pair(name)
     ids = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
+    _, kv = private_pool(model, 64, block_size=8)
     with torch.no_grad():
-        expected = ref(ids).logits
-        model.setup_cache(1, 64)
-        got = model(ids[:, :20], torch.arange(20)[None])  # prefill
-        steps = [model(ids[:, i : i + 1], torch.tensor([[i]])) for i in range(20, 24)]  # one token at a time
-    torch.testing.assert_close(got, expected[:, :20], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(torch.cat(steps, 1), expected[:, 20:], rtol=1e-4, atol=1e-4)
+        expected = ref(ids).logits[0]
+        got = model.forward_seq(kv, ids[0, :20].tolist(), list(range(20)))  # prefill
+        steps = [model.forward_seq(kv, [int(ids[0, i])], [i]) for i in range(20, 24)]  # one token at a time
+    torch.testing.assert_close(got, expected[:20], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.cat(steps), expected[20:], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -53,42 +54,74 @@ def test_tree_forward_and_keep_path(name):
         if p >= 0:
             anc[i] |= anc[p]
             depth[i] = depth[p] + 1
+    _, kv = private_pool(model, 64, block_size=4)  # small blocks: the tree and the kept path cross block edges
     with torch.no_grad():
-        model.setup_cache(1, 64)
-        model(prefix, torch.arange(12)[None])
-        tree_logits = model(nodes, (12 + torch.tensor(depth))[None], tree_mask=anc)
+        model.forward_seq(kv, prefix[0].tolist(), list(range(12)))
+        tree_logits = model.forward_seq(kv, nodes[0].tolist(), (12 + torch.tensor(depth)).tolist(), tree=anc)
         for leaf in [5, 4]:
             path = [i for i in range(len(parents)) if anc[leaf, i]]
             seq = torch.cat([prefix, nodes[:, path]], 1)
-            expected = ref(seq).logits[:, 12:]
-            torch.testing.assert_close(tree_logits[:, path], expected, rtol=1e-4, atol=1e-4)
+            expected = ref(seq).logits[0, 12:]
+            torch.testing.assert_close(tree_logits[path], expected, rtol=1e-4, atol=1e-4)
         # keep the path 0-1-3-5 and continue decoding: must equal decoding that path directly
-        model.cache.keep_path(12, [0, 1, 3, 5])
+        kv.keep_path(12, [0, 1, 3, 5])
         nxt = torch.randint(0, model.config.vocab_size, (1, 1), generator=g)
-        after = model(nxt, torch.tensor([[16]]))
+        after = model.forward_seq(kv, nxt[0].tolist(), [16])
         seq = torch.cat([prefix, nodes[:, [0, 1, 3, 5]], nxt], 1)
-        torch.testing.assert_close(after, ref(seq).logits[:, -1:], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(after, ref(seq).logits[0, -1:], rtol=1e-4, atol=1e-4)
 
 
 def test_rollback_forgets_rejected_tokens():
     ref, model = make_pair("tiny-llama")
     ids = torch.randint(0, 512, (1, 10), generator=torch.Generator().manual_seed(3))
     other = torch.randint(0, 512, (1, 4), generator=torch.Generator().manual_seed(4))
+    _, kv = private_pool(model, 32, block_size=4)
     with torch.no_grad():
-        model.setup_cache(1, 32)
-        model(ids[:, :6], torch.arange(6)[None])
-        model(other, torch.arange(6, 10)[None])
-        model.cache.rollback(6)
-        got = model(ids[:, 6:], torch.arange(6, 10)[None])
-        torch.testing.assert_close(got, ref(ids).logits[:, 6:], rtol=1e-4, atol=1e-4)
+        model.forward_seq(kv, ids[0, :6].tolist(), list(range(6)))
+        model.forward_seq(kv, other[0].tolist(), list(range(6, 10)))
+        kv.rollback(6)
+        got = model.forward_seq(kv, ids[0, 6:].tolist(), list(range(6, 10)))
+        torch.testing.assert_close(got, ref(ids).logits[0, 6:], rtol=1e-4, atol=1e-4)
 
 
-def test_cache_overflow_is_an_error():
+def test_a_pool_that_runs_out_is_an_error():
     _, model = make_pair("tiny-llama")
-    model.setup_cache(1, 8)  # rounded up to 256 slots
-    model(torch.zeros(1, 250, dtype=torch.long), torch.arange(250)[None])
-    with pytest.raises(ValueError, match="KV cache full"):
-        model(torch.zeros(1, 7, dtype=torch.long), torch.arange(250, 257)[None])
+    _, kv = private_pool(model, 250, block_size=50)  # 5 blocks of 50 entries (+ scratch)
+    model.forward_seq(kv, [0] * 250, list(range(250)))
+    with pytest.raises(PoolFull):
+        model.forward_seq(kv, [0] * 7, list(range(250, 257)))
+
+
+def test_padded_rows_of_a_batch_equal_single_rows():
+    """Rows of different widths and lengths in one pass (padding, several groups, scratch reads) score as alone."""
+    from decodekit.models.batch import RowSpec
+    from decodekit.models.kv_cache import KVPool, SeqKV
+    from decodekit.engine.runner import ModelRunner
+
+    ref, model = make_pair("tiny-gemma3")  # sliding-window layers too
+    c = model.config
+    pool = KVPool(c.num_layers, 40, 4, c.num_kv_heads, c.head_dim, torch.float32, "cpu")
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, c.vocab_size, (n,), generator=g).tolist() for n in (13, 5, 22)]
+    kvs = [SeqKV(pool) for _ in seqs]
+    runner = ModelRunner(model, pool)
+    with torch.no_grad():
+        prefix = [s[:-3] for s in seqs]
+        specs = [RowSpec(kv, p, list(range(len(p))), None, "none") for kv, p in zip(kvs, prefix)]
+        for kv, p in zip(kvs, prefix):
+            kv.ensure(len(p))
+        runner.run(specs)
+        for kv, p in zip(kvs, prefix):
+            kv.length = len(p)
+        steps = [s[-3:-1] if i == 1 else s[-3:] for i, s in enumerate(seqs)]  # widths 3, 2, 3 in one pass
+        specs = [RowSpec(kv, t, list(range(kv.length, kv.length + len(t)))) for kv, t in zip(kvs, steps)]
+        for kv, t in zip(kvs, steps):
+            kv.ensure(kv.length + len(t))
+        logits = runner.run(specs)
+        for spec, s, t in zip(specs, seqs, steps):
+            want = ref(torch.tensor([s[:len(s) - 3 + len(t)]])).logits[0, -len(t):]
+            got = logits[spec.first_logit:spec.first_logit + len(t)]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_single_query_attention_matches_sdpa():

@@ -5,6 +5,7 @@ import torch
 
 from decodekit.engine import Engine
 from decodekit.models.config import ModelConfig
+from decodekit.models.kv_cache import private_pool
 from decodekit.models.loader import build_native
 from decodekit.sampling import LogitsProcessor, SamplingConfig
 
@@ -45,9 +46,9 @@ def exact_pair_distribution(engine: Engine, sampling: SamplingConfig) -> torch.T
     model = engine.model
 
     def dist(seq):
-        model.setup_cache(1, 64)
+        _, kv = private_pool(model, 64)
         with torch.no_grad():
-            logits = model(torch.tensor([seq]), torch.arange(len(seq))[None])[0, -1:].float()
+            logits = model.forward_seq(kv, seq, list(range(len(seq))), logits="last").float()
         return proc.probs(logits)[0]
 
     p1 = dist(MICRO_PROMPT)
@@ -60,3 +61,20 @@ def exact_pair_distribution(engine: Engine, sampling: SamplingConfig) -> torch.T
             if p2[t2] > 0:
                 joint[t2] += p1[t1] * p2[t2] * dist(MICRO_PROMPT + [t1, t2])
     return joint.flatten()
+
+
+def spawned(drafter, keep_state: bool = False) -> list:
+    """Record the per-sequence copies the engine makes of a drafter instance (their state is the sequence's);
+    `keep_state`: the copies keep their own KV memory when their sequence ends, for a test to inspect."""
+    copies = []
+    spawn = drafter.spawn
+
+    def record(*args):
+        copy = spawn(*args)
+        if keep_state:
+            copy.finish = lambda tokens: None
+        copies.append(copy)
+        return copy
+
+    drafter.spawn = record
+    return copies

@@ -16,7 +16,8 @@ import decodekit
 from decodekit.engine import Engine
 from decodekit.sampling import SamplingConfig
 from decodekit.speculative import DRAFTERS, verify as verify_module
-from micro import MICRO_PROMPT, VOCAB, exact_pair_distribution, micro_engine
+from decodekit.speculative.budget import DraftBudget, StepCosts
+from micro import MICRO_PROMPT, VOCAB, exact_pair_distribution, micro_engine, micro_model
 
 METHODS = sorted(m for m in DRAFTERS if m != "plain")
 
@@ -58,12 +59,14 @@ def micro():
     return micro_engine()
 
 
-def empirical_pairs(engine: Engine, method: str, sampling: SamplingConfig, n: int, **options) -> torch.Tensor:
+def empirical_pairs(engine: Engine, method: str, sampling: SamplingConfig, n: int, seed: int | None = 1000,
+                    **options) -> torch.Tensor:
+    """Counts of (second, third) generated token over `n` samples of one request, decoded as one batch: sample i
+    is seeded `seed + i` (what it would get alone), or unseeded (`seed=None`: the draft budget is then on)."""
     counts = torch.zeros(VOCAB * VOCAB)
-    for i in range(n):
-        s = SamplingConfig(**{**sampling.__dict__, "seed": 1000 + i})
-        ids = engine.generate(MICRO_PROMPT, 3, method=method, sampling=s, **options).token_ids
-        counts[ids[1] * VOCAB + ids[2]] += 1
+    s = SamplingConfig(**{**sampling.__dict__, "seed": seed})
+    for r in engine.generate(MICRO_PROMPT, 3, method=method, sampling=s, n=n, **options):
+        counts[r.token_ids[1] * VOCAB + r.token_ids[2]] += 1
     return counts
 
 
@@ -98,6 +101,43 @@ def test_sampled_distribution_several_settings(sampling, micro):
     assert chi_square_p(counts, probs) > 1e-3
 
 
+class FrozenCosts(StepCosts):
+    """Step costs that make deep drafts lose (a verified token costs half a step): the budget cuts most trees to
+    depth 1, and lets a whole tree through on its probes. Frozen, so the test decides what the budget sees."""
+
+    def __init__(self) -> None:
+        super().__init__(times={(1, 1): 1.0, (1, 2): 1.05, (1, 4): 2.0, (1, 8): 4.0, (1, 16): 8.0},
+                         accept=[0.9] * 8)
+
+    def record(self, batch, width, seconds):
+        pass
+
+
+@pytest.mark.parametrize("method", ["pld", "draft"])
+def test_unseeded_sampling_with_the_budget_cutting_trees_keeps_the_distribution(method, micro):
+    """The default sampled path: no seed, so the draft budget is on and cuts stochastic trees (draft) and
+    deterministic chains (pld) differently from step to step; the output still follows the target."""
+    sampling = SamplingConfig(temperature=1.0)
+    probs = exact_pair_distribution(micro, sampling)
+    micro.core.costs.clear()
+    micro.core.costs[method] = FrozenCosts()
+    micro.core.budget_options = {"probe_every": 2}  # the first step is cut, the second a probe: both get tested
+    knobs = {"model": micro_model(5, 4.0), "tree_width": 3, "max_nodes": 6, "num_draft": 3} if method == "draft" \
+        else {"num_draft": 3}
+    cut = []
+    original = DraftBudget.trim
+    DraftBudget.trim = lambda self, tree: cut.append((len(tree), len(t := original(self, tree)))) or t
+    try:
+        counts = empirical_pairs(micro, method, sampling, 1500, seed=None, method_options=knobs)
+    finally:
+        DraftBudget.trim = original
+        micro.core.costs.clear()
+        micro.core.budget_options = {}
+    assert any(after < before for before, after in cut)  # the budget did cut
+    assert any(after == before > 1 for before, after in cut)  # and let whole trees through (probes)
+    assert chi_square_p(counts, probs) > 1e-3
+
+
 def test_chi_square_catches_a_lossy_verifier(micro, monkeypatch):
     """Negative control: accepting every draft token changes the distribution, and the test sees it."""
     def accept_all(tree, probs, generator=None):
@@ -108,7 +148,7 @@ def test_chi_square_catches_a_lossy_verifier(micro, monkeypatch):
         return path, int(torch.multinomial(probs[node], 1, generator=generator))
 
     monkeypatch.setattr(verify_module, "pick_verifier", lambda *a, **k: accept_all)
-    monkeypatch.setattr("decodekit.engine.pick_verifier", lambda *a, **k: accept_all)
+    monkeypatch.setattr("decodekit.engine.sequence.pick_verifier", lambda *a, **k: accept_all)
     sampling = SamplingConfig(temperature=1.0)
     probs = exact_pair_distribution(micro, sampling)
     counts = empirical_pairs(micro, "pld", sampling, 1200, num_draft=3)

@@ -1,9 +1,12 @@
 """The generation loop: stopping, streaming, batching, seeds, penalties under speculation, stats."""
+import copy
+
 import pytest
 import torch
 
 import decodekit
 from decodekit.engine import Engine
+from engine_helpers import fused_engine
 
 
 @pytest.fixture(scope="module")
@@ -68,62 +71,48 @@ def test_penalties_see_each_draft_nodes_own_context(engine, method):
 
 
 def test_stats_are_consistent(engine):
-    r = engine.generate(PROMPT, 30, method="pld", ignore_eos=True, adaptive=False)
+    """Counts that follow from what happened: the target drafting for itself accepts everything, 4 tokens a step."""
+    r = engine.generate(PROMPT, 30, method="draft", model=engine, num_draft=3, ignore_eos=True, adaptive=False)
     s = r.stats
-    assert s.forward_passes == s.decode_steps + 1 and s.prompt_tokens == len(PROMPT)
-    assert s.tau >= 1.0 and s.tokens_per_s > 0 and s.time_to_first_token_s > 0
-    assert len(s.accepted_by_position) >= 1 and all(0 <= a <= 1 for a in s.accepted_by_position)
+    assert s.prompt_tokens == len(PROMPT) and s.generated_tokens == len(r.token_ids) == 30
+    assert s.decode_steps == 8 and s.forward_passes == 9  # 29 tokens after the first: 7 steps of 4, one of 1
+    assert s.tau == 29 / 8 and s.accepted_by_position == [1.0, 1.0, 1.0]
+    assert 0 < s.time_to_first_token_s < s.total_time_s and s.draft_time_s > 0 and s.verify_time_s > 0
+    assert s.tokens_per_s == pytest.approx(29 / (s.total_time_s - s.time_to_first_token_s), rel=0.05)
+    # a draft that misses: tau - 1 is the accepted tokens per step, at most the sum of per-depth acceptance rates
+    noisy = copy.deepcopy(engine.model)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.3 * p.std())
+    s = engine.generate(PROMPT, 40, method="draft", model=noisy, num_draft=4, ignore_eos=True, adaptive=False).stats
+    assert s.tau == (40 - 1) / s.decode_steps
+    rates = s.accepted_by_position
+    assert len(rates) == 4 and 0 < rates[0] < 1 and all(0 <= a <= 1 for a in rates)
+    assert 1 < s.tau <= 1 + sum(rates) + 1e-9
 
 
 def test_chunked_prefill_equals_one_pass_and_long_prompts_work():
     from dataclasses import replace
 
     from decodekit.models.config import shape
+    from decodekit.models.kv_cache import private_pool
     from decodekit.models.loader import build_native
     from decodekit.models.tokenizer import ByteTokenizer
 
     config = replace(shape("tiny-llama"), max_position_embeddings=40000)
-    engine = Engine(build_native(config, None, torch.device("cpu"), torch.float32, seed=0), ByteTokenizer(vocab_size=512))
-    ids = torch.randint(3, 500, (5000,), generator=torch.Generator().manual_seed(0))
-    engine.model.setup_cache(1, 5100)
+    model = build_native(config, None, torch.device("cpu"), torch.float32, seed=0)
+    ids = torch.randint(3, 500, (5000,), generator=torch.Generator().manual_seed(0)).tolist()
     with torch.inference_mode():
-        chunked = engine._prefill(ids[None], torch.arange(5000)[None], chunk=2048)
-        engine.model.setup_cache(1, 5100)
-        whole = engine._prefill(ids[None], torch.arange(5000)[None], chunk=5000)
+        _, kv = private_pool(model, 5100)
+        chunked = [model.forward_seq(kv, ids[s:s + 2048], list(range(s, min(s + 2048, 5000))), logits="last")
+                   for s in range(0, 5000, 2048)][-1]
+        _, kv = private_pool(model, 5100)
+        whole = model.forward_seq(kv, ids, list(range(5000)), logits="last")
     torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-4)
+    engine = Engine(model, ByteTokenizer(vocab_size=512), max_step_tokens=2048)
     long = torch.randint(3, 500, (32768,), generator=torch.Generator().manual_seed(1)).tolist()
-    assert len(engine.generate(long, 2, ignore_eos=True).token_ids) == 2  # a 32k-token prompt, in 2,048-token chunks
-
-
-class EagerChunks(torch.nn.Module):
-    """A CPU stand-in for the CUDA-graph model's fused greedy chunks (`greedy_sizes`, `greedy_chunks`): the same
-    interface over eager single steps, so the engine's use of them is tested where CI runs."""
-
-    greedy_sizes = (16, 4)
-
-    def __init__(self, model):
-        super().__init__()
-        self.inner = model
-        self.chunk_calls: list[tuple[int, int]] = []
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.inner, name)
-
-    def forward(self, *args, **kwargs):
-        return self.inner(*args, **kwargs)
-
-    def greedy_chunks(self, token, position, chunks, steps):
-        self.chunk_calls.append((chunks, steps))
-        for _ in range(chunks):
-            out = []
-            for _ in range(steps):
-                logits = self.inner(torch.tensor([[token]]), torch.tensor([[position]]))
-                token, position = int(logits[0, -1].argmax()), position + 1
-                out.append(token)
-            yield out
+    r = engine.generate(long, 2, ignore_eos=True)  # a 32k-token prompt, in 2,048-token chunks
+    assert len(r.token_ids) == 2 and r.stats.forward_passes == 16 + 1
 
 
 @pytest.mark.parametrize("method", ["plain", "pld", "suffix", "aded", "recycling", "lookahead"])
@@ -131,22 +120,25 @@ def test_fused_greedy_chunks_are_exact_for_every_drafter(engine, method):
     """Plain decoding and drafters the budget holds back (or that draft nothing) decode in fused chunks; the tokens
     stay plain greedy's."""
     want = engine.generate(PROMPT, 70, ignore_eos=True).token_ids
-    fused = Engine(EagerChunks(engine.model), engine.tokenizer)
+    fused = fused_engine(engine)
     got = fused.generate(PROMPT, 70, method=method, ignore_eos=True)
     assert got.token_ids == want
-    assert fused.model.chunk_calls, "no fused chunk was used"
+    calls = fused.core.runner.chunk_calls
+    assert calls, "no fused chunk was used"
     if method == "plain":
-        assert fused.model.chunk_calls[0] == (4, 16)  # 69 tokens after the first: 4 long chunks back to back
+        assert calls == [(4, 16), (1, 4)]  # 69 tokens after the first: 4 long chunks back to back, a short one,
+        # then a single verified step
 
 
 def test_a_held_back_drafter_runs_chunks_back_to_back_up_to_its_next_probe(engine):
-    from decodekit.speculative.budget import DraftBudget
+    from decodekit.speculative.budget import StepCosts
 
     want = engine.generate(PROMPT, 70, ignore_eos=True).token_ids
-    fused = Engine(EagerChunks(engine.model), engine.tokenizer)
-    # A budget that has measured drafts as losing: refuses until its next probe.
-    fused._budgets["pld"] = DraftBudget(accept=[0.01] * 8, step_time={1: 1e-3, 2: 1.0, 4: 1.0, 8: 1.0},
-                                        probe_every=64, probe_interval=64)
+    fused = fused_engine(engine)
+    # Costs that show drafts losing: the budget refuses until its next probe, 64 steps on.
+    fused.core.costs["pld"] = StepCosts(times={(1, 1): 1e-3, (1, 2): 1.0, (1, 4): 1.0, (1, 8): 1.0},
+                                        accept=[0.01] * 8)
+    fused.core.budget_options = {"probe_every": 64}
     got = fused.generate(PROMPT, 70, method="pld", ignore_eos=True)
     assert got.token_ids == want
-    assert fused.model.chunk_calls[0] == (4, 16)
+    assert fused.core.runner.chunk_calls[0] == (4, 16)

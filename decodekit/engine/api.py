@@ -1,0 +1,181 @@
+"""`Engine`: a model, its tokenizer and the public API (generate, stream, requests), over one `EngineCore`."""
+from __future__ import annotations
+
+from dataclasses import asdict, fields, is_dataclass
+from typing import Any, Iterator, Sequence as Seq
+
+import torch
+
+from ..models.tokenizer import encode_prompt
+from ..sampling import SamplingConfig
+from ..speculative.base import DRAFTERS, Drafter
+from .core import EngineCore, Request
+from .runner import ModelRunner
+from .scheduler import SchedulerConfig
+from .sequence import GenerationResult
+
+SAMPLING_FIELDS = {f.name for f in fields(SamplingConfig)}
+ENGINE_OPTIONS = ("ignore_eos", "adaptive")  # request-level switches that are neither sampling nor method knobs
+
+
+def _default_kv_tokens(model, max_context: int) -> int:
+    """KV pool size: on a GPU half the free memory (up to a million tokens); on the CPU room for two full-length
+    sequences (memory is only touched where sequences write)."""
+    if model.device.type == "cuda":
+        c = model.config
+        per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.tensor([], dtype=model.dtype).element_size()
+        free, _ = torch.cuda.mem_get_info(model.device)
+        return max(min(int(0.5 * free) // per_token, 1 << 20), max_context + 4096)
+    return max(2 * max_context, 16384)
+
+
+class Engine:
+    """A model, its tokenizer, and generation. Build one with `decodekit.load(...)`.
+
+    Every path runs on one batched core (`engine.core`): `generate` of one prompt or a list, `n` samples of a
+    prompt, `stream`, and callers that add requests while others run (`add_request` + `step`, as the server does).
+    `kv_tokens` sizes the KV pool (default: half the free GPU memory, or two context windows on the CPU);
+    `max_running` caps the sequences of one pass, `max_step_tokens` its tokens (the prefill chunk budget);
+    `cuda_graphs` replays passes as CUDA graphs (native models on a GPU).
+    """
+
+    def __init__(self, model, tokenizer, name: str = "model", max_context: int | None = None,
+                 kv_tokens: int | None = None, block_size: int = 16, max_running: int = 256,
+                 max_step_tokens: int = 2048, prefix_caching: bool = True, cuda_graphs: bool = False) -> None:
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.source_folder = None  # the HF-format folder the weights came from, if any
+        self.generation_defaults: dict[str, Any] = {}  # sampling values of the model's generation_config.json
+        self.max_context = min(max_context or model.config.max_position_embeddings,
+                               model.config.max_position_embeddings)
+        self.eos_ids = set(model.config.eos_token_ids)
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            self.eos_ids.add(tokenizer.eos_token_id)
+        if hasattr(model, "ensure_rope"):
+            model.ensure_rope(self.max_context)
+        kv_tokens = kv_tokens or _default_kv_tokens(model, self.max_context)
+        pool = model.make_pool(-(-kv_tokens // block_size) + 1, block_size)
+        if cuda_graphs:
+            from .graphs import GraphRunner
+
+            runner: ModelRunner = GraphRunner(model, pool)
+        else:
+            runner = ModelRunner(model, pool)
+        config = SchedulerConfig(max_running, max_step_tokens, prefix_caching)
+        self.core = EngineCore(model, tokenizer, self.eos_ids, self.max_context, runner, config)
+        self.core._engine = self
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # ---- prompts -------------------------------------------------------------------------------------------
+    def encode(self, prompt, chat: bool = False) -> list[int]:
+        """Token ids of a prompt: a string (raw, with the tokenizer's own special tokens, or as one user turn when
+        `chat`), chat messages, or ids."""
+        return encode_prompt(self.tokenizer, prompt, chat)
+
+    # ---- requests ------------------------------------------------------------------------------------------
+    def make_request(self, prompt, max_new_tokens: int = 128, *, method: str | Drafter = "plain",
+                     sampling: SamplingConfig | None = None, stop: Seq[str] | None = None, chat: bool = False,
+                     verifier: str | None = None, n: int = 1, method_options: dict[str, Any] | None = None,
+                     **options) -> Request:
+        """A validated request. `options`: sampling fields (temperature, top_p, seed, ...), `ignore_eos`,
+        `adaptive`, and the method's own knobs; `method_options` holds knobs only (for names that are both a
+        sampling field and a knob, e.g. a draft model's own temperature). Raises ValueError for bad input."""
+        options = dict(options)
+        engine_kw = {k: options.pop(k) for k in ENGINE_OPTIONS if k in options}
+        knobs = self._knobs(method)
+        sampling_kw = {k: options.pop(k) for k in list(options) if k in SAMPLING_FIELDS}
+        ambiguous = sorted(set(sampling_kw) & knobs)
+        if ambiguous:
+            k = ambiguous[0]
+            raise ValueError(f"option {k!r} is both a sampling setting and a knob of method {method!r}: pass "
+                             f"sampling=SamplingConfig({k}=...) for the target, or method_options={{{k!r}: ...}} "
+                             "(CLI: -O) for the method")
+        if sampling is None:  # the model's generation_config.json defaults, under what the caller gave
+            sampling = SamplingConfig.with_defaults(self.generation_defaults, sampling_kw)
+        else:
+            sampling = SamplingConfig(**{**asdict(sampling), **sampling_kw})
+        sampling.validate()
+        method_kw = {**options, **(method_options or {})}
+        if isinstance(method, str) and method not in DRAFTERS:
+            raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(DRAFTERS))}")
+        unknown = sorted(set(method_kw) - knobs) if isinstance(method, str) else []
+        if unknown:
+            raise ValueError(f"unknown option {unknown[0]!r} for method {method!r}"
+                             + (f"; its knobs: {', '.join(sorted(knobs))}" if knobs else " (it has no knobs)"))
+        return Request(self.encode(prompt, chat), max_new_tokens, sampling, method, method_kw,
+                       list(stop or []), n, verifier=verifier, **engine_kw)
+
+    @staticmethod
+    def _knobs(method) -> set[str]:
+        cls = method if isinstance(method, type) else DRAFTERS.get(method) if isinstance(method, str) else type(method)
+        if cls is None or not is_dataclass(cls):
+            return set()
+        return {f.name for f in fields(cls)}
+
+    def add_request(self, prompt, max_new_tokens: int = 128, **kwargs) -> Request:
+        """Queue a request while others may be running; drive it with `step()`."""
+        return self.core.add(self.make_request(prompt, max_new_tokens, **kwargs))
+
+    def step(self) -> list:
+        """One step of the core: every running sequence advances; returns the sequences that changed."""
+        return self.core.step()
+
+    def _run_until(self, requests: list[Request]) -> None:
+        try:
+            while not all(r.finished for r in requests):
+                if not self.core.has_work():
+                    raise RuntimeError("the engine has no work left but requests are unfinished")
+                self.core.step()
+        except BaseException:
+            for r in requests:
+                self.core.abort(r)
+            raise
+
+    # ---- public API ----------------------------------------------------------------------------------------
+    def generate(self, prompt, max_new_tokens: int = 128, **kwargs):
+        """Generate from one prompt (a `GenerationResult`; with `n` > 1 a list of `n`), or from a list of prompts
+        (one entry per prompt, in order), all as one batch on the core. See `make_request` for the options."""
+        many = isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list, tuple)) and \
+            not isinstance(prompt[0], dict)
+        prompts = prompt if many else [prompt]
+        requests = [self.make_request(p, max_new_tokens, **kwargs) for p in prompts]  # all valid, or none queued
+        added = []
+        try:
+            for r in requests:
+                added.append(self.core.add(r))
+        except BaseException:
+            for r in added:
+                self.core.abort(r)
+            raise
+        self._run_until(requests)
+        results = []
+        for r in requests:
+            out = [s.result() for s in sorted(r.sequences, key=lambda s: s.index)]
+            results.append(out if r.n > 1 else out[0])
+            self.core.requests.pop(r.id, None)
+        return results if many else results[0]
+
+    def stream(self, prompt, max_new_tokens: int = 128, **kwargs) -> Iterator[str]:
+        """Yield text pieces as they are committed; the final GenerationResult is the generator's return value.
+
+        Text that might still become a stop string is held back until it is known not to be one."""
+        request = self.core.add(self.make_request(prompt, max_new_tokens, **kwargs))
+        shown = 0
+        try:
+            while not request.finished:
+                self.core.step()
+                seq = request.sequences[0]
+                text = seq.stopper.text if seq.finished else seq.stopper.visible()
+                if len(text) > shown:
+                    yield text[shown:]
+                    shown = len(text)
+        finally:
+            if not request.finished:
+                self.core.abort(request)
+            self.core.requests.pop(request.id, None)
+        return request.sequences[0].result()
+
+
+__all__ = ["Engine", "GenerationResult"]

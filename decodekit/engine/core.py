@@ -1,0 +1,272 @@
+"""The engine core: requests in, one `step()` at a time, tokens out. Every caller drives this one loop.
+
+`step()` = schedule -> plan drafts -> run one pass -> postprocess (as nano-vllm's): the scheduler picks the running
+sequences and prefill chunks; each decoding sequence brings its root token and its own draft tree; the runner
+scores every row in one batched pass (or, when every sequence can take plain greedy tokens, runs fused greedy
+chunks); each sequence then verifies and commits on its own. Generate, stream, lists of prompts, `n` samples and
+the server are all clients of `add` + `step`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any
+
+import torch
+
+from ..models.batch import RowSpec
+from ..models.kv_cache import PoolFull, SeqKV
+from ..sampling import SamplingConfig
+from ..speculative.base import Drafter, make_drafter
+from ..speculative.budget import DraftBudget, StepCosts
+from .runner import ModelRunner
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import Sequence, Status
+from .stopping import StopChecker
+
+
+@dataclass
+class Request:
+    """What a caller asks for; the core turns it into `n` sequences sharing the prompt's KV memory."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    method: str | Drafter = "plain"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    stop: list[str] = field(default_factory=list)
+    n: int = 1
+    ignore_eos: bool = False
+    adaptive: bool | None = None  # the draft budget; default: on unless a seeded sampled run (reproducible tokens)
+    verifier: str | None = None
+    id: int = -1
+    sequences: list[Sequence] = field(default_factory=list)
+    aborted: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return (self.aborted or len(self.sequences) == self.n) and all(s.finished for s in self.sequences)
+
+
+class EngineCore:
+    def __init__(self, model, tokenizer, eos_ids: set[int], max_context: int, runner: ModelRunner,
+                 config: SchedulerConfig | None = None, max_chunks: int = 16) -> None:
+        self.model, self.tokenizer, self.eos_ids, self.max_context = model, tokenizer, eos_ids, max_context
+        self.runner = runner
+        self.pool = runner.pool
+        self.scheduler = Scheduler(self.pool.allocator, config or SchedulerConfig())
+        self.max_chunks = max_chunks  # fused greedy chunks per step at most (when no request waits)
+        self.drafters: dict[Any, Drafter] = {}  # one bound prototype per method and options: learning persists
+        self.costs: dict[str, StepCosts] = {}  # measured step costs per method, shared by its sequences
+        self.budget_options: dict[str, Any] = {}  # DraftBudget knobs for new sequences (probe_every, decay, ...)
+        self.requests: dict[int, Request] = {}
+        self._ids = count()
+        self._seq_ids = count()
+
+    # ---- requests ----------------------------------------------------------------------------------------------
+    def add(self, req: Request) -> Request:
+        """Validate and queue a request; raises ValueError (nothing queued) for one that can never run."""
+        n_prompt = len(req.prompt_ids)
+        if req.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {req.max_new_tokens}")
+        if n_prompt == 0:
+            raise ValueError("empty prompt")
+        if n_prompt >= self.max_context:
+            raise ValueError(f"prompt has {n_prompt} tokens; the model's context window is {self.max_context}")
+        if req.n < 1:
+            raise ValueError(f"n must be >= 1, got {req.n}")
+        req.sampling.validate()
+        req.id = next(self._ids)
+        seq = self._sequence(req, 0, SeqKV(self.pool))
+        self.scheduler.add(seq, seq.drafter.max_draft_tokens() + 1)
+        self.requests[req.id] = req
+        return req
+
+    def _prototype(self, req: Request) -> Drafter:
+        if isinstance(req.method, Drafter):  # the caller's own instance is the prototype
+            return req.method.bind(self.engine)
+        key = (req.method, tuple(sorted((k, repr(v)) for k, v in req.method_options.items())))
+        if key not in self.drafters:
+            self.drafters[key] = make_drafter(req.method, dict(req.method_options)).bind(self.engine)
+        return self.drafters[key]
+
+    def _sequence(self, req: Request, index: int, kv: SeqKV) -> Sequence:
+        sampling = req.sampling
+        if index and sampling.seed is not None:  # sample i of a seeded request: what seed + i gives alone
+            sampling = SamplingConfig(**{**sampling.__dict__, "seed": sampling.seed + index})
+        proto = self._prototype(req)
+        adaptive = req.adaptive
+        if adaptive is None:
+            # The budget decides from wall-clock times, and a different draft consumes the random stream
+            # differently: a seeded sampled run keeps every draft (same distribution, reproducible tokens).
+            adaptive = sampling.greedy or sampling.seed is None
+        budget = None
+        if adaptive and proto.name != "plain":
+            costs = self.costs.setdefault(proto.name, StepCosts())
+            budget = DraftBudget(costs=costs, accept=list(costs.accept), **self.budget_options)
+        stopper = StopChecker(self.tokenizer, set() if req.ignore_eos else self.eos_ids, req.stop)
+        max_len = min(self.max_context, len(req.prompt_ids) + req.max_new_tokens)
+        seq = Sequence(next(self._seq_ids), req.prompt_ids, req.max_new_tokens, max_len, sampling,
+                       proto.spawn(kv, sampling, req.prompt_ids), budget, stopper, kv, req.verifier, proto.name,
+                       self.model.config.vocab_size)
+        seq.request, seq.index = req, index
+        req.sequences.append(seq)
+        return seq
+
+    def abort(self, req: Request) -> None:
+        """Finish a request's sequences now ("abort"); their KV memory returns at once."""
+        req.aborted = True
+        for seq in req.sequences:
+            if not seq.finished:
+                if seq.status == Status.WAITING and seq in self.scheduler.waiting:
+                    self.scheduler.waiting.remove(seq)
+                    seq.kv.free()
+                seq.finish("abort")
+        self.scheduler.retire()
+        self.requests.pop(req.id, None)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def engine(self):
+        return self._engine
+
+    # ---- the step ----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[Sequence]:
+        """Advance every scheduled sequence by one pass (or a few fused greedy chunks); returns the sequences that
+        got new tokens or finished."""
+        sched = self.scheduler
+        widths = {s.id: 1 + s.drafter.max_draft_tokens() for s in sched.running if not s.prefilling}
+        plan = sched.schedule(widths)
+        if not plan:
+            return []
+        t0 = time.perf_counter()
+        batch = len(plan.decodes) + len(plan.prefills)
+        fusable = []
+        for seq in plan.decodes:
+            if seq.budget is not None:
+                seq.budget.batch = batch
+            fusable.append(seq.plan(self.runner.fused_sizes))
+        updated: list[Sequence] = []
+        if plan.decodes and not plan.prefills and self.runner.fused_sizes and min(fusable) >= self.runner.fused_sizes[-1]:
+            updated = self._fused_step(plan.decodes, min(fusable), t0)
+        if not updated:
+            updated = self._verified_step(plan, t0)
+        for seq in updated:
+            if not seq.finished and self.scheduler.config.prefix_caching:
+                seq.kv.register_full_blocks(seq.tokens)
+        sched.retire()
+        for seq in sched.running:
+            seq.kv.trim()
+        return updated
+
+    def _verified_step(self, plan, t0: float) -> list[Sequence]:
+        specs: list[RowSpec] = []
+        for seq, n in plan.prefills:
+            start = seq.kv.length
+            last = start + n == seq.prefill_end and not seq.output
+            specs.append(RowSpec(seq.kv, seq.tokens[start:start + n], list(range(start, start + n)), None,
+                                 "last" if last else "none"))
+        for seq in plan.decodes:
+            tokens, positions, mask = seq.step_tokens()
+            specs.append(RowSpec(seq.kv, tokens, positions, mask, "all"))
+        t_run = time.perf_counter()
+        logits = self.runner.run(specs)
+        device_path = [s for s in plan.decodes if not s.needs_host_logits]
+        best = logits.argmax(-1).tolist() if device_path else None  # one sync for every greedy sequence
+        elapsed_run = time.perf_counter() - t_run
+        updated = []
+        for (seq, n), spec in zip(plan.prefills, specs):
+            seq.kv.length += n
+            seq.stats.forward_passes += 1
+            if spec.logits == "last":
+                first = seq.first_token(logits[spec.first_logit:spec.first_logit + 1])
+                seq.commit(first)
+                updated.append(seq)
+                if seq.request.n > 1 and seq.index == 0:
+                    updated += self._fork(seq, logits[spec.first_logit:spec.first_logit + 1])
+        for seq, spec in zip(plan.decodes, specs[len(plan.prefills):]):
+            start, width = seq.kv.length, len(spec.tokens)
+            seq.kv.length += width
+            rows = logits[spec.first_logit:spec.first_logit + width]
+            host = seq.needs_host_logits
+            accepted, next_token = seq.verify(rows if host else None,
+                                              None if host else best[spec.first_logit:spec.first_logit + width])
+            seq.kv.keep_path(start, [0, *accepted])
+            seq.commit([seq.tree.tokens[i - 1] for i in accepted] + [next_token])
+            seq.stats.forward_passes += 1
+            seq.stats.decode_steps += 1
+            seq.stats.verify_time_s += elapsed_run
+            seq.after_verify(accepted, next_token, rows)
+            updated.append(seq)
+        elapsed = time.perf_counter() - t0
+        width = max((len(s.tokens) for s in specs[len(plan.prefills):]), default=1)
+        for costs in {id(s.budget.costs): s.budget.costs for s in plan.decodes if s.budget is not None}.values():
+            costs.record(len(specs), width, elapsed)
+        return updated
+
+    def _fork(self, parent: Sequence, logits: torch.Tensor) -> list[Sequence]:
+        """The other samples of the parent's request, sharing its prompt's KV memory, each with its first token."""
+        children = []
+        req = parent.request
+        for index in range(1, req.n):
+            try:
+                kv = parent.kv.fork()
+            except PoolFull:  # no block for the copied partial block: this sample prefills the prompt itself
+                self.scheduler.add(self._sequence(req, index, SeqKV(self.pool)), 1)
+                continue
+            child = self._sequence(req, index, kv)
+            child.stats.forward_passes = 1
+            child.commit(child.first_token(logits))
+            self.scheduler.add_running(child)
+            children.append(child)
+        return children
+
+    def _fused_step(self, seqs: list[Sequence], fusable: int, t0: float) -> list[Sequence]:
+        """Plain greedy tokens for every sequence in fused chunks (several steps per replay, argmax on the device),
+        back to back up to what every sequence can take; [] when there is no room for even one chunk."""
+        sizes = self.runner.fused_sizes
+        steps = next(s for s in sizes if s <= fusable)
+        limit = min(self.max_context - len(s.tokens) for s in seqs)  # positions stay inside the context window
+        want = max(s.room for s in seqs)
+        chunks = max(1, min(fusable // steps, want // steps, limit // steps,
+                            1 if self.scheduler.waiting else self.max_chunks))
+        if limit < steps:
+            return []
+        while chunks:
+            try:
+                for s in seqs:
+                    s.kv.ensure(s.kv.length + steps * chunks)
+                break
+            except PoolFull:
+                chunks //= 2
+        if not chunks:
+            return []
+        run = self.runner.greedy_chunks([s.kv for s in seqs], [s.tokens[-1] for s in seqs],
+                                        [len(s.tokens) - 1 for s in seqs], steps, chunks)
+        done = 0
+        try:
+            for i, tokens in enumerate(run):
+                done += 1
+                for seq, new in zip(seqs, tokens):
+                    if seq.finished:
+                        continue
+                    if seq.refused and i:
+                        seq.budget.skip(1)
+                    kept = seq.commit(new)
+                    seq.stats.decode_steps += len(kept)
+                    seq.stats.forward_passes += steps
+                if all(s.finished for s in seqs) or (self.scheduler.waiting and any(s.finished for s in seqs)):
+                    break
+        finally:
+            run.close()  # a chunk launched ahead and not consumed is rolled back by the runner
+        elapsed = time.perf_counter() - t0
+        for costs in {id(s.budget.costs): s.budget.costs for s in seqs if s.budget is not None}.values():
+            costs.record(len(seqs), 1, elapsed / (done * steps))  # the plain rate a draft must beat: per token
+        for seq in seqs:
+            if seq.budget is not None:
+                seq.budget.record(seq.tree, 0, 1)
+        return list(seqs)

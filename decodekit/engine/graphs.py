@@ -1,0 +1,192 @@
+"""CUDA-graph replay of the engine's passes, one graph per (batch bucket, width bucket, KV-length bucket).
+
+A small model's step is a few hundred tiny kernels; launching them from Python costs more than running them. Each
+pass shape is captured once over static buffers and replayed: the host lays the rows out (`layout_group`), copies
+one int64 buffer to the device, and replays. Rows are padded to a batch bucket (padding rows write to the scratch
+block), widths to a width bucket (padding tokens see only themselves), KV lengths to a power of two (entries past
+a row's tokens read the scratch block), so the captured set stays small and a long cache costs only where it is
+used. Greedy steps without a draft run as fused chunks: `steps` single-token passes in one graph, each feeding
+its own argmax to the next, all rows at once; chunks are pipelined (the next is launched before the host reads this
+one). Prefill chunks, drafters' own passes and passes wider than the largest bucket run eagerly.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+
+from ..models.batch import ForwardBatch, RowSpec, Rows, bucket, layout_group
+from ..models.kv_cache import KVPool, SeqKV, slot_table
+from ..models.transformer import Transformer
+from .runner import ModelRunner
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+WIDTH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+GREEDY_SIZES = (16, 4)  # decode steps per fused greedy chunk: long for plain decoding, short after an empty draft
+MAX_GRAPH_TOKENS = 2048  # rows x width of the largest captured pass (its logits are copied out of the graph)
+MIN_KV = 256
+
+
+def kv_bucket(n: int, block_size: int) -> int:
+    """Entries a captured pass reads per row: a power of two >= n (at least MIN_KV), in whole blocks."""
+    length = max(MIN_KV, 1 << (n - 1).bit_length())
+    return -(-length // block_size) * block_size
+
+
+class StaticPass:
+    """One captured pass shape: `rows` sequences x `width` tokens reading `length` entries each (`steps` > 0: a
+    fused greedy chunk of `steps` single-token passes). Static buffers; `fill` copies a layout in, `replay` runs."""
+
+    def __init__(self, runner: "GraphRunner", rows: int, width: int, length: int, steps: int = 0) -> None:
+        self.runner, self.rows, self.width, self.length, self.steps = runner, rows, width, length, steps
+        dev = runner.device
+        n, blocks = rows * width, length // runner.pool.block_size
+        self.sizes = [n, n, n, rows * blocks, rows, rows]  # tokens, positions, write slots, tables, ctx, valid
+        total = sum(self.sizes)
+        self.host = torch.zeros(total, dtype=torch.long, pin_memory=runner.cuda)
+        self.dev = torch.zeros(total, dtype=torch.long, device=dev)
+        self.tokens, self.positions, self.write_slots, tables, self.ctx, self.valid = self.dev.split(self.sizes)
+        self.tables = tables.view(rows, blocks)
+        self.tree = torch.eye(width, dtype=torch.bool, device=dev).repeat(rows, 1, 1)
+        self.chain = torch.ones(width, width, dtype=torch.bool, device=dev).tril_().repeat(rows, 1, 1)
+        self.out = torch.zeros(rows, max(steps, 1), dtype=torch.long, device=dev)  # greedy chunk tokens
+        self.graph = runner.capture(self._chunk if steps else self._pass)
+
+    def _batch(self, width: int, ctx: torch.Tensor, valid: torch.Tensor, tree, write_slots, tokens, positions):
+        table = slot_table(self.tables, valid, self.length, self.runner.pool.block_size)
+        if write_slots is None:  # a chunk step: each row writes its entry `ctx`
+            write_slots = table.gather(1, ctx[:, None])[:, 0]
+        return ForwardBatch(tokens, positions, write_slots, [Rows(0, self.rows, width, table, ctx, tree)])
+
+    def _pass(self) -> None:
+        batch = self._batch(self.width, self.ctx, self.valid, self.tree, self.write_slots, self.tokens,
+                            self.positions)
+        logits = self.runner.model(batch, self.runner.pool, compiled=self.runner.compiled)
+        self.runner.logits[:logits.shape[0]].copy_(logits)
+
+    def _chunk(self) -> None:
+        for i in range(self.steps):
+            batch = self._batch(1, self.ctx, self.ctx + 1, None, None, self.tokens, self.positions)
+            logits = self.runner.model(batch, self.runner.pool, compiled=self.runner.compiled)
+            nxt = logits.argmax(-1)
+            self.out[:, i].copy_(nxt)
+            self.tokens.copy_(nxt)
+            self.positions.add_(1)
+            self.ctx.add_(1)
+
+    def fill(self, specs: list[RowSpec], tree: bool) -> list[int]:
+        """Copy the rows' layout in; returns the flat rows whose logits the specs asked for."""
+        g = layout_group(specs, self.width, self.rows, self.length, self.runner.pool.block_size)
+        parts = [torch.tensor(g.tokens), torch.tensor(g.positions), torch.tensor(g.write_slots), g.tables.flatten(),
+                 g.ctx, g.valid]
+        torch.cat(parts, out=self.host)
+        self.dev.copy_(self.host, non_blocking=True)
+        if g.tree is not None:
+            self.tree.copy_(g.tree, non_blocking=True)
+        elif tree:
+            self.tree.copy_(self.chain)
+        return g.logit_rows
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class GraphRunner(ModelRunner):
+    """The engine's runner on a GPU: captured passes where shapes allow, the eager runner elsewhere."""
+
+    def __init__(self, model: Transformer, pool: KVPool) -> None:
+        super().__init__(model, pool, GREEDY_SIZES)
+        self.compiled = model.compiled_blocks is not None
+        self.cuda = model.device.type == "cuda"  # elsewhere (tests on the CPU) a "replay" calls the function
+        self.passes: dict[tuple[int, int, int, int], StaticPass] = {}
+        self.mempool = None
+        self.logits = torch.empty(MAX_GRAPH_TOKENS, model.config.vocab_size, dtype=model.dtype, device=model.device)
+        self.events = [torch.cuda.Event() if self.cuda else _Done() for _ in range(2)]
+
+    def capture(self, fn: Callable[[], None]):
+        """Record `fn` (over static buffers that hold padding: warm-up runs write only to the scratch block)."""
+        if not self.cuda:
+            return _Eager(fn)
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: compilation and lazy initialization must not happen during capture
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.mempool):
+            fn()
+        self.mempool = graph.pool()
+        return graph
+
+    def _pass(self, rows: int, width: int, length: int, steps: int = 0) -> StaticPass:
+        key = (rows, width, length, steps)
+        if key not in self.passes:
+            self.passes[key] = StaticPass(self, rows, width, length, steps)
+        return self.passes[key]
+
+    def run(self, specs: list[RowSpec], hidden_layers: tuple[int, ...] = ()):
+        graphable = [s for s in specs if s.logits == "all" and len(s.tokens) <= WIDTH_BUCKETS[-1]]
+        width = bucket(max((len(s.tokens) for s in graphable), default=1), WIDTH_BUCKETS)
+        rows = bucket(len(graphable), BATCH_BUCKETS)
+        if hidden_layers or not graphable or rows > BATCH_BUCKETS[-1] or rows * width > MAX_GRAPH_TOKENS:
+            return super().run(specs, hidden_layers)
+        rest = [s for s in specs if s not in graphable]
+        eager = super().run(rest) if rest else None
+        length = kv_bucket(max(s.kv.length + width for s in graphable), self.pool.block_size)
+        static = self._pass(rows, width, length)
+        wanted = static.fill(graphable, tree=any(s.tree is not None for s in graphable) or width > 1)
+        static.replay()
+        logits = self.logits[torch.tensor(wanted, device=self.device)]
+        if eager is None:
+            return logits
+        for s in graphable:
+            s.first_logit += eager.shape[0]
+        return torch.cat([eager, logits])
+
+    def greedy_chunks(self, kvs: list[SeqKV], roots: list[int], positions: list[int], steps: int,
+                      chunks: int) -> Iterator[list[list[int]]]:
+        n = len(kvs)
+        rows = bucket(n, BATCH_BUCKETS)
+        if rows > BATCH_BUCKETS[-1]:
+            yield from super().greedy_chunks(kvs, roots, positions, steps, chunks)
+            return
+        length = kv_bucket(max(kv.length for kv in kvs) + steps * chunks, self.pool.block_size)
+        static = self._pass(rows, 1, length, steps)
+        static.fill([RowSpec(kv, [t], [p], None, "none") for kv, t, p in zip(kvs, roots, positions)], tree=False)
+        host = [torch.empty(rows, steps, dtype=torch.long, pin_memory=self.cuda) for _ in range(2)]
+
+        def launch(i: int) -> None:
+            static.replay()
+            host[i % 2].copy_(static.out, non_blocking=True)
+            self.events[i % 2].record()
+
+        launched = 0
+        try:
+            for i in range(chunks):
+                while launched < min(i + 2, chunks):  # pipelined: the next chunk runs while the host reads this one
+                    launch(launched)
+                    launched += 1
+                self.events[i % 2].synchronize()
+                for kv in kvs:
+                    kv.length += steps
+                yield host[i % 2][:n].tolist()
+        finally:
+            self.events[(launched - 1) % 2].synchronize()  # a chunk launched ahead and not consumed: written past
+            # each row's length, so nothing reads it; the next pass overwrites it
+
+
+class _Eager:
+    """A "graph" off the GPU: replaying calls the function (the CPU tests run the static-buffer path this way)."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.replay = fn
+
+
+class _Done:
+    def record(self) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass

@@ -1,0 +1,257 @@
+"""One sequence's whole state: tokens, KV memory, sampling rule, drafter and its budget, stop rules, stats.
+
+The engine's step asks each running sequence what it brings to the pass (`plan`: a draft tree, or how many plain
+greedy tokens it can take in fused chunks) and hands each its share of the pass's logits (`commit`).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+
+from ..models.kv_cache import SeqKV
+from ..sampling import LogitsProcessor, SamplingConfig
+from ..speculative.base import DraftTree, Drafter, StepResult
+from ..speculative.budget import DraftBudget, cut_tree
+from ..speculative.verify import pick_verifier
+from .stopping import StopChecker
+
+
+class Status(Enum):
+    WAITING = "waiting"  # not admitted yet, or preempted (its KV memory was given back)
+    RUNNING = "running"  # admitted: prefilling or decoding
+    FINISHED = "finished"
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    time_to_first_token_s: float = 0.0  # from the request's arrival
+    total_time_s: float = 0.0
+    tokens_per_s: float = 0.0  # generated tokens after the first / time after the first token
+    forward_passes: int = 0  # target forward passes this sequence took part in, prefill chunks included
+    decode_steps: int = 0  # target forward passes after the first token (a fused chunk counts each of its steps)
+    tau: float = 1.0  # mean tokens committed per decode step (accepted draft tokens + 1)
+    draft_time_s: float = 0.0
+    verify_time_s: float = 0.0
+    accepted_by_position: list[float] = field(default_factory=list)  # acceptance rate of draft depth 1, 2, ...
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    preemptions: int = 0
+    method: str = "plain"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or stop string) | "length" | "abort" | "running" (while streaming)
+    stats: GenerationStats
+    prompt_ids: list[int] = field(default_factory=list, repr=False)
+
+
+def make_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+    return g
+
+
+class Sequence:
+    """A request's sequence (one of its `n` samples). `tokens` is prompt + output; its last token is the *root*,
+    whose KV is not yet written, except before the first token, when the whole prompt is still to prefill."""
+
+    def __init__(self, seq_id: int, prompt: list[int], max_new_tokens: int, max_len: int, sampling: SamplingConfig,
+                 drafter: Drafter, budget: DraftBudget | None, stopper: StopChecker, kv: SeqKV,
+                 verifier: str | None = None, method: str = "plain", vocab_size: int = 0) -> None:
+        self.id = seq_id
+        self.prompt = list(prompt)
+        self.tokens = list(prompt)
+        self.max_new_tokens = max_new_tokens
+        self.max_len = max_len  # total tokens (prompt + output) allowed: the context window, or prompt + max new
+        self.sampling = sampling
+        self.processor = LogitsProcessor(sampling)
+        self.generator = make_generator(kv.pool.k.device, sampling.seed)
+        self.drafter, self.budget, self.stopper, self.kv = drafter, budget, stopper, kv
+        self.verifier = verifier
+        self.vocab_size = vocab_size
+        self.status = Status.WAITING
+        self.finish_reason: str | None = None
+        self.stats = GenerationStats(prompt_tokens=len(prompt), method=method)
+        self.arrival = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.tree = DraftTree()  # this step's draft
+        self.proposed = DraftTree()  # what the drafter offered before the budget cut it
+        self.refused = False  # the budget held the drafter back this step
+        self.accepted_at: list[int] = []
+        self.proposed_at: list[int] = []
+        self.request: Any = None  # the engine's request this sequence belongs to
+        self.index = 0  # which of the request's samples
+
+    # ---- state -----------------------------------------------------------------------------------------------
+    @property
+    def output(self) -> list[int]:
+        return self.tokens[len(self.prompt):]
+
+    @property
+    def finished(self) -> bool:
+        return self.status == Status.FINISHED
+
+    @property
+    def prefill_end(self) -> int:
+        """KV entries to write before decoding: the whole prompt for a new sequence (its last logits give the first
+        token), else everything but the root (a preempted sequence resuming)."""
+        return len(self.tokens) if not self.output else len(self.tokens) - 1
+
+    @property
+    def prefilling(self) -> bool:
+        return self.kv.length < self.prefill_end
+
+    @property
+    def room(self) -> int:
+        """Tokens that may still be appended."""
+        return min(self.max_len - len(self.tokens), self.max_new_tokens - len(self.output))
+
+    @property
+    def needs_host_logits(self) -> bool:
+        """The one rule for when a step's logits must come to the host: sampling, penalties, or constraints. Without
+        them a step needs only the argmax, which stays on the device (and greedy chunks fuse)."""
+        return not self.sampling.greedy or self.sampling.has_penalties
+
+    # ---- the step --------------------------------------------------------------------------------------------
+    def plan(self, fused_sizes: tuple[int, ...]) -> int:
+        """Decide this step's draft (`self.tree`); return how many plain greedy tokens the sequence can take in fused
+        chunks instead (0: it needs a verified step, with `self.tree`, possibly empty)."""
+        self.tree = self.proposed = DraftTree()
+        self.refused = False
+        fusable = bool(fused_sizes) and not self.needs_host_logits
+        if self.drafter.name == "plain":
+            return self.room if fusable else 0
+        budget = self.budget
+        if budget is not None and not budget.should_draft():
+            self.refused = True
+            return fused_sizes[0] * (1 + budget.quiet_steps()) if fusable else 0
+        t0 = time.perf_counter()
+        self.proposed = self.drafter.propose(self.tokens)
+        tree = budget.trim(self.proposed) if budget is not None and len(self.proposed) else self.proposed
+        # Never past the end: at most room - 1 nodes deep (the step adds accepted + 1 tokens).
+        depths = tree.depths()
+        if len(tree) and max(depths) > self.room - 1:
+            tree = cut_tree(tree, self.room - 1)
+        self.tree = tree
+        self.stats.draft_time_s += time.perf_counter() - t0
+        if len(tree) or not fusable:
+            return 0
+        if not len(self.proposed) and self.drafter.learns_from_steps:
+            return 0  # it learns from the target's logits: a verified step
+        # The budget cut the draft away (a long chunk) or there was none (a short one: a match may start soon).
+        return fused_sizes[0] if len(self.proposed) else fused_sizes[-1]
+
+    def step_tokens(self) -> tuple[list[int], list[int], torch.Tensor | None]:
+        """Tokens, positions and ancestor mask this sequence feeds the verified pass: root + draft tree."""
+        tree = self.tree
+        root = len(self.tokens) - 1
+        positions = [root + d for d in tree.depths()]
+        mask = None if tree.is_chain() else tree.ancestor_mask()
+        return [self.tokens[-1], *tree.tokens], positions, mask
+
+    def first_token(self, logits: torch.Tensor) -> list[int]:
+        """Sample the first token from the prompt's last logits `[1, V]`."""
+        seen, counts = self._penalty_inputs(DraftTree())
+        token = int(self.processor.sample(self.processor.probs(logits.float(), seen, counts), self.generator)[0])
+        return [token]
+
+    def verify(self, logits: torch.Tensor | None, best: list[int] | None) -> tuple[list[int], int]:
+        """Accepted nodes and the next token, from this sequence's rows of the pass: `logits` `[n+1, V]` when it
+        needs host processing, else the device's argmax per row (`best`)."""
+        tree = self.tree
+        if logits is None:
+            kids, node, accepted = tree.children(), 0, []
+            while True:
+                match = next((c for c in kids[node] if tree.tokens[c - 1] == best[node]), None)
+                if match is None:
+                    return accepted, best[node]
+                accepted.append(match)
+                node = match
+        seen, counts = self._penalty_inputs(tree)
+        probs = self.processor.probs(logits.float(), seen, counts)
+        verify = pick_verifier(self.verifier, self.sampling.greedy, tree)
+        return verify(tree, probs, self.generator)
+
+    def commit(self, new: list[int]) -> list[int]:
+        """Append committed tokens through the stop rules; returns the ones kept (the output ends at a stop)."""
+        kept = new[:max(self.room, 0)]
+        if kept and self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        end = self.stopper.push_many(kept)
+        if end is not None:
+            kept = kept[:end + 1]
+        self.tokens += kept
+        if end is not None:
+            self.finish("stop")
+        elif self.room <= 0:
+            self.finish("length")
+        return kept
+
+    def after_verify(self, accepted: list[int], next_token: int, logits: torch.Tensor | None,
+                     hidden: torch.Tensor | None = None) -> None:
+        """Bookkeeping after a verified step: acceptance stats, budget, and what the drafter learns."""
+        tree = self.tree
+        depths = tree.depths()
+        for d in range(1, max(depths, default=0) + 1):
+            if d > len(self.proposed_at):
+                self.proposed_at.append(0)
+                self.accepted_at.append(0)
+            self.proposed_at[d - 1] += 1
+            self.accepted_at[d - 1] += int(len(accepted) >= d)
+        if self.budget is not None:
+            self.budget.record(tree, len(accepted), len(tree) + 1)
+        if self.drafter.name != "plain" and not self.finished:
+            self.drafter.observe(self.tokens, StepResult(tree, accepted, next_token, logits, hidden))
+
+    def finish(self, reason: str) -> None:
+        self.status = Status.FINISHED
+        self.finish_reason = reason
+        self.finished_at = time.perf_counter()
+        if self.budget is not None:  # what this sequence learned of the method's acceptance carries over
+            self.budget.costs.accept = list(self.budget.accept)
+        self.drafter.finish(self.tokens)
+
+    def _penalty_inputs(self, tree: DraftTree):
+        """Per-node repetition context: committed tokens plus each node's draft ancestors."""
+        if not self.sampling.has_penalties:
+            return None, None
+        vocab, dev = self.vocab_size, self.kv.pool.k.device
+        output = self.output
+        out_counts = torch.bincount(torch.tensor(output, device=dev, dtype=torch.long), minlength=vocab).float()
+        prompt_seen = torch.zeros(vocab, device=dev, dtype=torch.bool)
+        prompt_seen[torch.tensor(self.prompt, device=dev, dtype=torch.long)] = True
+        counts = out_counts.expand(len(tree) + 1, vocab).clone()
+        if len(tree):
+            anc = tree.ancestor_mask()[:, 1:].float().to(dev)  # draft ancestors of each node, root excluded
+            onehot = torch.nn.functional.one_hot(torch.tensor(tree.tokens, device=dev), vocab).float()
+            counts += anc @ onehot
+        return prompt_seen[None] | (counts > 0), counts
+
+    # ---- results ---------------------------------------------------------------------------------------------
+    def result(self) -> GenerationResult:
+        s = self.stats
+        now = self.finished_at or time.perf_counter()
+        s.generated_tokens = len(self.output)
+        s.total_time_s = now - self.arrival
+        if self.first_token_at is not None:
+            s.time_to_first_token_s = self.first_token_at - self.arrival
+            decode_time = now - self.first_token_at
+            s.tokens_per_s = (len(self.output) - 1) / decode_time if decode_time > 0 and len(self.output) > 1 else 0.0
+        s.tau = (len(self.output) - 1) / s.decode_steps if s.decode_steps else 1.0
+        s.accepted_by_position = [a / p for a, p in zip(self.accepted_at, self.proposed_at)]
+        reason = self.finish_reason or "running"
+        return GenerationResult(self.stopper.text if self.finished else self.stopper.visible(), list(self.output),
+                                reason, s, list(self.prompt))

@@ -1,0 +1,19 @@
+"""Helpers shared by the engine tests."""
+from decodekit.engine import Engine
+
+
+def fused_engine(engine, sizes=(16, 4)) -> Engine:
+    """An engine whose runner offers fused greedy chunks on the CPU (the eager reference of what CUDA graphs replay
+    on a GPU), recording each call as (chunks, steps), so the engine's use of chunks is tested where CI runs."""
+    fused = Engine(engine.model, engine.tokenizer)
+    runner = fused.core.runner
+    runner.fused_sizes = sizes
+    runner.chunk_calls = []
+    inner = runner.greedy_chunks
+
+    def record(kvs, roots, positions, steps, chunks):
+        runner.chunk_calls.append((chunks, steps))
+        return inner(kvs, roots, positions, steps, chunks)
+
+    runner.greedy_chunks = record
+    return fused
