@@ -5,10 +5,8 @@ import argparse
 import datetime
 import platform
 from dataclasses import fields
-from typing import Any
 
-from ..cli import add_model_args, add_sampling_args, parse_options
-from ..sampling import SamplingConfig
+from ..cli import add_model_args, add_sampling_args, parse_options, sampling_flags
 from .base import TASKS, make_task
 from .sandbox import SandboxLimits
 
@@ -18,7 +16,8 @@ CONFIDENCE = 0.95
 def add_eval_parser(sub) -> None:
     """Register the `eval` subcommand on the main parser's subparsers."""
     e = sub.add_parser("eval", help="quality of decoding methods on a task: metric with a bootstrap CI, tokens/s",
-                       description=__doc__)
+                       description=__doc__ + " Sampling flags not given take decodekit's defaults (greedy), not the "
+                       "model's generation_config.json: one protocol for every model.")
     add_model_args(e)
     e.add_argument("--task", required=True, choices=sorted(TASKS))
     e.add_argument("--limit", type=int, default=None, help="evaluate the first K items")
@@ -40,13 +39,6 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--json", dest="json_out", default=None, metavar="OUT.json")
     e.add_argument("--plot", default=None, metavar="OUT.png")
     e.set_defaults(func=cmd_eval)
-
-
-def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The sampling flags the user changed (validated), as keyword arguments of generate."""
-    config = SamplingConfig(**{f.name: getattr(args, f.name) for f in fields(SamplingConfig)}).validate()
-    return {f.name: getattr(config, f.name) for f in fields(SamplingConfig)
-            if getattr(config, f.name) != f.default}
 
 
 def _names(text: str | None, flag: str) -> list[str]:
@@ -74,7 +66,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     task = make_task(args.task, **knobs)
     sweep = parse_sweep(args.sweep or [])
     runs = expand_runs(_names(args.methods, "--methods"), _names(args.search, "--search") or [None], sweep)
-    options = {**sampling_options(args), **parse_options(args.option)}
+    # Sampling flags not given keep decodekit's defaults (greedy), not the model's generation_config.json: one
+    # protocol for every model, as in `decodekit bench`.
+    options = {**sampling_flags(args), **parse_options(args.option)}
     items = task.load(data_dir(args.data_dir))[:args.limit]
 
     engine = decodekit.load(args.model, device=args.device, dtype=args.dtype)

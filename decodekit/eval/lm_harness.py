@@ -14,16 +14,19 @@ what the tokenizer does with special tokens), `seed`, and any method knob (`num_
 
 - generate_until: engine.generate on the token ids, with the task's `until` as stop strings and its sampling
   fields (`do_sample=False` = greedy); prompts longer than max_length - max_gen_toks lose their left end.
-- loglikelihood / loglikelihood_rolling: the target's forward pass over context + continuation (in chunks of
-  `SCORE_CHUNK` positions through the KV cache, which bounds the logits held at once), log-softmax in float32, the
-  continuation tokens' log-probabilities summed; is_greedy = every one is the argmax. One request at a time.
+- loglikelihood / loglikelihood_rolling: the target's forward pass (`model.forward_seq`, the native runtime) over
+  context + continuation, in chunks of `SCORE_CHUNK` positions through a private KV pool (which bounds the logits
+  held at once), log-softmax in float32, the continuation tokens' log-probabilities summed; is_greedy = every one
+  is the argmax. One request at a time. The transformers fallback has no `forward_seq`: NotImplementedError.
+- Sampling: an explicit SamplingConfig from the task's settings (greedy unless `do_sample`), so the model's
+  generation_config.json does not apply, as lm_eval's own backends do not apply it either.
 """
 from __future__ import annotations
 
 import json
 import logging
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
 import torch
@@ -32,6 +35,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
+from ..models.kv_cache import SeqKV, private_pool
 from ..sampling import SamplingConfig
 
 SAMPLING_FIELDS = {f.name for f in fields(SamplingConfig)}
@@ -64,6 +68,7 @@ class DecodekitLM(TemplateLM):
         self.add_bos = bool(add_bos)
         self._device = self.engine.device
         self._calls = 0
+        self._pool = None  # the scoring KV pool, made on first use
 
     # ---- tokens ----------------------------------------------------------------------------------------------
     @property
@@ -101,25 +106,31 @@ class DecodekitLM(TemplateLM):
         """log P(ids[-n:] | ids[:-n]) under the model, and whether each of those tokens is the argmax."""
         if not 1 <= n < len(ids):
             raise ValueError(f"cannot score {n} of {len(ids)} tokens (a context token must precede them)")
-        model, dev = self.engine.model, self.engine.device
-        inputs = torch.tensor(ids[:-1], device=dev)
-        targets = torch.tensor(ids[-n:], device=dev)
+        model = self.engine.model
+        if not hasattr(model, "forward_seq"):
+            raise NotImplementedError(f"loglikelihood needs decodekit's native runtime; {type(model).__name__} "
+                                      "(the transformers fallback) has no forward_seq")
+        if self._pool is None:
+            self._pool = private_pool(model, self.max_length + 1)[0]
+        inputs, targets = ids[:-1], torch.tensor(ids[-n:], device=self.engine.device)
         first = len(inputs) - n  # the first input position whose logits predict a scored token
         total, greedy = 0.0, True
-        model.setup_cache(1, len(inputs))
-        with torch.inference_mode():
-            for start in range(0, len(inputs), SCORE_CHUNK):
-                piece = inputs[start:start + SCORE_CHUNK]
-                end = start + len(piece)
-                want = min(len(piece), end - first)  # scored positions in this piece (its last ones)
-                positions = torch.arange(start, end, device=dev)[None]
-                logits = model(piece[None], positions, num_logits=max(want, 1))
-                if want <= 0:
-                    continue  # context only: the pass fills the cache
-                logprobs = logits[0].float().log_softmax(-1)
-                target = targets[end - want - first:end - first]
-                total += float(logprobs.gather(-1, target[:, None]).sum())
-                greedy = greedy and bool((logprobs.argmax(-1) == target).all())
+        kv = SeqKV(self._pool)
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(inputs), SCORE_CHUNK):
+                    piece = inputs[start:start + SCORE_CHUNK]
+                    end = start + len(piece)
+                    want = min(len(piece), end - first)  # scored positions in this piece (its last ones)
+                    logits = model.forward_seq(kv, piece, list(range(start, end)), logits="all" if want > 0 else "none")
+                    if want <= 0:
+                        continue  # context only: the pass fills the KV memory
+                    logprobs = logits[-want:].float().log_softmax(-1)
+                    target = targets[end - want - first:end - first]
+                    total += float(logprobs.gather(-1, target[:, None]).sum())
+                    greedy = greedy and bool((logprobs.argmax(-1) == target).all())
+        finally:
+            kv.free()
         return total, greedy
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
@@ -161,7 +172,8 @@ class DecodekitLM(TemplateLM):
             sampling["temperature"] = 1.0
         if kw:
             log.warning("decodekit ignores these generation settings: %s", ", ".join(sorted(kw)))
-        call = {"method": self.method, "stop": stop, "chat": False, **sampling, **self.options}
+        call = {"method": self.method, "stop": stop, "chat": False, "sampling": SamplingConfig(**sampling).validate(),
+                **self.options}
         if self.search is not None:
             call["search"] = self.search
         return call, max_new
@@ -181,7 +193,7 @@ class DecodekitLM(TemplateLM):
                 chunk = indices[start:start + self.batch_size]
                 prompts = [self.tok_encode(requests[i].args[0])[-keep:] for i in chunk]
                 if self.seed is not None:
-                    call["seed"] = self.seed + self._calls
+                    call["sampling"] = replace(call["sampling"], seed=self.seed + self._calls)
                 self._calls += 1
                 for i, result in zip(chunk, self.engine.generate(prompts, max_new, **call)):
                     outputs[i] = result.text

@@ -4,17 +4,24 @@ through the public `engine.generate` only; then scores, bootstrap intervals, tok
 Timing: tokens/s of a run is its generated tokens over the wall time of its `generate` calls (scoring excluded),
 after one short untimed call per run that also checks the method, search and options before anything long runs.
 A list of `batch_size` prompts goes to each call; whether the engine batches them is its business.
+
+Sampling: an explicit `SamplingConfig` per run (decodekit's defaults, greedy, under the caller's values and the
+run's sweep knobs), so the model's generation_config.json does not change the protocol from one model to the next
+(as in `decodekit bench`); every other option goes to generate as a keyword (method knobs, search options).
 """
 from __future__ import annotations
 
 import itertools
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from ..sampling import SamplingConfig
 from .base import Item, Task
 from .stats import bootstrap_ci
+
+SAMPLING_FIELDS = {f.name for f in fields(SamplingConfig)}
 
 WARMUP_TOKENS = 4
 
@@ -80,7 +87,11 @@ def expand_runs(methods: list[str], searches: list[str | None], sweep: dict[str,
 
 
 def _call_kwargs(run: Run, options: dict[str, Any], chat: bool, stop: list[str]) -> dict[str, Any]:
-    kwargs = {**options, **run.knobs, "method": run.method, "chat": chat, "stop": stop}
+    """generate's keyword arguments for a run: its SamplingConfig (validated here) and every other option."""
+    merged = {**options, **run.knobs}
+    sampling = SamplingConfig(**{k: v for k, v in merged.items() if k in SAMPLING_FIELDS}).validate()
+    kwargs = {k: v for k, v in merged.items() if k not in SAMPLING_FIELDS}
+    kwargs.update(method=run.method, sampling=sampling, chat=chat, stop=stop)
     if run.search is not None:
         kwargs["search"] = run.search  # a strategy over whole sequences: passed through, the engine decides
     return kwargs
@@ -89,8 +100,8 @@ def _call_kwargs(run: Run, options: dict[str, Any], chat: bool, stop: list[str])
 def evaluate(engine, task: Task, items: list[Item], runs: list[Run], max_new_tokens: int, chat: bool,
              options: dict[str, Any] | None = None, batch_size: int = 1, show_progress: bool = True
              ) -> list[RunResult]:
-    """Generate and score every item for every run. `options`: keyword arguments of every generate call
-    (sampling fields such as temperature and seed, method or search options); a run's sweep knobs override them.
+    """Generate and score every item for every run. `options`: sampling fields (temperature, seed, ...) and
+    keyword arguments of every generate call (method or search options); a run's sweep knobs override them.
     A seed S gives the k-th call of a run seed S + k (distinct draws per item, reproducible)."""
     from tqdm.auto import tqdm
 
@@ -112,8 +123,8 @@ def evaluate(engine, task: Task, items: list[Item], runs: list[Run], max_new_tok
         for k, start in enumerate(range(0, len(items), batch_size)):
             chunk = slice(start, start + batch_size)
             call = dict(kwargs)
-            if call.get("seed") is not None:
-                call["seed"] = int(call["seed"]) + k
+            if call["sampling"].seed is not None:
+                call["sampling"] = replace(call["sampling"], seed=call["sampling"].seed + k)
             t0 = time.perf_counter()
             outputs = engine.generate(prompts[chunk], max_new_tokens, **call)
             seconds = time.perf_counter() - t0

@@ -11,6 +11,7 @@ lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from decodekit.eval import lm_harness  # noqa: E402
+from decodekit.models.kv_cache import private_pool  # noqa: E402
 from decodekit.eval.lm_harness import DecodekitLM  # noqa: E402
 
 
@@ -20,13 +21,14 @@ def lm():
 
 
 def reference_logprobs(lm, ids: list[int], n: int) -> list[float]:
-    """log P(ids[i] | ids[:i]) for the last n tokens, one fresh forward pass over each prefix (no cache reuse)."""
+    """log P(ids[i] | ids[:i]) for the last n tokens: one fresh pass over each whole prefix in its own KV memory,
+    last position's logits only (no chunks, no memory reused)."""
     model = lm.engine.model
     out = []
     for i in range(len(ids) - n, len(ids)):
-        model.setup_cache(1, i)
+        _, kv = private_pool(model, i)
         with torch.inference_mode():
-            logits = model(torch.tensor([ids[:i]]), torch.arange(i)[None])[0, -1].float()
+            logits = model.forward_seq(kv, ids[:i], list(range(i)), logits="last")[-1].float()
         out.append(float(logits.log_softmax(-1)[ids[i]]))
     return out
 
@@ -72,10 +74,11 @@ def test_loglikelihood_rolling(lm):
 def test_generation_kwargs(lm):
     call, max_new = lm.generation_kwargs({"until": "\n", "max_gen_toks": 7, "do_sample": False, "temperature": 0.8,
                                           "num_beams": 1})
-    assert call["stop"] == ["\n"] and max_new == 7 and call["temperature"] == 0.0 and call["method"] == "plain"
+    assert call["stop"] == ["\n"] and max_new == 7 and call["sampling"].greedy and call["method"] == "plain"
     assert "num_beams" not in call  # ignored, with a warning
     call, max_new = lm.generation_kwargs({"until": ["a", "b"], "do_sample": True, "top_p": 0.9})
-    assert call["stop"] == ["a", "b"] and call["temperature"] == 1.0 and call["top_p"] == 0.9 and max_new == 16
+    assert call["stop"] == ["a", "b"] and call["sampling"].temperature == 1.0 and call["sampling"].top_p == 0.9
+    assert max_new == 16
 
 
 def test_generate_until_matches_the_engine(lm):
@@ -83,7 +86,7 @@ def test_generate_until_matches_the_engine(lm):
                 for i, q in enumerate(["abc", "hello", "xyz"])]
     texts = lm.generate_until(requests, disable_tqdm=True)
     for request, text in zip(requests, texts):
-        expected = lm.engine.generate(lm.tok_encode(request.args[0]), 10, stop=["\n"]).text
+        expected = lm.engine.generate(lm.tok_encode(request.args[0]), 10, stop=["\n"], temperature=0.0).text
         assert text == expected and "\n" not in text
 
 

@@ -57,10 +57,12 @@ def test_calls_warmup_batches_seeds_and_options(data_dir):
     warmup, first, second = engine.calls
     assert warmup["max_new_tokens"] == 4 and len(warmup["prompts"]) == 1
     assert [len(c["prompts"]) for c in (first, second)] == [2, 1] and first["max_new_tokens"] == 64
-    assert (first["seed"], second["seed"]) == (5, 6)  # distinct, reproducible draws per call
+    assert (first["sampling"].seed, second["sampling"].seed) == (5, 6)  # distinct, reproducible draws per call
     for call in (first, second):
         assert call["method"] == "pld" and call["search"] == "beam" and call["num_draft"] == 3
-        assert call["temperature"] == 1.0  # the sweep point overrides the common option
+        assert call["sampling"].temperature == 1.0  # the sweep point overrides the common option
+        assert call["sampling"].top_p == 1.0  # decodekit's default, not a model's generation_config.json
+        assert "temperature" not in call and "seed" not in call  # sampling travels as one SamplingConfig
         assert call["chat"] is False and call["stop"] == ["Question:"]
     assert first["prompts"][0].endswith(f"Question: {items[0].row['question']}\nAnswer:")
 
@@ -69,7 +71,16 @@ def test_no_search_keyword_without_a_search(data_dir):
     task = make_task("gsm8k")
     engine = ScriptedEngine(gsm8k_replies)
     evaluate(engine, task, task.load(data_dir), [Run("plain")], 8, chat=True, show_progress=False)
-    assert all("search" not in c and "seed" not in c for c in engine.calls)
+    assert all("search" not in c and c["sampling"].seed is None and c["sampling"].greedy for c in engine.calls)
+
+
+def test_bad_sampling_value_fails_before_generation(data_dir):
+    task = make_task("gsm8k")
+    engine = ScriptedEngine(gsm8k_replies)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        evaluate(engine, task, task.load(data_dir), [Run("plain", knobs={"top_p": 1.5})], 8, chat=True,
+                 show_progress=False)
+    assert engine.calls == []
 
 
 def test_a_rejected_run_fails_before_any_timed_generation(data_dir):
