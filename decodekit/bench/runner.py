@@ -140,9 +140,11 @@ def run_bench_cli(args: argparse.Namespace) -> None:
         if m.partition(":")[0] not in DRAFTERS:
             raise ValueError(f"unknown method {m!r}; available: {', '.join(sorted(DRAFTERS))}")
     prompts = load_prompts(args.dataset, args.limit)
-    engine = decodekit.load(args.model, device=args.device, dtype=args.dtype)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    # No prefix cache: every method pays for its own prefill (a method run after another would find the prompts'
+    # KV cached and look faster than it is).
+    engine = decodekit.load(args.model, device=args.device, dtype=args.dtype, prefix_caching=False)
     runs = run_bench(engine, methods, prompts, args.max_new_tokens, sampling, args.repeats, args.hf_baselines,
                      batch_size=args.batch_size)
     summary = summarize(runs)
