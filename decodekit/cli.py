@@ -199,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--limit", type=int, default=None, help="prompts per category")
     b.add_argument("--max-new-tokens", type=int, default=256)
     b.add_argument("--repeats", type=int, default=1, help="timed runs per prompt and method (median is reported)")
+    b.add_argument("--batch-size", type=int, default=1,
+                   help="prompts decoded together as one batch (1: each alone, Spec-Bench style)")
     b.add_argument("--json", dest="json_out", default=None, metavar="OUT.json")
     b.add_argument("--markdown", default=None, metavar="OUT.md")
     b.add_argument("--plot", default=None, metavar="OUT.png")

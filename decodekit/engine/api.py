@@ -15,7 +15,7 @@ from .scheduler import SchedulerConfig
 from .sequence import GenerationResult
 
 SAMPLING_FIELDS = {f.name for f in fields(SamplingConfig)}
-ENGINE_OPTIONS = ("ignore_eos", "adaptive")  # request-level switches that are neither sampling nor method knobs
+ENGINE_OPTIONS = ("ignore_eos", "adaptive", "logprobs", "policy")  # request-level: not sampling, not method knobs
 
 
 def _default_kv_tokens(model, max_context: int) -> int:
@@ -80,7 +80,8 @@ class Engine:
                      verifier: str | None = None, n: int = 1, method_options: dict[str, Any] | None = None,
                      **options) -> Request:
         """A validated request. `options`: sampling fields (temperature, top_p, seed, ...), `ignore_eos`,
-        `adaptive`, and the method's own knobs; `method_options` holds knobs only (for names that are both a
+        `adaptive`, `logprobs` (k: record each output token's logprob and k alternatives, in `Sequence.logprobs`),
+        and the method's own knobs; `method_options` holds knobs only (for names that are both a
         sampling field and a knob, e.g. a draft model's own temperature). Raises ValueError for bad input."""
         options = dict(options)
         engine_kw = {k: options.pop(k) for k in ENGINE_OPTIONS if k in options}

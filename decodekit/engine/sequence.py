@@ -55,6 +55,7 @@ class GenerationResult:
     finish_reason: str  # "stop" (EOS or stop string) | "length" | "abort" | "running" (while streaming)
     stats: GenerationStats
     prompt_ids: list[int] = field(default_factory=list, repr=False)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = field(default=None, repr=False)  # if asked
 
 
 def make_generator(device: torch.device, seed: int | None) -> torch.Generator:
@@ -94,6 +95,8 @@ class Sequence:
         self.proposed_at: list[int] = []
         self.request: Any = None  # the engine's request this sequence belongs to
         self.index = 0  # which of the request's samples
+        self.top_logprobs: int | None = None  # record logprobs of committed tokens (and this many alternatives)
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []  # per output token: its logprob, top-k
 
     # ---- state -----------------------------------------------------------------------------------------------
     @property
@@ -120,10 +123,25 @@ class Sequence:
         return min(self.max_len - len(self.tokens), self.max_new_tokens - len(self.output))
 
     @property
+    def policy(self):
+        return None if self.request is None else self.request.policy
+
+    @property
+    def max_step_tokens(self) -> int:
+        """KV entries one pass of this sequence may write: the root and the largest draft (or policy candidates)."""
+        return 1 + (self.policy.max_nodes if self.policy is not None else self.drafter.max_draft_tokens())
+
+    @property
+    def hidden_layers(self) -> tuple[int, ...]:
+        """Layers whose hidden states this sequence's policy or drafter reads from each pass."""
+        owner = self.policy if self.policy is not None else self.drafter
+        return tuple(getattr(owner, "feature_layers", ()))
+
+    @property
     def needs_host_logits(self) -> bool:
-        """The one rule for when a step's logits must come to the host: sampling, penalties, or constraints. Without
-        them a step needs only the argmax, which stays on the device (and greedy chunks fuse)."""
-        return not self.sampling.greedy or self.sampling.has_penalties
+        """The one rule for when a step's logits must come to the host: sampling, penalties, constraints, or a
+        policy deciding. Without them a step needs only the argmax, which stays on the device (greedy chunks fuse)."""
+        return not self.sampling.greedy or self.sampling.has_penalties or self.policy is not None
 
     # ---- the step --------------------------------------------------------------------------------------------
     def plan(self, fused_sizes: tuple[int, ...]) -> int:
@@ -131,7 +149,11 @@ class Sequence:
         chunks instead (0: it needs a verified step, with `self.tree`, possibly empty)."""
         self.tree = self.proposed = DraftTree()
         self.refused = False
-        fusable = bool(fused_sizes) and not self.needs_host_logits
+        if self.policy is not None:  # the policy's candidates to score beside the root (contrastive search ...)
+            self.tree = self.policy.plan(self)
+            return 0
+        fusable = bool(fused_sizes) and not self.needs_host_logits and self.top_logprobs is None and \
+            not self.hidden_layers
         if self.drafter.name == "plain":
             return self.room if fusable else 0
         budget = self.budget
@@ -166,7 +188,21 @@ class Sequence:
         """Sample the first token from the prompt's last logits `[1, V]`."""
         seen, counts = self._penalty_inputs(DraftTree())
         token = int(self.processor.sample(self.processor.probs(logits.float(), seen, counts), self.generator)[0])
+        self.record_logprobs(logits, [token])
         return [token]
+
+    def record_logprobs(self, rows: torch.Tensor, tokens: list[int]) -> None:
+        """Log-probabilities of the model (raw logits, before sampling rules) for `tokens`, each drawn after the
+        matching row of `rows`, with the `top_logprobs` most likely alternatives."""
+        if self.top_logprobs is None or not tokens:
+            return
+        logp = rows[:len(tokens)].float().log_softmax(-1)
+        chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+        k = self.top_logprobs
+        top = logp.topk(k, -1) if k else None
+        for i, lp in enumerate(chosen):
+            alts = list(zip(top.indices[i].tolist(), top.values[i].tolist())) if top is not None else []
+            self.logprobs.append((lp, alts))
 
     def verify(self, logits: torch.Tensor | None, best: list[int] | None) -> tuple[list[int], int]:
         """Accepted nodes and the next token, from this sequence's rows of the pass: `logits` `[n+1, V]` when it
@@ -213,6 +249,9 @@ class Sequence:
             self.accepted_at[d - 1] += int(len(accepted) >= d)
         if self.budget is not None:
             self.budget.record(tree, len(accepted), len(tree) + 1)
+        if self.top_logprobs is not None and logits is not None:  # token j was drawn at the row of its parent
+            committed = [tree.tokens[i - 1] for i in accepted] + [next_token]
+            self.record_logprobs(logits[[0, *accepted]], committed[:len(self.output) - len(self.logprobs)])
         if self.drafter.name != "plain" and not self.finished:
             self.drafter.observe(self.tokens, StepResult(tree, accepted, next_token, logits, hidden))
 
@@ -254,4 +293,5 @@ class Sequence:
         s.accepted_by_position = [a / p for a, p in zip(self.accepted_at, self.proposed_at)]
         reason = self.finish_reason or "running"
         return GenerationResult(self.stopper.text if self.finished else self.stopper.visible(), list(self.output),
-                                reason, s, list(self.prompt))
+                                reason, s, list(self.prompt),
+                                list(self.logprobs) if self.top_logprobs is not None else None)

@@ -85,6 +85,13 @@ class StopChecker:
         self.cut: int | None = None  # text length at which a stop string starts, once found
         self.reason: str | None = None  # "stop" once EOS or a stop string ended the output
 
+    def fork(self) -> "StopChecker":
+        """The same rules and text for a forked sequence (its tokens are decoded again, lazily, when asked for)."""
+        child = StopChecker(self.decoder.tokenizer, self.eos_ids, self.stop)
+        child.decoder.append(self.decoder.ids + self.decoder.pending)
+        child.cut, child.reason = self.cut, self.reason
+        return child
+
     @property
     def text(self) -> str:
         return self.decoder.text if self.cut is None else self.decoder.text[:self.cut]

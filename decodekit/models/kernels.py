@@ -60,6 +60,30 @@ if triton is not None:
         tl.store(stat_ptr + (row * BLOCK_G + g) * 2 + 1, total)
 
 
+    @triton.jit
+    def _combine_kernel(acc_ptr, stat_ptr, out_ptr, n_splits, G: tl.constexpr, BLOCK_G: tl.constexpr,
+                        GP: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
+        """Merge one (row, KV head)'s splits by their softmax statistics into `out` `[G, D]`."""
+        b, h = tl.program_id(0), tl.program_id(1)
+        n_kv = tl.num_programs(1)
+        s, g, d = tl.arange(0, BLOCK_S), tl.arange(0, GP), tl.arange(0, D)
+        base = (b * n_kv + h) * n_splits
+        m_all = tl.load(stat_ptr + ((base + s)[:, None] * BLOCK_G + g[None, :]) * 2,
+                        mask=(s < n_splits)[:, None] & (g < G)[None, :], other=float("-inf"))
+        best = tl.max(m_all, 0)  # [GP]
+        best = tl.where(best == float("-inf"), 0.0, best)
+        norm = tl.zeros([GP], tl.float32)
+        out = tl.zeros([GP, D], tl.float32)
+        for i in range(0, n_splits):
+            row = (base + i) * BLOCK_G + g
+            m = tl.load(stat_ptr + row * 2, mask=g < G, other=float("-inf"))
+            weight = tl.where(m == float("-inf"), 0.0, tl.exp(m - best))  # a split with nothing live adds 0
+            norm += tl.load(stat_ptr + row * 2 + 1, mask=g < G, other=0.0) * weight
+            out += tl.load(acc_ptr + row[:, None] * D + d[None, :], mask=(g < G)[:, None], other=0.0) * weight[:, None]
+        out = out / tl.where(norm == 0.0, 1.0, norm)[:, None]
+        tl.store(out_ptr + ((b * n_kv + h) * G + g)[:, None] * D + d[None, :], out, mask=(g < G)[:, None])
+
+
 @torch.library.custom_op("decodekit::paged_decode", mutates_args=())
 def paged_decode(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, table: torch.Tensor,
                  lo: torch.Tensor, hi: torch.Tensor, scale: float) -> torch.Tensor:
@@ -78,13 +102,10 @@ def paged_decode(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, 
         q, k_store, v_store, table, lo, hi, acc, stat, scale, q.stride(0), q.stride(1), k_store.stride(0),
         k_store.stride(1), table.stride(0), n_splits, length, G=groups, BLOCK_G=block_g, D=dim, SPLIT=SPLIT,
         BLOCK_N=BLOCK_N, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # float32: exact products
-    acc = acc.view(rows, hkv, n_splits, block_g, dim)[:, :, :, :groups]
-    stat = stat.view(rows, hkv, n_splits, block_g, 2)[:, :, :, :groups]
-    m, total = stat[..., 0], stat[..., 1]
-    best = m.max(dim=2, keepdim=True).values
-    weight = torch.exp(torch.where(m == float("-inf"), float("-inf"), m - best))  # splits with nothing live: 0
-    out = (acc * weight[..., None]).sum(2) / (total * weight).sum(2)[..., None]
-    return out.reshape(rows, hq, dim).to(q.dtype)
+    out = torch.empty(rows, hq, dim, dtype=q.dtype, device=q.device)
+    _combine_kernel[(rows, hkv)](acc, stat, out, n_splits, G=groups, BLOCK_G=block_g,
+                                 GP=triton.next_power_of_2(groups), D=dim, BLOCK_S=triton.next_power_of_2(n_splits))
+    return out
 
 
 @paged_decode.register_fake

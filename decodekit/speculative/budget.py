@@ -95,8 +95,13 @@ class DraftBudget:
         b = width_bucket(width)
         if b in self.step_time:
             return self.step_time[b]
-        # Unmeasured width: assume it costs like the nearest measured one (optimistic, so it gets tried).
-        return min(known, key=lambda kv: abs(kv[0] - b))[1]
+        below = [kv for kv in known if kv[0] < b]
+        above = [kv for kv in known if kv[0] > b]
+        if below and above:  # between two measured widths: linear in width (in a batch, the widest row's width
+            (w0, t0), (w1, t1) = below[-1], above[0]  # is what gets measured, so narrow widths may never be)
+            return t0 + (t1 - t0) * (b - w0) / (w1 - w0)
+        # Past the measured range: assume it costs like the nearest measured width (optimistic, so it gets tried).
+        return (below or above)[-1 if below else 0][1]
 
     def _best_depth(self, width_at: list[int]) -> int:
         """The depth k maximizing expected tokens per second, given the forward width at each depth."""

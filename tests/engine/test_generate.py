@@ -142,3 +142,18 @@ def test_a_held_back_drafter_runs_chunks_back_to_back_up_to_its_next_probe(engin
     got = fused.generate(PROMPT, 70, method="pld", ignore_eos=True)
     assert got.token_ids == want
     assert fused.core.runner.chunk_calls[0] == (4, 16)
+
+
+@pytest.mark.parametrize("method", ["plain", "pld"])
+def test_logprobs_are_the_models_for_every_committed_token(engine, method):
+    from decodekit.models.kv_cache import private_pool
+
+    r = engine.generate(PROMPT, 12, method=method, logprobs=3, ignore_eos=True, adaptive=False)
+    assert len(r.logprobs) == len(r.token_ids) == 12
+    _, kv = private_pool(engine.model, 64)
+    seq = PROMPT + r.token_ids
+    with torch.inference_mode():
+        want = engine.model.forward_seq(kv, seq, list(range(len(seq)))).float().log_softmax(-1)[len(PROMPT) - 1:-1]
+    for i, (lp, top) in enumerate(r.logprobs):
+        assert lp == pytest.approx(float(want[i, r.token_ids[i]]), abs=1e-4)
+        assert [t for t, _ in top] == want[i].topk(3).indices.tolist()

@@ -54,3 +54,17 @@ def test_quiet_steps_predicts_the_refusals_before_the_next_probe():
     quiet = budget.quiet_steps()
     assert quiet > 0
     assert [budget.should_draft() for _ in range(quiet + 1)] == [False] * quiet + [True]  # then the probe
+
+
+def test_a_wider_batch_makes_drafts_dearer_and_the_budget_backs_off():
+    """The same drafter and acceptance: alone, verifying 8 tokens costs about a step and deep drafts pay; in a batch
+    of 64 every verified token is real work and drafts are cut back."""
+    def step_time(batch: int, width: int) -> float:
+        return 0.2 + 0.01 * width * batch  # fixed launch cost + compute for every token the pass verifies
+
+    def mean_depth(batch: int) -> float:
+        budget = DraftBudget(batch=batch)
+        return simulate(budget, 0.6, lambda w: step_time(batch, w))
+
+    alone, crowded = mean_depth(1), mean_depth(64)
+    assert alone > 3 and crowded < 1.0 and crowded < alone / 3
