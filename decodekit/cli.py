@@ -1,4 +1,4 @@
-"""`decodekit` command line: generate, chat, models, bench. Bad input ends in one line on stderr, never a traceback."""
+"""`decodekit` command line: generate, chat, models, bench, serve. Bad input ends in one line on stderr, never a traceback."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 from . import DEFAULT_MODEL
 from .sampling import SamplingConfig
+from .serve.cli import add_serve_parser
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -205,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--hf-baselines", action="store_true", help="also time transformers' generate in the same run")
     add_sampling_args(b)
     b.set_defaults(func=cmd_bench)
+
+    add_serve_parser(sub)
     return parser
 
 
