@@ -68,6 +68,8 @@ def _validation_error(exc: RequestValidationError) -> APIError:
         return APIError(400, f"unknown field {'.'.join(where)!r}", param=where[0] if where else None)
     if e.get("type") == "missing":
         return APIError(400, f"missing field {'.'.join(where)!r}", param=where[0] if where else None)
+    if not where and isinstance(e.get("input"), (bytes, str)):  # FastAPI passes a non-JSON body through as is
+        return APIError(400, "the request body must be a JSON object (Content-Type: application/json)")
     name = ".".join(where)
     return APIError(400, f"{name}: {e.get('msg')}" if name else f"request body: {e.get('msg')}",
                     param=where[0] if where else None)

@@ -6,10 +6,12 @@ not a number) and unknown fields are refused, so a typo is a 400, not a silently
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+import sys
+from dataclasses import dataclass, field, fields, is_dataclass
+from functools import lru_cache
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from ..speculative.base import DRAFTERS
 from ..speculative.verify import VERIFIERS
@@ -46,7 +48,8 @@ class GenerationFields(Strict):
     n: int = Field(1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: Annotated[str, Field(max_length=1000)] | Annotated[list[Annotated[str, Field(max_length=1000)]],
+                                                              Field(max_length=16)] | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=-INT64, lt=INT64)
@@ -129,6 +132,39 @@ class Work:
     chat: bool
 
 
+@lru_cache(maxsize=None)
+def _knob_types(method: str) -> dict[str, TypeAdapter]:
+    """Validators for a method's knobs, from its dataclass annotations (knobs whose type cannot be resolved are
+    left to the method)."""
+    cls = DRAFTERS[method]
+    if not is_dataclass(cls):
+        return {}
+    namespace = vars(sys.modules[cls.__module__])
+    adapters = {}
+    for f in fields(cls):
+        try:
+            hint = eval(f.type, namespace) if isinstance(f.type, str) else f.type  # noqa: S307 - the class's own
+            adapters[f.name] = TypeAdapter(hint)
+        except Exception:  # noqa: BLE001 - an annotation pydantic cannot check: the method checks it
+            continue
+    return adapters
+
+
+def _method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options as their knobs' types (JSON lists become tuples, ...); a value of the wrong type is a 400 here,
+    not an exception inside the engine step, where it would fail every request of the batch."""
+    adapters = _knob_types(method)
+    out = dict(options)
+    for name, value in options.items():
+        if name in adapters:
+            try:
+                out[name] = adapters[name].validate_python(value)
+            except ValidationError as e:
+                raise APIError(400, f"method option {name!r} of {method!r}: {e.errors()[0]['msg']}",
+                               param="method_options") from None
+    return out
+
+
 def _common(body: GenerationFields, defaults: Defaults) -> dict[str, Any]:
     if body.model != defaults.model:
         raise APIError(400, f"unknown model {body.model!r}; this server serves {defaults.model!r}", param="model",
@@ -144,7 +180,7 @@ def _common(body: GenerationFields, defaults: Defaults) -> dict[str, Any]:
     # The server's -O options go with its default method; a request's own method_options go on top.
     options = dict(defaults.method_options) if method == defaults.method else {}
     options.update(body.method_options or {})
-    kwargs: dict[str, Any] = {"method": method, "method_options": options, "n": body.n,
+    kwargs: dict[str, Any] = {"method": method, "method_options": _method_options(method, options), "n": body.n,
                               "stop": [body.stop] if isinstance(body.stop, str) else list(body.stop or [])}
     kwargs.update({k: v for k in SAMPLING_NAMES if (v := getattr(body, k)) is not None})
     for k in ("ignore_eos", "adaptive"):

@@ -47,10 +47,12 @@ def test_chat_equals_engine_generate_with_the_chat_template(client, tiny_engine)
 
 def test_token_id_prompts_and_a_list_of_prompts(client, tiny_engine):
     ids = tiny_engine.encode("Once upon a time")
-    r = client.completions.create(model=TINY, prompt=[ids, "Hello"], max_tokens=8, temperature=0)
-    assert [c.index for c in r.choices] == [0, 1]
+    r = client.completions.create(model=TINY, prompt=ids, max_tokens=8, temperature=0)
     assert r.choices[0].text == tiny_engine.generate(ids, 8, temperature=0).text
-    assert r.choices[1].text == tiny_engine.generate("Hello", 8, temperature=0).text
+    r = client.completions.create(model=TINY, prompt=["Hello", "World"], max_tokens=8, temperature=0, n=2)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]  # prompt i, sample j: index i * n + j
+    assert [c.text for c in r.choices] == [tiny_engine.generate(p, 8, temperature=0).text
+                                           for p in ("Hello", "Hello", "World", "World")]
 
 
 def test_streaming_completion_reassembles_the_whole_text(client, tiny_engine):
@@ -94,14 +96,17 @@ def test_n_samples_stream_each_with_its_own_index(client, tiny_engine):
 
 
 def test_stop_strings_end_the_text_before_the_stop(client, tiny_engine):
-    free = tiny_engine.generate("Count: 1, 2, 3,", 40, temperature=0).text
-    stop = free[10:12]  # a piece the free run produces, so the stop is certain to fire
-    expected = tiny_engine.generate("Count: 1, 2, 3,", 40, temperature=0, stop=[stop])
-    r = client.completions.create(model=TINY, prompt="Count: 1, 2, 3,", max_tokens=40, temperature=0, stop=stop)
+    prompt = "Count: 1, 2, 3,"
+    free = tiny_engine.generate(prompt, 40, temperature=0, ignore_eos=True).text
+    # a two-character piece the free run produces (after its start), so the stop is certain to fire
+    stop = next(free[i:i + 2] for i in range(3, len(free) - 1) if "\ufffd" not in free[i:i + 2])
+    expected = tiny_engine.generate(prompt, 40, temperature=0, ignore_eos=True, stop=[stop])
+    assert expected.finish_reason == "stop"
+    body = dict(model=TINY, prompt=prompt, max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+    r = client.completions.create(stop=stop, **body)
     assert r.choices[0].text == expected.text and stop not in r.choices[0].text
     assert r.choices[0].finish_reason == "stop"
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=TINY, prompt="Count: 1, 2, 3,", max_tokens=40, temperature=0, stop=[stop], stream=True))
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stop=[stop], stream=True, **body))
     assert streamed == expected.text
 
 
