@@ -137,39 +137,45 @@ class EngineWorker:
 
     # ---- the engine thread ---------------------------------------------------------------------------------
     def _run(self) -> None:
-        core = self.engine.core
         while True:
             with self._cond:
-                if not self._inbox and not core.has_work():
+                if not self._inbox and not self.engine.core.has_work():
                     self._cond.wait(self.idle_wake)
                 messages = list(self._inbox)
                 self._inbox.clear()
-            for kind, job in messages:
-                if kind == "stop":
-                    for live in list(self._live):
-                        self._fail(live, APIError(503, "the server shut down before this request finished",
-                                                  type="server_error", code="shutting_down"))
+            try:
+                if not self._iterate(messages):
                     return
-                if kind == "add":
-                    self._add(job)
-                elif kind == "cancel" and not job.closed:
-                    self._close(job, "cancelled")
-            now = time.perf_counter()
-            for job in [j for j in self._live if now > j.deadline]:
-                self._fail(job, APIError(408, f"the request ran past the server's time limit of {job.timeout:g} s",
-                                         type="timeout_error", code="request_timeout",
-                                         headers={"x-should-retry": "false"}), outcome="timeout")
-            if core.has_work():
-                try:
-                    updated = self.engine.step()
-                except Exception:  # noqa: BLE001 - a bug must not take the server down with it
-                    log.exception("engine step failed; failing the requests in flight")
-                    for job in list(self._live):
-                        self._fail(job, APIError(500, "internal error in the engine step", type="server_error"),
-                                   outcome="error")
-                else:
-                    self._publish(updated)
-            self._gauges()
+            except Exception:  # noqa: BLE001 - a bug must not take the server down with it
+                log.exception("the engine thread failed; failing the requests in flight")
+                for job in list(self._live):
+                    error = APIError(500, "internal error in the engine", type="server_error")
+                    try:
+                        self._fail(job, error, outcome="error")
+                    except Exception:  # noqa: BLE001 - the engine's state is broken: at least answer the client
+                        self._send(job, [error])
+
+    def _iterate(self, messages: list[tuple[str, Job | None]]) -> bool:
+        """New jobs and cancellations, time limits, one engine step, its events; False once told to stop."""
+        for kind, job in messages:
+            if kind == "stop":
+                for live in list(self._live):
+                    self._fail(live, APIError(503, "the server shut down before this request finished",
+                                              type="server_error", code="shutting_down"))
+                return False
+            if kind == "add":
+                self._add(job)
+            elif kind == "cancel" and not job.closed:
+                self._close(job, "cancelled")
+        now = time.perf_counter()
+        for job in [j for j in self._live if now > j.deadline]:
+            self._fail(job, APIError(408, f"the request ran past the server's time limit of {job.timeout:g} s",
+                                     type="timeout_error", code="request_timeout",
+                                     headers={"x-should-retry": "false"}), outcome="timeout")
+        if self.engine.core.has_work():
+            self._publish(self.engine.step())
+        self._gauges()
+        return True
 
     def _add(self, job: Job) -> None:
         work, engine = job.work, self.engine
@@ -245,18 +251,21 @@ class EngineWorker:
                 for i, (lp, alts) in enumerate(new)]
 
     def _close(self, job: Job, outcome: str, abort: bool = True, live: bool = True) -> None:
+        """No more events for this job: its place in the queue frees up, its sequences (if still running) abort."""
+        if job.closed:
+            return
         job.closed = True
-        for r in job.requests:
-            if abort and not r.finished:
-                self.engine.core.abort(r)
-            self.engine.core.requests.pop(r.id, None)
-            self._jobs.pop(r.id, None)
         if live and job in self._live:
             self._live.remove(job)
-        self.metrics.requests.labels(outcome).inc()
         with self._cond:
             self._in_flight -= 1
             self.metrics.in_flight.set(self._in_flight)
+        self.metrics.requests.labels(outcome).inc()
+        for r in job.requests:
+            self._jobs.pop(r.id, None)
+            self.engine.core.requests.pop(r.id, None)
+            if abort and not r.finished:
+                self.engine.core.abort(r)
 
     def _fail(self, job: Job, error: APIError, outcome: str = "error", live: bool = True) -> None:
         self._close(job, outcome, live=live)
