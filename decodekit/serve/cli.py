@@ -19,6 +19,8 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--max-running", type=int, default=None, help="sequences per batch at most (engine default 256)")
     s.add_argument("--max-queue", type=int, default=256,
                    help="requests that may wait beyond the running batch; more get 429 with Retry-After")
+    s.add_argument("--max-step-tokens", type=int, default=None,
+                   help="tokens per engine step at most: the prefill chunk budget beside decodes (default 2048)")
     s.add_argument("--max-context", type=int, default=None, help="tokens per sequence (default: the model's)")
     s.add_argument("--kv-tokens", type=int, default=None, help="KV-cache size in tokens (default: see load)")
     s.add_argument("--request-timeout", type=float, default=600.0,
@@ -32,8 +34,13 @@ def add_serve_parser(sub) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    for name, low in (("port", 0), ("max_queue", 0), ("max_running", 1), ("fused_chunks", 1), ("max_context", 2),
-                      ("kv_tokens", 1)):
+    """Flags that can be refused before the model loads."""
+    from ..speculative.base import DRAFTERS
+
+    if args.method not in DRAFTERS:
+        raise ValueError(f"unknown method {args.method!r}; available: {', '.join(sorted(DRAFTERS))}")
+    for name, low in (("port", 0), ("max_queue", 0), ("max_running", 1), ("max_step_tokens", 1), ("fused_chunks", 1),
+                      ("max_context", 2), ("kv_tokens", 1)):
         value = getattr(args, name)
         if value is not None and value < low:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
@@ -64,8 +71,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     _check(args)
     options = parse_options(args.method_option)
-    engine_options = {k: v for k, v in (("max_running", args.max_running), ("kv_tokens", args.kv_tokens))
-                      if v is not None}
+    engine_options = {k: getattr(args, k) for k in ("max_running", "max_step_tokens", "kv_tokens")
+                      if getattr(args, k) is not None}
     engine = decodekit.load(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context,
                             **engine_options)
     engine.core.max_chunks = args.fused_chunks

@@ -31,7 +31,8 @@ class FixedCosts(StepCosts):
 def run(worker: EngineWorker, prompts: list[str], max_new_tokens: int) -> None:
     async def main():
         loop = asyncio.get_running_loop()
-        jobs = [Job(Work([p], max_new_tokens, {"method": "pld", "ignore_eos": True}, 1, False), loop, 600) for p in prompts]
+        options = {"method": "pld", "ignore_eos": True}
+        jobs = [Job(Work([p], max_new_tokens, options, 1, False), loop, 600) for p in prompts]
         for job in jobs:
             worker.submit(job)
         for job in jobs:
