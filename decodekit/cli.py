@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 from . import DEFAULT_MODEL
 from .sampling import SamplingConfig
+from .train.cli import add_train_parser
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -194,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--hf-baselines", action="store_true", help="also time transformers' generate in the same run")
     add_sampling_args(b)
     b.set_defaults(func=cmd_bench)
+    add_train_parser(sub)
     return parser
 
 

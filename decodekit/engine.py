@@ -166,11 +166,19 @@ class Engine:
         if n_prompt >= self.max_context:
             raise ValueError(f"prompt has {n_prompt} tokens; {self.name}'s context window is {self.max_context}")
 
-    def _prefill(self, ids: torch.Tensor, positions: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-        """Last-position logits after writing the prompt to the cache, `chunk` tokens per forward pass."""
-        logits = None
+    def _prefill(self, ids: torch.Tensor, positions: torch.Tensor, chunk: int = 2048,
+                 hidden_layers: tuple[int, ...] = ()) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Last-position logits after writing the prompt to the cache, `chunk` tokens per forward pass; with
+        `hidden_layers`, also the features `[B, T, F]` of every prompt position."""
+        logits, hidden = None, []
         for s in range(0, ids.shape[1], chunk):
-            logits = self.model(ids[:, s:s + chunk], positions[:, s:s + chunk], num_logits=1)
+            if hidden_layers:
+                logits, h = self.model(ids[:, s:s + chunk], positions[:, s:s + chunk], hidden_layers=hidden_layers)
+                hidden.append(h)
+            else:
+                logits = self.model(ids[:, s:s + chunk], positions[:, s:s + chunk], num_logits=1)
+        if hidden_layers:
+            return logits[:, -1].float(), torch.cat(hidden, dim=1)
         return logits[:, -1].float()
 
     def _penalty_inputs(self, sampling: SamplingConfig, prompt: list[int], output: list[int], tree: DraftTree):
@@ -217,7 +225,10 @@ class Engine:
         t0 = time.perf_counter()
         with torch.inference_mode():
             ids = torch.tensor([prompt_ids], device=dev)
-            logits = self._prefill(ids, torch.arange(len(prompt_ids), device=dev)[None])
+            features = drafter.feature_layers  # trained heads read the target's hidden states: prefill and verify
+            logits = self._prefill(ids, torch.arange(len(prompt_ids), device=dev)[None], hidden_layers=features)
+            if features:
+                logits, prompt_features = logits
             seen, counts = self._penalty_inputs(sampling, prompt_ids, [], DraftTree())
             first = int(processor.sample(processor.probs(logits, seen, counts), generator)[0])
             stats.forward_passes = 1
@@ -225,11 +236,14 @@ class Engine:
             t_first = time.perf_counter()
             stats.time_to_first_token_s = t_first - t0
             drafter.reset(prompt_ids)
+            if features:
+                drafter.prefill_features(prompt_features[0])
             accepted_at: list[int] = []
             proposed_at: list[int] = []
             new = [first]
             # Greedy steps without a draft on a graph-captured model: several steps per replay, argmax on the device.
             fused = getattr(self.model, "greedy_sizes", ()) if sampling.greedy and not sampling.has_penalties else ()
+            fused = () if features else fused  # a fused chunk returns no features: such drafters verify every step
             while not stopper.stopped(output, len(new)) and len(output) < max_new_tokens \
                     and cache.length + headroom <= cache.max_len:
                 if streaming:
@@ -281,7 +295,13 @@ class Engine:
                 step_ids = torch.tensor([[context[-1], *tree.tokens]], device=dev)
                 positions = (start + torch.tensor(tree.depths(), device=dev))[None]
                 tree_mask = None if tree.is_chain() else tree.ancestor_mask().to(dev)
-                step_logits = self.model(step_ids, positions, tree_mask=tree_mask)[0].float()
+                step_hidden = None
+                if features:
+                    step_logits, step_hidden = self.model(step_ids, positions, tree_mask=tree_mask,
+                                                          hidden_layers=features)
+                    step_logits, step_hidden = step_logits[0].float(), step_hidden[0]
+                else:
+                    step_logits = self.model(step_ids, positions, tree_mask=tree_mask)[0].float()
                 if sampling.greedy and not sampling.has_penalties:
                     probs = step_logits  # greedy verification needs only the argmax: skip building one-hots
                 else:
@@ -305,7 +325,7 @@ class Engine:
                         accepted_at.append(0)
                     proposed_at[d - 1] += 1
                     accepted_at[d - 1] += int(len(accepted) >= d)
-                drafter.observe(context, StepResult(tree, accepted, next_token, step_logits))
+                drafter.observe(context, StepResult(tree, accepted, next_token, step_logits, step_hidden))
 
         output, text, stopped = stopper.cut(output[:max_new_tokens])
         finish = "stop" if stopped else "length"

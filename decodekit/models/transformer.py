@@ -254,13 +254,18 @@ class Transformer(nn.Module):
         num_logits: int | None = None,
         cache: KVCache | None = None,
         skip_layers: frozenset[int] | set[int] = frozenset(),
-    ) -> torch.Tensor:
+        hidden_layers: tuple[int, ...] = (),
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits `[B, T', V]` for `input_ids` `[B, T]` at `positions` `[B, T]` (T' = num_logits or T).
 
         Writes the new tokens' keys and values at cache slots `start...start+T` (default: the cache's length, which
         then advances) and attends over the first `kv_len` slots (default: start + T). A CUDA-graph caller passes
         `start` as a device tensor and `kv_len` = the cache size so that every shape is static. Drafters
         that run the target's own weights (self-speculation) pass their own `cache` and the layers to `skip_layers`.
+        `hidden_layers` (trained draft heads read the target's features): when non-empty, return `(logits, hidden)`,
+        hidden `[B, T', len(hidden_layers) * hidden_size]` (same rows as the logits), the layers in the order given;
+        index i < num_layers is the output of block i (0-based), index num_layers the final normed hidden state
+        (what the LM head reads).
         """
         cache = self.cache if cache is None else cache
         b, t = input_ids.shape
@@ -282,19 +287,24 @@ class Transformer(nn.Module):
         if self.config.embed_scale != 1.0:
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         run = self.compiled_blocks if self.compiled_blocks is not None and not eager else self.layers
+        kept = {}
         for i, block in enumerate(self.layers):
-            if i in skip_layers:
-                continue
-            rope = rope_local if block.attn.local_rope else rope_global
-            x = run[i](x, rope, cache.k[i], cache.v[i], slots, kv_len, masks[block.attn.window])
+            if i not in skip_layers:
+                rope = rope_local if block.attn.local_rope else rope_global
+                x = run[i](x, rope, cache.k[i], cache.v[i], slots, kv_len, masks[block.attn.window])
+            if i in hidden_layers:
+                kept[i] = x
         if num_logits is not None:
             x = x[:, -num_logits:]
-        logits = self.lm_head(self.norm(x))
+        kept[len(self.layers)] = x = self.norm(x)
+        logits = self.lm_head(x)
         if self.config.final_logit_softcap:
             cap = self.config.final_logit_softcap
             logits = torch.tanh(logits / cap) * cap
         if eager:
             cache.length = start + t
+        if hidden_layers:
+            return logits, torch.cat([kept[i][:, -x.shape[1]:] for i in hidden_layers], dim=-1)
         return logits
 
 

@@ -76,6 +76,7 @@ class StepResult:
     accepted: list[int]  # accepted node indices (1-based), in path order
     next_token: int  # the target's token after the accepted path
     logits: torch.Tensor  # `[n+1, V]` target logits of root + every node (float32, before sampling rules)
+    hidden: torch.Tensor | None = None  # `[n+1, F]` the target's features (`Drafter.feature_layers`), rows as logits
 
 
 class Drafter:
@@ -85,6 +86,10 @@ class Drafter:
     # True: the drafter learns from the target's logits in `observe`, so when it has nothing to draft the step runs
     # as one verified forward pass (whose logits it sees) instead of a fused greedy chunk (which it does not).
     learns_from_steps: ClassVar[bool] = False
+    # Layers of the target whose hidden states the drafter reads (trained heads), in `Transformer.forward`'s
+    # `hidden_layers` convention. Non-empty: the engine passes the prompt's features to `prefill_features` and each
+    # verify step's to `observe` (`StepResult.hidden`), and never decodes in fused chunks (their features are lost).
+    feature_layers: tuple[int, ...] = ()
     engine: "Engine | None" = None
 
     def bind(self, engine: "Engine") -> "Drafter":
@@ -93,6 +98,9 @@ class Drafter:
 
     def reset(self, prompt_ids: list[int]) -> None:
         """Called once per generation with the prompt, before the first `propose`."""
+
+    def prefill_features(self, features: torch.Tensor) -> None:
+        """Called after `reset` when `feature_layers` is set: `[P, F]` features of every prompt position."""
 
     def propose(self, context: list[int]) -> DraftTree:
         """Draft after `context` (every committed token; its last one is the root). Empty tree = plain decoding."""
