@@ -147,13 +147,17 @@ def write_shard(model, pairs: list[tuple[list[int], list[int]]], layers: tuple[i
 
 def generate_dataset(engine, prompts_path: str | Path, out: str | Path, layers: tuple[int, ...],
                      settings: GenerationSettings, progress: bool = True) -> Path:
-    """Write `out/train` and `out/eval` shards and `out/meta.json`; returns `out`."""
+    """Write `out/train` and `out/eval` shards and `out/meta.json`; returns `out`. Existing data of the same model
+    and settings is extended (more prompts) or reused (cached for a superset of `layers`)."""
     out = Path(out)
     meta_path = out / "meta.json"
     meta = {"model": engine.name, "layers": list(layers), "hidden_size": engine.model.config.hidden_size,
             "prompts": str(prompts_path), "settings": asdict(settings)}
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
+        if set(layers) <= set(old["layers"]):  # data cached for more layers serves this head too
+            layers = tuple(old["layers"])
+            meta["layers"] = list(layers)
         same = {k: v for k, v in old["settings"].items() if k != "num_prompts"}  # more prompts extend the data
         if old["layers"] != meta["layers"] or old["model"] != meta["model"] or \
                 same != {k: v for k, v in meta["settings"].items() if k != "num_prompts"}:

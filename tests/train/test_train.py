@@ -53,8 +53,10 @@ def test_data_holds_the_targets_answers_and_features(tiny, data):
     shards = sorted((data / "train").iterdir())
     stamp = [p.stat().st_mtime_ns for p in shards]
     generate_dataset(tiny, json.loads((data / "meta.json").read_text())["prompts"], data,
-                     (1, tiny.model.config.num_layers), SETTINGS, progress=False)
+                     (tiny.model.config.num_layers,), SETTINGS, progress=False)  # fewer layers: reused
     assert [p.stat().st_mtime_ns for p in shards] == stamp  # complete shards are kept, not redone
+    with pytest.raises(ValueError, match="other settings"):
+        generate_dataset(tiny, "unused.jsonl", data, (0,), SETTINGS, progress=False)
 
 
 def test_benchmarks_are_never_training_data(tmp_path):
