@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from .base import DraftTree, register
-from .heads_common import (HeadBatch, HeadBlock, HeadCache, HeadConfig, HeadDrafter, Pick, Target, ancestors, causal_mask,
-                           log_softmax, shifted)
+from .heads_common import (HeadBatch, HeadBlock, HeadCache, HeadConfig, HeadDrafter, Pick, Target, ancestors,
+                           causal_mask, log_softmax, shifted)
 from .medusa import ResBlock
 
 

@@ -38,6 +38,7 @@ def add_train_parser(sub) -> None:
         t.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(c, name))
     for name in ("lr", "weight_decay", "warmup", "grad_clip", "feature_weight", "step_decay"):
         t.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(c, name))
+    t.add_argument("--no-generate", action="store_true", help="train on the data already in --data as it is")
     t.add_argument("--stop-after", type=int, default=None, help="stop (checkpointed) after this many steps this run")
     t.set_defaults(func=cmd_train)
 
@@ -65,7 +66,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = head_config(cfg, engine.model.config, engine.name)
     layers = tuple(dict.fromkeys((*config.feature_layers, config.num_target_layers)))
     out = Path(args.out)
-    data = generate_dataset(engine, args.prompts, Path(args.data) if args.data else out / "data", layers, settings)
+    data = Path(args.data) if args.data else out / "data"
+    if not args.no_generate:
+        generate_dataset(engine, args.prompts, data, layers, settings)
+    elif not (data / "meta.json").is_file():
+        raise ValueError(f"--no-generate: no cached data in {data}")
     summary = train(engine, data, out, cfg, stop_after=args.stop_after)
     print(json.dumps({k: summary[k] for k in ("arch", "parameters", "steps", "train_tokens", "final_eval")}),
           file=sys.stderr if summary.get("stopped") else sys.stdout)
