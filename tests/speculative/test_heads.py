@@ -250,3 +250,16 @@ def test_full_drafts_without_budget_are_lossless_and_bounded(arch, tiny):
     assert got.token_ids == plain
     drafter = DRAFTERS[arch](init="random", depth=3, top_k=2, max_nodes=5)
     assert drafter.max_draft_tokens() == 5
+
+
+@pytest.mark.real_model
+def test_shipped_smollm2_head_loads_by_name_and_is_lossless():
+    """The EAGLE head shipped for SmolLM2 loads by method name alone; greedy output equals plain greedy (float32)."""
+    from decodekit.bench.datasets import SAMPLE, load_prompts
+
+    engine = decodekit.load("smollm2", device="cpu", dtype="float32", progress=False)
+    for p in load_prompts(str(SAMPLE), 1)[:3]:
+        plain = engine.generate(p.prompt, 32, chat=True)
+        spec = engine.generate(p.prompt, 32, chat=True, method="eagle", adaptive=False)
+        assert spec.token_ids == plain.token_ids, p.category
+        assert spec.stats.decode_steps <= plain.stats.decode_steps
