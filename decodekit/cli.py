@@ -10,6 +10,7 @@ from typing import Any, Callable
 from . import DEFAULT_MODEL
 from .sampling import SamplingConfig
 from .serve.cli import add_serve_parser
+from .train.cli import add_train_parser
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -213,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
     add_serve_parser(sub)
+    add_train_parser(sub)
     return parser
 
 
