@@ -16,7 +16,7 @@ from .scheduler import SchedulerConfig
 from .sequence import GenerationResult
 
 SAMPLING_FIELDS = {f.name for f in fields(SamplingConfig)}
-ENGINE_OPTIONS = ("ignore_eos", "adaptive", "logprobs")  # request-level, neither sampling nor method knobs
+ENGINE_OPTIONS = ("ignore_eos", "adaptive", "logprobs", "policy")  # request-level: not sampling, not method knobs
 
 
 def _default_kv_tokens(model, max_context: int) -> int:

@@ -166,10 +166,25 @@ class Sequence:
         return min(self.max_len - len(self.tokens), self.max_new_tokens - len(self.output))
 
     @property
+    def policy(self):
+        return None if self.request is None else self.request.policy
+
+    @property
+    def max_step_tokens(self) -> int:
+        """KV entries one pass of this sequence may write: the root and the largest draft (or policy candidates)."""
+        return 1 + (self.policy.max_nodes if self.policy is not None else self.drafter.max_draft_tokens())
+
+    @property
+    def hidden_layers(self) -> tuple[int, ...]:
+        """Layers whose hidden states this sequence's policy or drafter reads from each pass."""
+        owner = self.policy if self.policy is not None else self.drafter
+        return tuple(getattr(owner, "feature_layers", ()))
+
+    @property
     def needs_host_logits(self) -> bool:
-        """The one rule for when a step's logits must come to the host: sampling, penalties, or constraints. Without
-        them a step needs only the argmax, which stays on the device (and greedy chunks fuse)."""
-        return not self.sampling.greedy or self.sampling.has_penalties
+        """The one rule for when a step's logits must come to the host: sampling, penalties, constraints, or a
+        policy deciding. Without them a step needs only the argmax, which stays on the device (greedy chunks fuse)."""
+        return not self.sampling.greedy or self.sampling.has_penalties or self.policy is not None
 
     # ---- the step --------------------------------------------------------------------------------------------
     def plan(self, fused_sizes: tuple[int, ...]) -> int:
@@ -177,7 +192,11 @@ class Sequence:
         chunks instead (0: it needs a verified step, with `self.tree`, possibly empty)."""
         self.tree = self.proposed = DraftTree()
         self.refused = False
-        fusable = bool(fused_sizes) and not self.needs_host_logits and self.top_logprobs is None and not self.observed
+        if self.policy is not None:  # the policy's candidates to score beside the root (contrastive search ...)
+            self.tree = self.policy.plan(self)
+            return 0
+        fusable = bool(fused_sizes) and not self.needs_host_logits and self.top_logprobs is None and \
+            not self.hidden_layers and not self.observed
         if self.drafter.name == "plain":
             return self.room if fusable else 0
         budget = self.budget

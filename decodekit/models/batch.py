@@ -53,6 +53,7 @@ class RowSpec:
     # and mask in every layer and may change them. None: plain attention (and every fast path).
     observer: Any = None
     first_logit: int = field(default=-1, init=False)  # set by `build_batch`: its first row in the logits
+    hidden_layers: tuple[int, ...] = field(default=(), init=False)  # layers whose states its sequence reads
 
 
 def bucket(n: int, buckets: tuple[int, ...]) -> int:
