@@ -26,6 +26,8 @@ def engines(request):
 def test_graphed_batches_equal_eager(engines, method):
     graphed, eager = engines
     kw = {"method_options": {"model": eager}} if method == "draft" else {}
+    if method in ("eagle", "medusa", "hydra"):  # no head ships for these models: an untrained one (seeded)
+        kw = {"method_options": {"init": "trained-or-random"}}
     a = graphed.generate(PROMPTS, 40, method=method, ignore_eos=True, **kw)
     b = eager.generate(PROMPTS, 40, method=method, ignore_eos=True, **kw)
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
