@@ -350,11 +350,16 @@ def plots(records: list[dict[str, Any]], folder: Path) -> list[Path]:
         base = [r["score"] for r in rs if r["press"] == "none"]
         if base:
             ax.axhline(_mean(base), color="k", ls="--", lw=1, label="uncompressed")
-        for press in sorted({r["press"] for r in rs} - {"none"}):
-            pts = sorted({r["ratio"] for r in rs if r["press"] == press})
-            ys = [_mean([r["score"] for r in rs if r["press"] == press and r["ratio"] == x]) for x in pts]
-            ax.plot(pts, ys, marker="o", label=press)
-        ax.set_xlabel("compression ratio (fraction of KV removed)")
+        for series in sorted({_series(r["config"]) for r in rs} - {"none"}):
+            mine = [r for r in rs if _series(r["config"]) == series]
+            pts = sorted({r["ratio"] for r in mine})
+            # x: the fraction of KV bytes removed as measured (quantization presses have no ratio; sparse-attention
+            # presses hold everything and sit at 0 though they read only a part)
+            xs = [1 - _mean([r["kv_bytes_final"] / r["kv_bytes_uncompressed"] for r in mine if r["ratio"] == x])
+                  for x in pts]
+            ys = [_mean([r["score"] for r in mine if r["ratio"] == x]) for x in pts]
+            ax.plot(xs, ys, marker="o", label=series)
+        ax.set_xlabel("fraction of KV bytes removed (measured, at the end)")
         ax.set_ylabel("fidelity" if task == "fidelity" else "accuracy")
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"{task}: score against compression", fontsize=9)
@@ -365,6 +370,12 @@ def plots(records: list[dict[str, Any]], folder: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _series(config: str) -> str:
+    """A press config's label without its ratio (`snapkv:0.75:kernel_size=15` -> `snapkv:kernel_size=15`)."""
+    parts = config.split(":")
+    return parts[0] + (":" + parts[2] if len(parts) > 2 else "")
 
 
 def _mean(xs: list[float]) -> float:
