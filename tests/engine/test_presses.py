@@ -297,3 +297,19 @@ def test_press_arguments_are_checked(llama):
     r = llama.make_request("hi", press="snapkv", compression_ratio=0.5, kernel_size=3)
     assert r.press.press_knobs == {"kernel_size": 3}
     assert "test_exact" in PRESSES
+
+
+def test_generate_command_takes_a_press_and_reports_the_bytes_held(capsys):
+    import json
+
+    from decodekit.cli import main
+
+    argv = ["generate", "--model", "random:tiny-llama", "--max-new-tokens", "8", "--raw", "--press", "snapkv",
+            "--compression-ratio", "0.5", "-P", "window_size=4", "-P", "kernel_size=3", "--prompt", "a b c d " * 16]
+    assert main(argv) == 0
+    assert "press snapkv" in capsys.readouterr().err
+    assert main(argv + ["--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)["stats"]
+    assert stats["press"] == "snapkv" and stats["kv_bytes_final"] < stats["kv_bytes_uncompressed"] * 0.75
+    assert main(["generate", "--model", "random:tiny-llama", "-P", "window_size=4", "--prompt", "hi"]) == 1
+    assert "need --press" in capsys.readouterr().err
