@@ -313,3 +313,5 @@ def test_generate_command_takes_a_press_and_reports_the_bytes_held(capsys):
     assert stats["press"] == "snapkv" and stats["kv_bytes_final"] < stats["kv_bytes_uncompressed"] * 0.75
     assert main(["generate", "--model", "random:tiny-llama", "-P", "window_size=4", "--prompt", "hi"]) == 1
     assert "need --press" in capsys.readouterr().err
+    bad = ["generate", "--model", "random:tiny-llama", "--press", "tidal", "-P", "selection_layers=x", "--prompt", "hi"]
+    assert main(bad) == 1 and "wrong type" in capsys.readouterr().err

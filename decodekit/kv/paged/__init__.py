@@ -51,7 +51,10 @@ class PressSpec:
             raise ValueError(f"chunk must be >= 1, got {self.chunk}")
         residual = knobs.pop("residual", None) if self.name != "kivi" else knobs.get("residual")
         self.press_knobs = knobs
-        press = make_press(self.name, **knobs)  # unknown names and knobs: one-line errors here
+        try:
+            press = make_press(self.name, **knobs)  # unknown names and knobs: one-line errors here
+        except TypeError as error:  # a knob of the wrong type, caught by the press's own checks
+            raise ValueError(f"press {self.name!r}: a knob has the wrong type ({error})") from None
         if isinstance(press, QuantPress):
             if self.compression_ratio:
                 raise ValueError(f"press {self.name!r} quantizes (its bits set the size): compression_ratio applies "
