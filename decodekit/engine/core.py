@@ -245,6 +245,8 @@ class EngineCore:
     def _hidden_rows(hidden: torch.Tensor, layers: tuple[int, ...], spec: RowSpec, start: int, n: int):
         """The rows of a spec's hidden states, in the order of the layers its sequence asked for."""
         want = spec.hidden_layers
+        if not want:  # a batch mixing sequences that need features (heads) with ones that do not
+            return None
         size = hidden.shape[-1] // len(layers)
         cols = [hidden[start:start + n, layers.index(i) * size:(layers.index(i) + 1) * size] for i in want]
         return torch.cat(cols, dim=-1) if len(cols) > 1 else cols[0]
