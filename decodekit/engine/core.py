@@ -181,7 +181,7 @@ class EngineCore:
         specs: list[RowSpec] = []
         for seq, n in plan.prefills:
             start = seq.kv.length
-            last = start + n == seq.prefill_end and not seq.output
+            last = start + n == seq.prefill_end and not seq.output and not seq.prompt_root
             specs.append(RowSpec(seq.kv, seq.tokens[start:start + n], list(range(start, start + n)), None,
                                  "last" if last else "none"))
         for seq in plan.decodes:

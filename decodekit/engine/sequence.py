@@ -114,6 +114,9 @@ class Sequence:
         # None: multinomial draws from `generator`.
         self.draws: Any = None
         self.paused = False  # a policy holds this sequence back from passes (it keeps its KV memory)
+        # A policy made the prompt's last token the root (its entry rolled back): decoding starts there, with the
+        # candidates the policy plans under it, instead of with a first token drawn from the prompt's logits.
+        self.prompt_root = False
 
     # ---- state -----------------------------------------------------------------------------------------------
     @property
@@ -127,8 +130,8 @@ class Sequence:
     @property
     def prefill_end(self) -> int:
         """KV entries to write before decoding: the whole prompt for a new sequence (its last logits give the first
-        token), else everything but the root (a preempted sequence resuming)."""
-        return len(self.tokens) if not self.output else len(self.tokens) - 1
+        token), else everything but the root (a preempted sequence resuming, or a policy's `prompt_root`)."""
+        return len(self.tokens) if not self.output and not self.prompt_root else len(self.tokens) - 1
 
     @property
     def prefilling(self) -> bool:

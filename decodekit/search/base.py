@@ -206,6 +206,20 @@ class SinglePolicy(Policy):
         return SearchResult(result, [result])
 
 
+class TokenPolicy(SinglePolicy):
+    """A policy that picks one token per pass for its one sequence from the root's rows (DoLa, momentum, ...)."""
+
+    def choose(self, seq: "Sequence", logits: torch.Tensor, hidden: torch.Tensor | None) -> int:
+        """The next token, from the root's raw logits `[1, V]` (and hidden states `[1, F]` of `feature_layers`)."""
+        raise NotImplementedError
+
+    def step(self, core, req, rows) -> list:
+        for seq, (logits, hidden) in rows.items():
+            commit_token(seq, logits[:1], self.choose(seq, logits[:1], None if hidden is None else hidden[:1]))
+        return list(rows)
+
+
+
 # ---- n samples -----------------------------------------------------------------------------------------------
 @dataclass
 class SampleSearch(SearchStrategy):
