@@ -224,9 +224,11 @@ class TokenPolicy(SinglePolicy):
 @dataclass
 class SampleSearch(SearchStrategy):
     """`n` samples of the prompt drawn as one request (forks sharing the prompt's KV), then one is selected:
-    `scores(engine, req, results, seqs)` gives each candidate's score (higher is better)."""
+    `scores(engine, req, results, seqs)` gives each candidate's score (higher is better). `arithmetic`: draw the
+    samples with arithmetic codes (arithmetic.py) instead of independent draws."""
 
     n: int = 8
+    arithmetic: bool = False
     takes_method: ClassVar[bool] = True
     needs_sampling: ClassVar[bool] = True
 
@@ -239,6 +241,10 @@ class SampleSearch(SearchStrategy):
                              "(greedy samples would all be the same)")
         req.n = self.n
         req.token_stat = self.statistic()
+        if self.arithmetic:
+            from .arithmetic import lattice
+
+            req.draws = lattice(self.n, req.sampling.seed)
 
     def statistic(self) -> Callable | None:
         """A per-token statistic of the raw distributions that `scores` reads (`Sequence.token_stats`); None: none."""
