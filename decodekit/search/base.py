@@ -199,7 +199,7 @@ class SinglePolicy(Policy):
     scores_tokens = True  # PolicySearch.prepare asks the sequence to record each token's logprob
 
     def outcome(self, req: "Request") -> SearchResult:
-        seq = next(s for s in req.sequences if s.index == 0)
+        seq = req.sequences[0]  # forks a policy made on the way (lookaheads) come after it
         result = seq.result()
         if seq.token_stats:
             result.stats.score = sum(seq.token_stats) / len(seq.token_stats)
