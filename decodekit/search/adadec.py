@@ -71,9 +71,9 @@ class AdaDecPolicy(SinglePolicy):
         if float(entropy(processed)) < self.search.entropy_threshold or seq.room <= 1:
             commit_token(seq, row, draw(seq, processed))
             return [seq]
-        return self._pause(core, seq, row, processed)
+        return self._pause(core, req, seq, row, processed)
 
-    def _pause(self, core, seq, row, processed) -> list:
+    def _pause(self, core, req, seq, row, processed) -> list:
         """Keep the root, pause, and fork one lookahead per candidate."""
         top = processed.log_softmax(-1)[0].topk(self.search.num_candidates)
         keep_root(seq)

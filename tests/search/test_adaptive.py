@@ -181,3 +181,11 @@ def test_the_cheap_model_can_be_the_target_with_layers_skipped():
             _, kv = private_pool(target, len(ids) + 1)
             ids.append(int(target.forward_seq(kv, ids, list(range(len(ids))), skip_layers={1})[-1].argmax()))
     assert got.token_ids == ids[len(prompt):]
+
+
+def test_adadec_when_every_candidate_ends_at_once():
+    """Candidates that end the output (or no lookahead at all) are decided without another pass."""
+    engine = engine_of(peaked(7, 25))
+    prompt = [40, 7, 300, 12, 99]
+    want = reference_adadec(engine.model, prompt, 0.0, 3, 0, 6)
+    assert engine.generate(prompt, 6, search="adadec", entropy_threshold=0.0, lookahead_length=0).token_ids == want

@@ -25,9 +25,9 @@ def prompts(n=3, seed=0):
 
 
 def hf_beams(ref, prompt, k, lp, es, new, **extra):
-    out = ref.generate(torch.tensor([prompt]), num_beams=k, length_penalty=lp, early_stopping=es, num_return_sequences=k,
-                       output_scores=True, return_dict_in_generate=True, do_sample=False, max_new_tokens=new,
-                       eos_token_id=2, pad_token_id=1, **extra)
+    out = ref.generate(torch.tensor([prompt]), num_beams=k, length_penalty=lp, early_stopping=es,
+                       num_return_sequences=k, output_scores=True, return_dict_in_generate=True, do_sample=False,
+                       max_new_tokens=new, eos_token_id=2, pad_token_id=1, **extra)
     seqs = []
     for row in out.sequences[:, len(prompt):].tolist():
         while row and row[-1] == 1:  # padding after a hypothesis that ended early (1 is BOS: never generated here)

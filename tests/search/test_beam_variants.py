@@ -1,7 +1,5 @@
 """diverse_beam, patience_beam and best_first_beam against their definitions (references written out here, or
 transformers), on models small enough to enumerate."""
-import itertools
-
 import pytest
 import torch
 
