@@ -1,7 +1,7 @@
 """Tau (tokens per verify step) of trained draft heads on Spec-Bench prompts, full drafts (`adaptive=False`).
 
     .venv/bin/python bench/head_tau.py --model smollm2 --methods eagle --limit 1 --max-new-tokens 64 \
-        [--device cpu --dtype float32] [-O path=DIR] [-O top_k=1]
+        [--device cpu --dtype float32] [-O path=DIR] [-O branch=1]
 
 Prints one JSON line per method: mean tau over prompts, acceptance by depth, tokens/s, and whether every output
 equals plain greedy decoding's (it must: verification is lossless).

@@ -8,7 +8,7 @@ that output back as the next row's `g`. Two feature kinds:
 - EAGLE-3 (`fused=True` at training): `g` = a linear fusion of low, middle and high layers; the output goes through
   the head's own norm to the LM head, trained on tokens only, with training-time test (the head is unrolled over
   its own outputs for several steps during training, as at drafting time).
-Drafting grows EAGLE-2's dynamic tree (`heads_common.grow_tree`): each round expands the `top_k` most likely nodes
+Drafting grows EAGLE-2's dynamic tree (`heads_common.grow_tree`): each round expands the `branch` most likely nodes
 in one head pass with tree attention, and the `max_nodes` most likely nodes are verified.
 """
 from __future__ import annotations
@@ -101,14 +101,14 @@ def greedy_tokens(head: nn.Module, target: Target, h: torch.Tensor, rows: int = 
 @dataclass
 class Eagle(HeadDrafter):
     """EAGLE-2 drafting with a trained EAGLE (or EAGLE-3) head (Li et al. 2024). Knobs: see `HeadDrafter`
-    (`depth` 6, `top_k` 8, `max_nodes` 60: EAGLE-2's defaults; `top_k=1` drafts a chain)."""
+    (`depth` 6, `branch` 8, `max_nodes` 60: EAGLE-2's defaults; `branch=1` drafts a chain)."""
 
     name = "eagle"
     module = EagleHead
 
     def _reset_state(self, prompt_len: int) -> None:
         c = self.head.block.config
-        size = self.engine.model.cache.max_len + self.depth * self.top_k + 2
+        size = self.engine.max_context + self.depth * self.branch + 2
         old = getattr(self, "cache", None)
         fits = old is not None and old.max_len >= size and old.k.dtype == self.target.model.dtype
         self.cache = old if fits else HeadCache(c, size, self.target.model.dtype, self.target.model.device)

@@ -250,15 +250,15 @@ def shifted(x: torch.Tensor, s: int) -> torch.Tensor:
 Expand = Callable[[list[int], list[int], list[int]], torch.Tensor]
 
 
-def grow_tree(root_logprobs: torch.Tensor, expand: Expand, depth: int, top_k: int, max_nodes: int) -> DraftTree:
-    """EAGLE-2's dynamic draft tree: expand the `top_k` most likely nodes of each depth, then keep the `max_nodes`
+def grow_tree(root_logprobs: torch.Tensor, expand: Expand, depth: int, branch: int, max_nodes: int) -> DraftTree:
+    """EAGLE-2's dynamic draft tree: expand the `branch` most likely nodes of each depth, then keep the `max_nodes`
     nodes of highest path probability (draft confidence approximates acceptance).
 
     `root_logprobs` `[V]`: the draft's log-probabilities of depth-1 tokens. `expand(frontier, tokens, parents)` returns
     `[len(frontier), V]` log-probabilities of the children of the (1-based) nodes `frontier` of the tree so far.
     Children never score above their parents, so the kept nodes always include their ancestors.
     """
-    k = min(top_k, root_logprobs.shape[-1])
+    k = min(branch, root_logprobs.shape[-1])
     lp, tok = root_logprobs.float().topk(k)
     tokens, parents, scores = tok.tolist(), [0] * k, lp.tolist()
     frontier = list(range(1, k + 1))
@@ -317,14 +317,14 @@ class HeadDrafter(Drafter):
     """Base of the trained-head drafters. Knobs shared by all: `path` (None: the head shipped for the target in
     `speculative/trained/<model>-<method>/`; else a folder written by `decodekit train-drafter`), `init` ("trained":
     the trained head, an error if none; "random": an untrained head, for tests; "trained-or-random": the shipped head
-    where one exists, else an untrained one), `seed` (of an untrained head), `depth` (draft depth), `top_k` (children
+    where one exists, else an untrained one), `seed` (of an untrained head), `depth` (draft depth), `branch` (children
     expanded per node; 1 = a chain), `max_nodes` (tree size, verified in one target pass)."""
 
     path: str | None = None
     init: str = "trained"
     seed: int = 0
     depth: int = 6
-    top_k: int = 8
+    branch: int = 8
     max_nodes: int = 60
 
     learns_from_steps: ClassVar[bool] = True
@@ -333,8 +333,8 @@ class HeadDrafter(Drafter):
     def __post_init__(self) -> None:
         if self.init not in ("trained", "random", "trained-or-random"):
             raise ValueError(f"{self.name}: init must be trained, random or trained-or-random, got {self.init!r}")
-        if self.depth < 1 or self.top_k < 1 or self.max_nodes < 1:
-            raise ValueError(f"{self.name}: depth, top_k and max_nodes must be >= 1")
+        if self.depth < 1 or self.branch < 1 or self.max_nodes < 1:
+            raise ValueError(f"{self.name}: depth, branch and max_nodes must be >= 1")
         self.head = None
 
     def _resolve(self, engine) -> nn.Module:
@@ -401,10 +401,10 @@ class HeadDrafter(Drafter):
         raise NotImplementedError
 
     def _grow(self, root_logprobs: torch.Tensor, expand: Expand, max_depth: int) -> DraftTree:
-        return grow_tree(root_logprobs, expand, min(self.depth, max_depth), self.top_k, self.max_nodes)
+        return grow_tree(root_logprobs, expand, min(self.depth, max_depth), self.branch, self.max_nodes)
 
     def max_draft_tokens(self) -> int:
-        return min(self.max_nodes, self.top_k + (self.depth - 1) * self.top_k ** 2)
+        return min(self.max_nodes, self.branch + (self.depth - 1) * self.branch ** 2)
 
 
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:

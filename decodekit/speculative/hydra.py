@@ -5,7 +5,7 @@ Head k (0-based) predicts `x_{t+2+k}` from the target's feature and the tokens d
 target's final normed feature, or (Hydra++'s prefix layer, the default) the output of one attention layer over the
 target's features up to t. The heads' dependence on the path is Clover's regressive connection as well. `W_k`
 starts at zero, so an untrained head repeats the target's next-token guess.
-Drafting: EAGLE-2's dynamic tree (`heads_common.grow_tree`); each round runs the next head on the `top_k` most
+Drafting: EAGLE-2's dynamic tree (`heads_common.grow_tree`); each round runs the next head on the `branch` most
 likely paths.
 """
 from __future__ import annotations
@@ -72,13 +72,13 @@ class Hydra(HeadDrafter):
     name = "hydra"
     module = HydraHeads
     depth: int = 4
-    top_k: int = 8
+    branch: int = 8
     max_nodes: int = 48
 
     def _reset_state(self, prompt_len: int) -> None:
         self.cache = None
         if self.head.prefix is not None:
-            size = self.engine.model.cache.max_len + 2
+            size = self.engine.max_context + 2
             self.cache = HeadCache(self.head.prefix.config, size, self.target.model.dtype, self.target.model.device)
 
     def _context(self, context: list[int]) -> torch.Tensor:

@@ -74,7 +74,7 @@ class Medusa(HeadDrafter):
     name = "medusa"
     module = MedusaHeads
     depth: int = 4
-    top_k: int = 8
+    branch: int = 8
     max_nodes: int = 48
 
     def _draft(self, context: list[int]) -> DraftTree:

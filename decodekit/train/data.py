@@ -103,12 +103,12 @@ def split_prompts(prompts: list[str], settings: GenerationSettings) -> tuple[lis
 
 def feature_pass(model, ids: list[int], layers: tuple[int, ...]) -> torch.Tensor:
     """Features `[T, F]` of every position of `ids` from one teacher-forced forward pass of the target."""
-    model.setup_cache(1, len(ids) + 1)
-    dev = model.device
+    from ..models.kv_cache import private_pool
+
+    _, kv = private_pool(model, len(ids) + 1)
     with torch.inference_mode():
-        _, hidden = model(torch.tensor([ids], device=dev), torch.arange(len(ids), device=dev)[None],
-                          hidden_layers=layers)
-    return hidden[0]
+        _, hidden = model.forward_seq(kv, list(ids), list(range(len(ids))), hidden_layers=layers)
+    return hidden
 
 
 def generate_split(engine, prompts: list[str], out: Path, layers: tuple[int, ...], settings: GenerationSettings,

@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from decodekit.models.kv_cache import private_pool
+from micro import spawned
+
 import decodekit
 from decodekit.speculative import DRAFTERS
 from decodekit.speculative.base import Drafter, DraftTree
@@ -22,26 +25,23 @@ def tiny():
 def test_hidden_layers_are_block_outputs_and_final_norm(tiny):
     model = tiny.model
     n = model.config.num_layers
-    ids = torch.tensor([[5, 9, 13, 2, 7]])
-    pos = torch.arange(5)[None]
+    ids, pos = [5, 9, 13, 2, 7], list(range(5))
     seen = {}
     hooks = [block.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out))
              for i, block in enumerate(model.layers)]
-    model.setup_cache(1, 16)
-    logits, hidden = model(ids, pos, hidden_layers=(n - 1, 0, n))
+    logits, hidden = model.forward_seq(private_pool(model, 16)[1], ids, pos, hidden_layers=(n - 1, 0, n))
     for h in hooks:
         h.remove()
     size = model.config.hidden_size
-    assert hidden.shape == (1, 5, 3 * size)
-    assert torch.equal(hidden[..., :size], seen[n - 1]) and torch.equal(hidden[..., size:2 * size], seen[0])
+    assert hidden.shape == (5, 3 * size)
+    assert torch.equal(hidden[:, :size], seen[n - 1]) and torch.equal(hidden[:, size:2 * size], seen[0])
     final = model.norm(seen[n - 1])
-    assert torch.equal(hidden[..., 2 * size:], final)
+    assert torch.equal(hidden[:, 2 * size:], final)
     assert torch.allclose(logits, model.lm_head(final))
-    model.setup_cache(1, 16)
-    last_logits, last_hidden = model(ids, pos, num_logits=2, hidden_layers=(0,))
-    assert last_hidden.shape == (1, 2, size) and torch.equal(last_hidden, seen[0][:, -2:])
-    model.setup_cache(1, 16)
-    assert torch.equal(model(ids, pos), logits)  # no hidden_layers: logits only, as before
+    last_logits, last_hidden = model.forward_seq(private_pool(model, 16)[1], ids, pos, logits="last",
+                                                 hidden_layers=(0,))
+    assert last_hidden.shape == (1, size) and torch.equal(last_hidden, seen[0][-1:])
+    assert torch.equal(model.forward_seq(private_pool(model, 16)[1], ids, pos), logits)  # no hidden_layers: logits
 
 
 class Recorder(Drafter):
@@ -82,10 +82,12 @@ def test_engine_hands_every_committed_tokens_features_to_the_drafter(tiny):
 
     layers = (0, tiny.model.config.num_layers)
     rec = Recorder(layers, draft)
+    copies = spawned(rec)  # the engine's per-sequence copy receives the features
     out = tiny.generate(prompt, 24, method=rec, adaptive=False)
     assert out.token_ids == plain
-    got = torch.cat(rec.rows)
-    assert got.shape[0] >= len(prompt) + len(plain) - 1  # every committed token but the last root
+    got = torch.cat(copies[0].rows)
+    # every committed token but the last root, except after the step that finished (nothing to observe then)
+    assert got.shape[0] >= len(prompt) + len(plain) - 1 - 4
     longer = tiny.generate(prompt, 40).token_ids  # the last step may commit past max_new_tokens
     want = feature_pass(tiny.model, (prompt + longer)[:got.shape[0]], layers)
     assert torch.allclose(got, want, atol=1e-4)
@@ -96,23 +98,23 @@ def test_drafters_without_features_see_no_change(tiny):
     assert tiny.generate([1, 2, 3], 8, method="pld").token_ids == tiny.generate([1, 2, 3], 8).token_ids
 
 
-def reference_tree(root_lp, table, depth, top_k, max_nodes):
-    """EAGLE-2's selection written out by levels: expand the top_k best of each level, keep max_nodes best paths."""
-    level = [((t,), float(root_lp[t])) for t in root_lp.topk(top_k).indices.tolist()]
+def reference_tree(root_lp, table, depth, branch, max_nodes):
+    """EAGLE-2's selection written out by levels: expand the branch best of each level, keep max_nodes best paths."""
+    level = [((t,), float(root_lp[t])) for t in root_lp.topk(branch).indices.tolist()]
     pool = list(level)
     for _ in range(depth - 1):
-        frontier = sorted(level, key=lambda x: -x[1])[:top_k]
+        frontier = sorted(level, key=lambda x: -x[1])[:branch]
         level = []
         for path, score in frontier:
             lp = table(path)
-            level += [(path + (t,), score + float(lp[t])) for t in lp.topk(top_k).indices.tolist()]
+            level += [(path + (t,), score + float(lp[t])) for t in lp.topk(branch).indices.tolist()]
         pool += level
     return {p for p, _ in sorted(pool, key=lambda x: -x[1])[:max_nodes]}
 
 
-@pytest.mark.parametrize("depth,top_k,max_nodes", [(1, 3, 2), (3, 2, 5), (4, 3, 12), (3, 1, 3)])
-def test_grow_tree_keeps_the_most_likely_expanded_paths(depth, top_k, max_nodes):
-    g = torch.Generator().manual_seed(depth * 10 + top_k)
+@pytest.mark.parametrize("depth,branch,max_nodes", [(1, 3, 2), (3, 2, 5), (4, 3, 12), (3, 1, 3)])
+def test_grow_tree_keeps_the_most_likely_expanded_paths(depth, branch, max_nodes):
+    g = torch.Generator().manual_seed(depth * 10 + branch)
     vocab = 7
     cache: dict[tuple, torch.Tensor] = {}
 
@@ -128,7 +130,7 @@ def test_grow_tree_keeps_the_most_likely_expanded_paths(depth, top_k, max_nodes)
             return path(parents[n - 1]) + (tokens[n - 1],) if n else ()
         return torch.stack([table(path(n)) for n in frontier])
 
-    tree = grow_tree(root, expand, depth, top_k, max_nodes)
+    tree = grow_tree(root, expand, depth, branch, max_nodes)
     paths = set()
     for i in range(1, len(tree) + 1):
         node, p = i, ()
@@ -137,7 +139,7 @@ def test_grow_tree_keeps_the_most_likely_expanded_paths(depth, top_k, max_nodes)
             node = tree.parents[node - 1]
         paths.add(p)
     assert all(p < i for i, p in enumerate(tree.parents, start=1))  # parents precede children
-    assert paths == reference_tree(root, table, depth, top_k, max_nodes)
+    assert paths == reference_tree(root, table, depth, branch, max_nodes)
 
 
 def perturbed_head(arch, config, seed=1):
@@ -174,11 +176,10 @@ def test_drafting_equals_the_training_unroll(arch, tiny, tmp_path):
         outs = head.unroll(target, batch, 3, Collect(head, target, batch))
         while len(guesses) < len(outs):
             Collect(head, target, batch)(len(guesses), outs[len(guesses)])
-    drafter = DRAFTERS[arch](path=str(tmp_path), top_k=1, depth=3, max_nodes=3).bind(tiny)
+    drafter = DRAFTERS[arch](path=str(tmp_path), branch=1, depth=3, max_nodes=3).bind(tiny)
     states = []  # what the drafter's head hands the LM head: compared as numbers, not only as argmax tokens
     logits = drafter.head.logits
     drafter.head.logits = lambda target, h: (states.append(h.reshape(-1, h.shape[-1])), logits(target, h))[1]
-    tiny.model.setup_cache(1, 64)
     for root in (4, 8, len(seq) - 1):  # root index r: row r-1 drafts depths 1..3
         drafter.reset(seq[:root])
         drafter.prefill_features(final[:root])
@@ -197,8 +198,7 @@ def test_incremental_features_draft_as_a_fresh_start(tiny, tmp_path):
     save_head(head, head.config, tmp_path, dtype=torch.float32)
     seq = [7, 3, 9, 4, 4, 11, 2, 8, 5, 6, 1, 9]
     feats = feature_pass(tiny.model, seq, head.config.feature_layers)
-    tiny.model.setup_cache(1, 64)
-    a = DRAFTERS["eagle"](path=str(tmp_path), top_k=3, depth=3, max_nodes=8).bind(tiny)
+    a = DRAFTERS["eagle"](path=str(tmp_path), branch=3, depth=3, max_nodes=8).bind(tiny)
     a.reset(seq[:3])
     a.prefill_features(feats[:3])
     a.propose(seq[:4])
@@ -208,7 +208,7 @@ def test_incremental_features_draft_as_a_fresh_start(tiny, tmp_path):
         a.observe(seq[:end + 1], StepResult(tree, list(range(1, end - start)), seq[end], torch.zeros(1),
                                             feats[start:end]))
         got = a.propose(seq[:end + 1])
-        b = DRAFTERS["eagle"](path=str(tmp_path), top_k=3, depth=3, max_nodes=8).bind(tiny)
+        b = DRAFTERS["eagle"](path=str(tmp_path), branch=3, depth=3, max_nodes=8).bind(tiny)
         b.reset(seq[:end])
         b.prefill_features(feats[:end])
         want = b.propose(seq[:end + 1])
@@ -246,9 +246,9 @@ def test_head_for_another_target_is_refused(tiny, tmp_path):
 def test_full_drafts_without_budget_are_lossless_and_bounded(arch, tiny):
     prompt = [9, 8, 7, 6, 9, 8, 7, 6, 9, 8]
     plain = tiny.generate(prompt, 30).token_ids
-    got = tiny.generate(prompt, 30, method=arch, init="random", adaptive=False, depth=3, top_k=2, max_nodes=5)
+    got = tiny.generate(prompt, 30, method=arch, init="random", adaptive=False, depth=3, branch=2, max_nodes=5)
     assert got.token_ids == plain
-    drafter = DRAFTERS[arch](init="random", depth=3, top_k=2, max_nodes=5)
+    drafter = DRAFTERS[arch](init="random", depth=3, branch=2, max_nodes=5)
     assert drafter.max_draft_tokens() == 5
 
 
