@@ -1,6 +1,7 @@
 """`Engine`: a model, its tokenizer and the public API (generate, stream, requests), over one `EngineCore`."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, fields, is_dataclass
 from typing import Any, Iterator, Sequence as Seq
 
@@ -198,6 +199,12 @@ class Engine:
             options[key] = kwargs.pop(key)
         if "n" in kwargs:
             raise ValueError(f"search {name!r} returns one sequence per prompt; it takes no n")
+        named = set(inspect.signature(self.make_request).parameters)
+        unknown = sorted(k for k in kwargs if k not in named and k not in SAMPLING_FIELDS and k not in ENGINE_OPTIONS
+                         and k not in method_knobs)
+        if unknown:  # name both owners a keyword could have meant, not only the method's
+            raise ValueError(f"unknown option {unknown[0]!r} for search {name!r} (its knobs: "
+                             f"{', '.join(sorted(knobs))}) or method {kwargs.get('method', 'plain')!r}")
         return make_search(name, options), kwargs
 
     def stream(self, prompt, max_new_tokens: int = 128, **kwargs) -> Iterator[str]:

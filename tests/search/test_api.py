@@ -51,8 +51,14 @@ def test_options_route_by_name(engine):
                .candidates) == 2
     with pytest.raises(ValueError, match="returns one sequence per prompt; it takes no n"):
         engine.generate(PROMPTS[0], 4, search="beam", n=2)
-    with pytest.raises(ValueError, match="unknown option 'num_beams' for method 'plain'"):
+    with pytest.raises(ValueError, match=r"unknown option 'num_beams' for search 'contrastive' \(its knobs: "
+                                         r".*penalty_alpha.*\) or method 'plain'"):
         engine.generate(PROMPTS[0], 4, search="contrastive", num_beams=2)
+    # a method knob is the method's; a name neither has is refused naming both
+    drafted = engine.generate(PROMPTS[0], 4, search="best_of_n", n=2, temperature=1.0, method="pld", max_ngram=2)
+    assert drafted.stats.method == "pld"
+    with pytest.raises(ValueError, match="unknown option 'max_ngrams' for search 'best_of_n'.* or method 'pld'"):
+        engine.generate(PROMPTS[0], 4, search="best_of_n", n=2, temperature=1.0, method="pld", max_ngrams=2)
     with pytest.raises(ValueError, match="unknown search 'beams'"):
         engine.generate(PROMPTS[0], 4, search="beams")
     with pytest.raises(ValueError, match="need search=NAME"):
