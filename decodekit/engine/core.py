@@ -46,6 +46,11 @@ class Request:
     logprobs: int | None = None  # record each output token's logprob and this many alternatives (0: none)
     press: PressSpec | None = None  # a KV press for every sequence of the request
     policy: Any = None  # a `Policy` (engine/policy.py) that decides for all this request's sequences at once
+    # Per-sample hooks of search strategies (search/): `draws(index)` -> sample index's own source of draws
+    # (`Sequence.draws`, arithmetic sampling's codes); `token_stat` -> a statistic of each output token's raw
+    # distribution (`Sequence.token_stat`, self-certainty). None: off.
+    draws: Any = None
+    token_stat: Any = None
     id: int = -1
     sequences: list[Sequence] = field(default_factory=list)
     aborted: bool = False
@@ -84,6 +89,9 @@ class EngineCore:
             raise ValueError(f"prompt has {n_prompt} tokens; the model's context window is {self.max_context}")
         if req.n < 1:
             raise ValueError(f"n must be >= 1, got {req.n}")
+        if req.press is not None and req.policy is not None:  # policies fork and roll back entries by token count
+            raise ValueError("a KV press cannot be combined with a search strategy that decides per pass "
+                             "(beam, contrastive, ...) yet; n-sample strategies (best_of_n, ...) work")
         req.sampling.validate()
         req.id = next(self._ids)
         seq = self._sequence(req, 0, SeqKV(self.pool))
@@ -123,6 +131,8 @@ class EngineCore:
         if req.press is not None:
             seq.press = req.press.state(self.model, len(req.prompt_ids), req.max_new_tokens, self.pool.block_size)
             seq.stats.press = req.press.name
+        seq.token_stat = req.token_stat
+        seq.draws = req.draws(index) if req.draws is not None else None
         req.sequences.append(seq)
         return seq
 
@@ -180,7 +190,7 @@ class EngineCore:
         specs: list[RowSpec] = []
         for seq, n in plan.prefills:
             start = seq.kv.written  # the next token to write (entries held may be fewer: a press evicted some)
-            last = start + n == seq.prefill_end and not seq.output
+            last = start + n == seq.prefill_end and not seq.output and not seq.prompt_root
             positions = list(range(start, start + n))
             specs.append(RowSpec(seq.kv, seq.tokens[start:start + n], positions, None, "last" if last else "none",
                                  seq.observer(True, positions)))
@@ -214,6 +224,8 @@ class EngineCore:
             rows, feats = rows_of(spec, n if spec.logits == "all" else 1)
             if seq.hidden_layers and seq.request.policy is None:
                 seq.drafter.prefill_features(feats)  # a drafter that reads the target's features sees the prompt's
+            elif seq.hidden_layers:
+                seq.request.policy.prefill_features(seq, feats)
             if ends and seq.request.policy is not None:
                 decided.setdefault(seq.request.id, {})[seq] = (rows[-1:], None if feats is None else feats[-1:])
             elif ends:
@@ -256,6 +268,8 @@ class EngineCore:
     def _hidden_rows(hidden: torch.Tensor, layers: tuple[int, ...], spec: RowSpec, start: int, n: int):
         """The rows of a spec's hidden states, in the order of the layers its sequence asked for."""
         want = spec.hidden_layers
+        if not want:  # a batch mixing sequences that need features (heads) with ones that do not
+            return None
         size = hidden.shape[-1] // len(layers)
         cols = [hidden[start:start + n, layers.index(i) * size:(layers.index(i) + 1) * size] for i in want]
         return torch.cat(cols, dim=-1) if len(cols) > 1 else cols[0]
@@ -270,6 +284,9 @@ class EngineCore:
         child.stopper = seq.stopper.fork()
         child.stats = dataclasses.replace(seq.stats)
         child.logprobs = list(seq.logprobs)
+        child.token_stats = list(seq.token_stats)
+        child.draws = copy.deepcopy(seq.draws)
+        child.paused = False
         child.accepted_at, child.proposed_at = list(seq.accepted_at), list(seq.proposed_at)
         child.generator = torch.Generator(device=seq.generator.device)
         child.generator.set_state(seq.generator.get_state())

@@ -315,3 +315,12 @@ def test_generate_command_takes_a_press_and_reports_the_bytes_held(capsys):
     assert "need --press" in capsys.readouterr().err
     bad = ["generate", "--model", "random:tiny-llama", "--press", "tidal", "-P", "selection_layers=x", "--prompt", "hi"]
     assert main(bad) == 1 and "wrong type" in capsys.readouterr().err
+
+
+def test_a_press_with_a_per_pass_search_is_refused_and_n_samples_run(llama):
+    with pytest.raises(ValueError, match="search strategy"):
+        llama.generate([5, 6, 7, 8] * 8, 4, search="beam", num_beams=2, press="snapkv", compression_ratio=0.5,
+                       press_options={"window_size": 4})
+    out = llama.generate([5, 6, 7, 8] * 8, 4, search="best_of_n", n=2, temperature=1.0, seed=0, press="snapkv",
+                         compression_ratio=0.5, press_options={"window_size": 4})
+    assert len(out.token_ids) == 4
