@@ -214,9 +214,7 @@ class EngineCore:
 
         def rows_of(spec, n):
             a = spec.first_logit
-            if hidden is None or not spec.hidden_layers:  # a batch may mix sequences that read features and not
-                return logits[a:a + n], None
-            return logits[a:a + n], self._hidden_rows(hidden, layers, spec, a, n)
+            return logits[a:a + n], None if hidden is None else self._hidden_rows(hidden, layers, spec, a, n)
 
         for (seq, n), spec, ends in zip(plan.prefills, specs, last):
             seq.kv.length += n
