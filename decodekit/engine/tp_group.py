@@ -95,6 +95,9 @@ class TPGroup:
     def launch(cls, world: int, device: torch.device, worker_args: dict[str, Any]) -> "TPGroup":
         """Rank 0 of a new group: start ranks 1..world-1 as subprocesses, each running `worker_main` with
         `worker_args` (plus its rank and the rendezvous), and join them."""
+        if dist.is_initialized():
+            raise ValueError("this process already has a torch.distributed group (one tensor-parallel model per "
+                             "process: close the other with engine.model.close(), or start under torchrun)")
         backend = "nccl" if device.type == "cuda" else "gloo"
         store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=TIMEOUT, wait_for_workers=False)
         env = dict(os.environ)
