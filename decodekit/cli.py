@@ -1,4 +1,4 @@
-"""`decodekit` command line: generate, chat, models, bench. Bad input ends in one line on stderr, never a traceback."""
+"""`decodekit` command line: generate, chat, models, bench, serve. Bad input ends in one line on stderr, never a traceback."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 from . import DEFAULT_MODEL
 from .sampling import SamplingConfig
+from .serve.cli import add_serve_parser
+from .train.cli import add_train_parser
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -211,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.cli import add_eval_parser  # here, not at the top: decodekit.eval.cli imports this module
 
     add_eval_parser(sub)
+    add_serve_parser(sub)
+    add_train_parser(sub)
     return parser
 
 
