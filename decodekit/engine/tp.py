@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..models.batch import ForwardBatch, Rows
@@ -101,6 +102,40 @@ class MirroredPool(KVPool):
             super().copy_slots(src, dst)
 
 
+class MirroredEmbed:
+    """`TPModel.embed`: the vocabulary-parallel embedding, looked up on every rank (its all-reduce meets)."""
+
+    def __init__(self, model: "TPModel") -> None:
+        self.model = model
+
+    @property
+    def weight(self) -> torch.Tensor:  # rank 0's rows (for dtype and device)
+        return self.model.local.embed.weight
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        group = self.model.group
+        with group.guard():
+            group.send(Op.EMBED, pack([ids.dim(), *ids.shape], [ids]))
+            return self.model.local.embed(ids)
+
+
+class MirroredHead(MirroredEmbed):
+    """`TPModel.lm_head`: the vocabulary-parallel output head on every rank; the hidden states go to the others on
+    the model's group (device to device), the full logits come back gathered."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.model.local.lm_head.weight
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        group, local = self.model.group, self.model.local
+        h = h.to(local.device, local.dtype).contiguous()
+        with group.guard():
+            group.send(Op.HEAD, pack(list(h.shape)))
+            dist.broadcast(h, 0, group=group.model_group)
+            return local.lm_head(h)
+
+
 class TPModel(nn.Module):
     """Rank 0's model: a `Transformer` to the engine, its shard underneath, the other ranks in step.
 
@@ -114,6 +149,8 @@ class TPModel(nn.Module):
         self.local, self.group = local, group
         self.config = local.config
         self.next_pool = 0
+        # what trained heads share with the target (speculative/heads_common.Target): run on every rank
+        self.__dict__["embed"], self.__dict__["lm_head"] = MirroredEmbed(self), MirroredHead(self)
 
     @property
     def world(self) -> int:
@@ -177,8 +214,8 @@ class MirroredPass(StaticPass):
     def __init__(self, runner: "TPGraphRunner", rows: int, width: int, length: int, steps: int = 0) -> None:
         self.filled = False
         self.key = [runner.pool.pool_id, rows, width, length, steps]
-        with runner.group.guard():
-            runner.group.send(Op.PASS, pack(self.key))  # first: capture runs collectives on every rank
+        with runner.tp_group.guard():
+            runner.tp_group.send(Op.PASS, pack(self.key))  # first: capture runs collectives on every rank
             super().__init__(runner, rows, width, length, steps)
 
     def fill(self, specs, tree: bool) -> list[int]:
@@ -188,7 +225,7 @@ class MirroredPass(StaticPass):
 
     def replay(self) -> None:
         inputs = ([self.host] + ([self.tree] if self.width > 1 else [])) if self.filled else []
-        group = self.runner.group
+        group = self.runner.tp_group
         with group.guard():
             group.send(Op.REPLAY, pack(self.key + [int(self.filled)], inputs))
             self.filled = False
@@ -204,7 +241,7 @@ class TPGraphRunner(GraphRunner):
     def __init__(self, model: TPModel, pool: MirroredPool) -> None:
         super().__init__(model, pool)
         self.graph_model = model.local
-        self.group = model.group
+        self.tp_group = model.group  # (`group` is the runner's method that groups specs)
 
 
 TPModel.graph_runner = TPGraphRunner  # what `Engine(cuda_graphs=True)` builds for this model
@@ -253,6 +290,14 @@ def run_worker(model: Transformer, group: TPGroup) -> None:
                     if static.width > 1:
                         static.tree.copy_(r.take(static.tree.numel()).view_as(static.tree).bool().to(dev))
                 static.replay()
+            elif op == Op.EMBED:
+                r = Reader(payload)
+                shape = r.ints(r.int())
+                model.embed(r.take(payload.numel() - r.at).view(shape).to(dev))
+            elif op == Op.HEAD:
+                h = torch.empty(payload.tolist(), dtype=model.dtype, device=dev)
+                dist.broadcast(h, 0, group=group.model_group)
+                model.lm_head(h)
             else:
                 raise RuntimeError(f"unknown message {op}")
 

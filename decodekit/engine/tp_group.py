@@ -45,6 +45,8 @@ class Op(IntEnum):
     COPY = 6  # pool.copy_slots(src, dst)
     PASS = 7  # capture a static pass of the graph runner
     REPLAY = 8  # replay one (after copying its inputs, when rank 0 filled them anew)
+    EMBED = 9  # the vocabulary-parallel embedding of these token ids (trained heads draft with it)
+    HEAD = 10  # lm_head of hidden states of this shape, broadcast next on the model's group
 
 
 class TPError(RuntimeError):
