@@ -193,3 +193,19 @@ def test_cli_bad_rank_count(command, capsys):
     assert err == ("decodekit: error: tensor_parallel=3 cannot split random:tiny-llama (4 query heads, 2 KV heads); "
                    "sizes that work: 1, 2, 4")
     assert not dist.is_initialized()
+
+
+@pytest.mark.slow
+def test_torchrun_launch_equals_single_process():
+    """The documented launch: every rank runs the CLI; rank 0 prints, the others serve it and exit 0."""
+    import json
+
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+                          "decodekit.cli", "generate", "--model", "random:tiny-llama", "--device", "cpu", "--dtype",
+                          "float32", "--tensor-parallel", "2", "--prompt", "abcabcabc", "--raw", "--json",
+                          "--max-new-tokens", "8"], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # only rank 0 answers
+    ref = decodekit.load("random:tiny-llama", device="cpu", dtype="float32")
+    assert json.loads(lines[0])["token_ids"] == ref.generate("abcabcabc", 8, chat=False).token_ids
