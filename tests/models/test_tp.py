@@ -209,3 +209,35 @@ def test_torchrun_launch_equals_single_process():
     assert len(lines) == 1  # only rank 0 answers
     ref = decodekit.load("random:tiny-llama", device="cpu", dtype="float32")
     assert json.loads(lines[0])["token_ids"] == ref.generate("abcabcabc", 8, chat=False).token_ids
+
+
+@pytest.mark.slow
+def test_serve_tensor_parallel():
+    """`decodekit serve --tensor-parallel 2`: the engine thread drives rank 0; a greedy completion equals
+    single-process decoding; Ctrl-C stops the server and its worker."""
+    import os
+    import select
+    import signal
+
+    import httpx
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "decodekit.cli", "serve", "--model", "random:tiny-llama",
+                             "--device", "cpu", "--dtype", "float32", "--port", "0", "--tensor-parallel", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        line, deadline = "", time.monotonic() + 120
+        while "serving" not in line and time.monotonic() < deadline and proc.poll() is None:
+            if select.select([proc.stdout], [], [], 1.0)[0]:
+                line = proc.stdout.readline()
+        assert "serving" in line, "the server did not start"
+        url = line.split(" at ")[1].split()[0]
+        body = {"model": "random:tiny-llama", "prompt": "abcabcabc", "max_tokens": 16, "temperature": 0}
+        text = httpx.post(url + "/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        ref = decodekit.load("random:tiny-llama", device="cpu", dtype="float32")
+        assert text == ref.generate("abcabcabc", 16, chat=False).text
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+        proc.stdout.read()  # EOF only once the worker (which shares the pipe) has exited too
+    finally:
+        proc.kill()
