@@ -150,7 +150,7 @@ class TPModel(nn.Module):
         self.config = local.config
         self.next_pool = 0
         # what trained heads share with the target (speculative/heads_common.Target): run on every rank
-        self.__dict__["embed"], self.__dict__["lm_head"] = MirroredEmbed(self), MirroredHead(self)
+        self.embed, self.lm_head = MirroredEmbed(self), MirroredHead(self)
 
     @property
     def world(self) -> int:

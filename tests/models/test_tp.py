@@ -74,6 +74,16 @@ def test_bad_rank_count_is_a_one_line_error_before_any_process(n):
     assert not dist.is_initialized()
 
 
+def test_fallback_models_are_refused(tmp_path):
+    import json
+
+    from decodekit.engine.tp import _config
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_head": 12}))
+    with pytest.raises(ValueError, match="tensor parallelism needs a natively supported model"):
+        _config(str(tmp_path), tmp_path)
+
+
 @pytest.fixture(scope="class")
 def tiny():
     """(2-rank engine, single-process engine) of the tiny llama, float32."""
