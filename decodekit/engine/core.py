@@ -44,6 +44,11 @@ class Request:
     verifier: str | None = None
     logprobs: int | None = None  # record each output token's logprob and this many alternatives (0: none)
     policy: Any = None  # a `Policy` (engine/policy.py) that decides for all this request's sequences at once
+    # Per-sample hooks of search strategies (search/): `draws(index)` -> sample index's own source of draws
+    # (`Sequence.draws`, arithmetic sampling's codes); `token_stat` -> a statistic of each output token's raw
+    # distribution (`Sequence.token_stat`, self-certainty). None: off.
+    draws: Any = None
+    token_stat: Any = None
     id: int = -1
     sequences: list[Sequence] = field(default_factory=list)
     aborted: bool = False
@@ -118,6 +123,8 @@ class EngineCore:
                        self.model.config.vocab_size)
         seq.request, seq.index = req, index
         seq.top_logprobs = req.logprobs
+        seq.token_stat = req.token_stat
+        seq.draws = req.draws(index) if req.draws is not None else None
         req.sequences.append(seq)
         return seq
 
@@ -174,7 +181,7 @@ class EngineCore:
         specs: list[RowSpec] = []
         for seq, n in plan.prefills:
             start = seq.kv.length
-            last = start + n == seq.prefill_end and not seq.output
+            last = start + n == seq.prefill_end and not seq.output and not seq.prompt_root
             specs.append(RowSpec(seq.kv, seq.tokens[start:start + n], list(range(start, start + n)), None,
                                  "last" if last else "none"))
         for seq in plan.decodes:
@@ -205,6 +212,8 @@ class EngineCore:
             rows, feats = rows_of(spec, n if spec.logits == "all" else 1)
             if seq.hidden_layers and seq.request.policy is None:
                 seq.drafter.prefill_features(feats)  # a drafter that reads the target's features sees the prompt's
+            elif seq.hidden_layers:
+                seq.request.policy.prefill_features(seq, feats)
             if ends and seq.request.policy is not None:
                 decided.setdefault(seq.request.id, {})[seq] = (rows[-1:], None if feats is None else feats[-1:])
             elif ends:
@@ -245,6 +254,8 @@ class EngineCore:
     def _hidden_rows(hidden: torch.Tensor, layers: tuple[int, ...], spec: RowSpec, start: int, n: int):
         """The rows of a spec's hidden states, in the order of the layers its sequence asked for."""
         want = spec.hidden_layers
+        if not want:  # a batch mixing sequences that need features (heads) with ones that do not
+            return None
         size = hidden.shape[-1] // len(layers)
         cols = [hidden[start:start + n, layers.index(i) * size:(layers.index(i) + 1) * size] for i in want]
         return torch.cat(cols, dim=-1) if len(cols) > 1 else cols[0]
@@ -259,6 +270,9 @@ class EngineCore:
         child.stopper = seq.stopper.fork()
         child.stats = dataclasses.replace(seq.stats)
         child.logprobs = list(seq.logprobs)
+        child.token_stats = list(seq.token_stats)
+        child.draws = copy.deepcopy(seq.draws)
+        child.paused = False
         child.accepted_at, child.proposed_at = list(seq.accepted_at), list(seq.proposed_at)
         child.generator = torch.Generator(device=seq.generator.device)
         child.generator.set_state(seq.generator.get_state())
