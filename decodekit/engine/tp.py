@@ -169,6 +169,10 @@ class TPModel(nn.Module):
         return self.local.dtype
 
     @property
+    def norm(self) -> nn.Module:  # the final norm (replicated: no collective), for DoLa's early exits
+        return self.local.norm
+
+    @property
     def compiled_blocks(self):
         return self.local.compiled_blocks
 
