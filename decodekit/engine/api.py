@@ -98,6 +98,8 @@ class Engine:
         if press is not None:
             if not hasattr(self.model, "layers"):  # presses act through the native decoder's attention hook
                 raise ValueError(f"KV presses need a natively supported model; {self.name} runs through transformers")
+            if getattr(self.model, "world", 1) > 1:  # a press reads and compacts one rank's pool only
+                raise ValueError("KV presses do not run under tensor parallelism yet")
             pk = press_knobs(press)
             both = sorted(pk & knobs & set(options))
             if both:

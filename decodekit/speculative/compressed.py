@@ -46,6 +46,8 @@ class CompressedDrafter(ModelDrafter):
         raise NotImplementedError
 
     def bind(self, engine) -> "CompressedDrafter":
+        if getattr(engine.model, "world", 1) > 1:  # its press reads and compacts one rank's pool only
+            raise ValueError(f"{self.name} does not run under tensor parallelism yet")
         super().bind(engine)
         self.net = native_model(engine.model)
         return self
