@@ -111,6 +111,10 @@ class TestTinyTwoRanks:
     @pytest.mark.parametrize("method", sorted(DRAFTERS))
     def test_greedy_of_every_method_identical(self, tiny, method):
         tp, ref = tiny
+        if method in ("magicdec", "triforce", "quantspec"):  # their press reads one rank's pool: refused, one line
+            with pytest.raises(ValueError, match="tensor parallelism"):
+                tp.generate(PROMPTS, 8, method=method)
+            return
         if method in ("eagle", "medusa", "hydra"):
             options = {"init": "random"}  # an untrained head: drafts (through the mirrored embed / lm_head)
         else:
