@@ -8,9 +8,9 @@ from .awrs import AWRS, AWRSResult, awrs_sample, masked_probs
 from .base import (BACKENDS, DEFAULT_BACKEND, ConstraintCompiler, Grammar, Matcher, allocate_bitmask,
                    apply_bitmask_, pack_bitmask, unpack_bitmask)
 from .spec import ConstraintSpec, constraint_spec
-from .tree import prune, prune_tree, tree_bitmask, tree_masks
+from .tree import prune, prune_tree, tree_bitmask, tree_masks, walk_tree
 
 __all__ = ["AWRS", "AWRSResult", "awrs_sample", "masked_probs", "BACKENDS", "DEFAULT_BACKEND", "ConstraintCompiler",
            "Grammar", "Matcher", "allocate_bitmask", "apply_bitmask_", "pack_bitmask",
            "unpack_bitmask", "ConstraintSpec",
-           "constraint_spec", "prune", "prune_tree", "tree_bitmask", "tree_masks"]
+           "constraint_spec", "prune", "prune_tree", "tree_bitmask", "tree_masks", "walk_tree"]

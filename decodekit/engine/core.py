@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from ..constrain.base import Grammar
+from ..constrain.state import SAMPLERS, SequenceConstraint
 from ..models.batch import RowSpec
 from ..models.kv_cache import PoolFull, SeqKV
 from ..sampling import SamplingConfig
@@ -41,6 +43,10 @@ class Request:
     adaptive: bool | None = None  # the draft budget; default: on unless a seeded sampled run (reproducible tokens)
     verifier: str | None = None
     logprobs: int | None = None  # record each output token's logprob and this many alternatives (0: none)
+    # The grammar the output must match (`constrain.Grammar`, compiled: `Engine.make_request` builds it from
+    # json_schema= / regex= / grammar= / choice= / response_format=); each sequence takes its own matcher.
+    constraint: Grammar | None = None
+    constraint_sampler: str = "mask"  # "awrs": plain sampled steps check sampled tokens instead of masking
     id: int = -1
     sequences: list[Sequence] = field(default_factory=list)
     aborted: bool = False
@@ -78,9 +84,14 @@ class EngineCore:
         if req.n < 1:
             raise ValueError(f"n must be >= 1, got {req.n}")
         req.sampling.validate()
+        if req.constraint_sampler not in SAMPLERS:
+            raise ValueError(f"unknown constraint_sampler {req.constraint_sampler!r}; available: {', '.join(SAMPLERS)}")
+        if req.constraint is not None and req.constraint.matcher().vocab_size != self.model.config.vocab_size:
+            raise ValueError(f"the constraint was compiled for a vocabulary of {req.constraint.matcher().vocab_size} "
+                             f"tokens; the model has {self.model.config.vocab_size}")
         req.id = next(self._ids)
         seq = self._sequence(req, 0, SeqKV(self.pool))
-        self.scheduler.add(seq, seq.drafter.max_draft_tokens() + 1)
+        self.scheduler.add(seq, seq.max_draft_tokens() + 1)
         self.requests[req.id] = req
         return req
 
@@ -113,6 +124,11 @@ class EngineCore:
                        self.model.config.vocab_size)
         seq.request, seq.index = req, index
         seq.top_logprobs = req.logprobs
+        if req.constraint is not None:
+            # AWRS replaces the mask only where masking after the sampling rules is the same as before them:
+            # sampled, without truncation warpers (they must see the masked logits).
+            awrs = req.constraint_sampler == "awrs" and not sampling.greedy and not seq.processor.active
+            seq.constraint = SequenceConstraint(req.constraint.matcher(), self.pool.k.device, awrs)
         req.sequences.append(seq)
         return seq
 
@@ -141,7 +157,7 @@ class EngineCore:
         """Advance every scheduled sequence by one pass (or a few fused greedy chunks); returns the sequences that
         got new tokens or finished."""
         sched = self.scheduler
-        widths = {s.id: 1 + s.drafter.max_draft_tokens() for s in sched.running if not s.prefilling}
+        widths = {s.id: 1 + s.max_draft_tokens() for s in sched.running if not s.prefilling}
         plan = sched.schedule(widths)
         if not plan:
             return []
@@ -177,6 +193,11 @@ class EngineCore:
             specs.append(RowSpec(seq.kv, tokens, positions, mask, "all"))
         t_run = time.perf_counter()
         logits = self.runner.run(specs)
+        # On a GPU the pass runs asynchronously until the first host read below: grammar masks are computed on the
+        # CPU meanwhile and copied to the device (constrained sequences only; the others return at once).
+        for seq, spec in zip([s for s, _ in plan.prefills] + plan.decodes, specs):
+            if spec.logits != "none":
+                seq.prepare_masks()
         device_path = [s for s in plan.decodes if not s.needs_host_logits]
         best = logits.argmax(-1).tolist() if device_path else None  # one sync for every greedy sequence
         elapsed_run = time.perf_counter() - t_run
