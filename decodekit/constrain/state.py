@@ -98,9 +98,10 @@ class SequenceConstraint:
         if self.host.shape[0] < rows:
             self.host = allocate_bitmask(rows, self.matcher.vocab_size, pin_memory=self.pin)
         out, _ = tree_bitmask(self.matcher, tree.tokens, tree.parents, out=self.host, verify=tree.verify)
-        # Rows of ride-along nodes and rows after the grammar's end are empty: nothing is accepted there, and a
-        # token drawn after the end is dropped at commit. Allow everything so the distribution stays defined.
-        out[~out.any(-1)] = -1
+        if len(tree):  # (the root's row never is: a sequence ends when its grammar does)
+            # Rows of ride-along nodes and rows after the grammar's end are empty: nothing is accepted there, and a
+            # token drawn after the end is dropped at commit. Allow everything so the distribution stays defined.
+            out[~out.any(-1)] = -1
         self.masks = out.to(self.device, non_blocking=True)
         self.mask_rows += rows
         self.time_s += time.perf_counter() - t0
