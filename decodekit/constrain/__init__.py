@@ -1,6 +1,8 @@
-"""Constrained decoding below the engine: specs, grammar backends (llguidance, xgrammar), tree masks, AWRS.
+"""Constrained decoding: specs, grammar backends (llguidance, xgrammar), tree masks, AWRS, and what a constrained
+sequence brings to the engine's step (`state.SequenceConstraint`).
 
-    spec = constraint_spec(json_schema=SCHEMA)              # or regex=, grammar=, choice=, response_format=
+    engine.generate(prompt, 128, json_schema=SCHEMA)        # or regex=, grammar=, choice=, response_format=
+    spec = constraint_spec(json_schema=SCHEMA)              # below the engine:
     compiler = ConstraintCompiler(tokenizer, eos_ids, vocab_size)   # one per engine; caches compiled grammars
     matcher = compiler.compile(spec).matcher()              # one per sequence
 """
