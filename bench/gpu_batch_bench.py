@@ -102,7 +102,9 @@ def main() -> None:
     args = ap.parse_args()
     out = {"args": vars(args), "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     t = time.perf_counter()
-    engine = decodekit.load(args.model, device="cuda", dtype="bfloat16", compile=bool(args.compile), progress=False)
+    # No prefix cache: every timed run pays for its prefill (the same prompts are decoded again and again here).
+    engine = decodekit.load(args.model, device="cuda", dtype="bfloat16", compile=bool(args.compile), progress=False,
+                            prefix_caching=False)
     log(f"loaded {args.model} in {time.perf_counter() - t:.1f} s")
     batches = [int(b) for b in args.batches.split(",")]
     prompts = prompts_of(engine, args.spec_bench, max(batches), args.prompt_tokens)

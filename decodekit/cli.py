@@ -1,4 +1,4 @@
-"""`decodekit` command line: generate, chat, models, bench. Bad input ends in one line on stderr, never a traceback."""
+"""`decodekit` command line: generate, chat, models, bench, serve. Bad input ends in one line on stderr, never a traceback."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,8 @@ from typing import Any, Callable
 from . import DEFAULT_MODEL
 from .constrain import bench_cli as bench_constrained
 from .sampling import SamplingConfig
+from .serve.cli import add_serve_parser
+from .train.cli import add_train_parser
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -244,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--limit", type=int, default=None, help="prompts per category")
     b.add_argument("--max-new-tokens", type=int, default=256)
     b.add_argument("--repeats", type=int, default=1, help="timed runs per prompt and method (median is reported)")
+    b.add_argument("--batch-size", type=int, default=1,
+                   help="prompts decoded together as one batch (1: each alone, Spec-Bench style)")
     b.add_argument("--json", dest="json_out", default=None, metavar="OUT.json")
     b.add_argument("--markdown", default=None, metavar="OUT.md")
     b.add_argument("--plot", default=None, metavar="OUT.png")
@@ -251,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(b)
     b.set_defaults(func=cmd_bench)
     bench_constrained.add_parser(sub, add_model_args)
+
+    from .eval.cli import add_eval_parser  # here, not at the top: decodekit.eval.cli imports this module
+
+    add_eval_parser(sub)
+    add_serve_parser(sub)
+    add_train_parser(sub)
     return parser
 
 

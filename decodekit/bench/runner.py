@@ -54,26 +54,30 @@ def time_runs(fn: Callable[[], Any], repeats: int, device: torch.device) -> tupl
 
 
 def run_method(engine, method: str, prompts: list[BenchPrompt], max_new_tokens: int, sampling: SamplingConfig,
-               repeats: int, progress=None) -> MethodRun:
+               repeats: int, progress=None, batch_size: int = 1) -> MethodRun:
+    """Each prompt decoded alone, or `batch_size` prompts at a time as one batch on the core (then every prompt of
+    a batch is charged the batch's time divided by its size: the tokens/s of a method are those of its batches)."""
     name, _, opts = method.partition(":")
     options = dict(kv.split("=", 1) for kv in opts.split(",")) if opts else {}
     options = {k: _number(v) for k, v in options.items()}
     chat = bool(getattr(engine.tokenizer, "chat_template", None))  # a base model gets the raw prompt text
-    gen = lambda p: engine.generate(p.prompt, max_new_tokens, method=name, sampling=sampling, chat=chat,  # noqa: E731
-                                    method_options=options)
-    gen(prompts[0])  # warm-up: allocation, graph capture, drafter tables
+    gen = lambda ps: engine.generate([p.prompt for p in ps], max_new_tokens, method=name,  # noqa: E731
+                                     sampling=sampling, chat=chat, method_options=options)
+    gen(prompts[:batch_size])  # warm-up: allocation, graph capture, drafter tables
     result = MethodRun(method)
     acc_sum: list[float] = []
-    for p in prompts:
-        seconds, r = time_runs(lambda: gen(p), repeats, engine.device)
-        s = r.stats
-        result.runs.append(PromptRun(p.id, p.category, seconds, s.generated_tokens, s.decode_steps, r.token_ids,
-                                     s.draft_time_s, s.verify_time_s))
-        for i, a in enumerate(s.accepted_by_position):
-            acc_sum.extend([0.0] * (i + 1 - len(acc_sum)))
-            acc_sum[i] += a
-        if progress is not None:
-            progress()
+    for b in range(0, len(prompts), batch_size):
+        chunk = prompts[b:b + batch_size]
+        seconds, results = time_runs(lambda: gen(chunk), repeats, engine.device)
+        for p, r in zip(chunk, results):
+            s = r.stats
+            result.runs.append(PromptRun(p.id, p.category, seconds / len(chunk), s.generated_tokens, s.decode_steps,
+                                         r.token_ids, s.draft_time_s, s.verify_time_s))
+            for i, a in enumerate(s.accepted_by_position):
+                acc_sum.extend([0.0] * (i + 1 - len(acc_sum)))
+                acc_sum[i] += a
+            if progress is not None:
+                progress()
     result.accepted_by_position = [a / len(prompts) for a in acc_sum]
     return result
 
@@ -104,7 +108,7 @@ def _number(text: str):
 
 def run_bench(engine, methods: list[str], prompts: list[BenchPrompt], max_new_tokens: int,
               sampling: SamplingConfig, repeats: int = 1, hf_baselines: bool = False,
-              show_progress: bool = True) -> dict[str, MethodRun]:
+              show_progress: bool = True, batch_size: int = 1) -> dict[str, MethodRun]:
     from tqdm.auto import tqdm
 
     if "plain" not in methods:
@@ -114,7 +118,7 @@ def run_bench(engine, methods: list[str], prompts: list[BenchPrompt], max_new_to
     runs: dict[str, MethodRun] = {}
     for m in methods:
         bar.set_description(m)
-        runs[m] = run_method(engine, m, prompts, max_new_tokens, sampling, repeats, bar.update)
+        runs[m] = run_method(engine, m, prompts, max_new_tokens, sampling, repeats, bar.update, batch_size)
     for kind in extra:
         bar.set_description(kind)
         runs[kind] = run_hf_baseline(engine, kind, prompts, max_new_tokens, repeats, bar.update)
@@ -136,12 +140,18 @@ def run_bench_cli(args: argparse.Namespace) -> None:
         if m.partition(":")[0] not in DRAFTERS:
             raise ValueError(f"unknown method {m!r}; available: {', '.join(sorted(DRAFTERS))}")
     prompts = load_prompts(args.dataset, args.limit)
-    engine = decodekit.load(args.model, device=args.device, dtype=args.dtype)
-    runs = run_bench(engine, methods, prompts, args.max_new_tokens, sampling, args.repeats, args.hf_baselines)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    # No prefix cache: every method pays for its own prefill (a method run after another would find the prompts'
+    # KV cached and look faster than it is).
+    engine = decodekit.load(args.model, device=args.device, dtype=args.dtype, prefix_caching=False)
+    runs = run_bench(engine, methods, prompts, args.max_new_tokens, sampling, args.repeats, args.hf_baselines,
+                     batch_size=args.batch_size)
     summary = summarize(runs)
     meta = {"model": args.model, "device": str(engine.device), "dtype": str(engine.model.dtype).replace("torch.", ""),
             "dataset": args.dataset, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-            "repeats": args.repeats, "sampling": sampling.__dict__, "torch": torch.__version__}
+            "repeats": args.repeats, "batch_size": args.batch_size, "sampling": sampling.__dict__,
+            "torch": torch.__version__}
     print_table(summary, meta)
     if args.json_out:
         write_json(args.json_out, runs, summary, meta)

@@ -16,7 +16,7 @@ from .scheduler import SchedulerConfig
 from .sequence import GenerationResult
 
 SAMPLING_FIELDS = {f.name for f in fields(SamplingConfig)}
-ENGINE_OPTIONS = ("ignore_eos", "adaptive", "logprobs", "constraint_sampler")  # request-level, not sampling/knobs
+ENGINE_OPTIONS = ("ignore_eos", "adaptive", "logprobs", "policy", "constraint_sampler")  # request-level: not sampling
 CONSTRAINTS = ("json_schema", "regex", "grammar", "choice", "response_format")  # what the output must match
 
 

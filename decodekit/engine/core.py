@@ -8,6 +8,8 @@ the server are all clients of `add` + `step`.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from itertools import count
@@ -47,12 +49,15 @@ class Request:
     # json_schema= / regex= / grammar= / choice= / response_format=); each sequence takes its own matcher.
     constraint: Grammar | None = None
     constraint_sampler: str = "mask"  # "awrs": plain sampled steps check sampled tokens instead of masking
+    policy: Any = None  # a `Policy` (engine/policy.py) that decides for all this request's sequences at once
     id: int = -1
     sequences: list[Sequence] = field(default_factory=list)
     aborted: bool = False
 
     @property
     def finished(self) -> bool:
+        if self.policy is not None and not self.aborted:
+            return self.policy.finished(self)
         return (self.aborted or len(self.sequences) == self.n) and all(s.finished for s in self.sequences)
 
 
@@ -86,12 +91,14 @@ class EngineCore:
         req.sampling.validate()
         if req.constraint_sampler not in SAMPLERS:
             raise ValueError(f"unknown constraint_sampler {req.constraint_sampler!r}; available: {', '.join(SAMPLERS)}")
+        if req.constraint is not None and req.policy is not None:
+            raise ValueError("a constraint cannot be combined with a policy (the policy draws the tokens itself)")
         if req.constraint is not None and req.constraint.matcher().vocab_size != self.model.config.vocab_size:
             raise ValueError(f"the constraint was compiled for a vocabulary of {req.constraint.matcher().vocab_size} "
                              f"tokens; the model has {self.model.config.vocab_size}")
         req.id = next(self._ids)
         seq = self._sequence(req, 0, SeqKV(self.pool))
-        self.scheduler.add(seq, seq.max_draft_tokens() + 1)
+        self.scheduler.add(seq, seq.max_step_tokens)
         self.requests[req.id] = req
         return req
 
@@ -157,7 +164,7 @@ class EngineCore:
         """Advance every scheduled sequence by one pass (or a few fused greedy chunks); returns the sequences that
         got new tokens or finished."""
         sched = self.scheduler
-        widths = {s.id: 1 + s.max_draft_tokens() for s in sched.running if not s.prefilling}
+        widths = {s.id: s.max_step_tokens for s in sched.running if not s.prefilling}
         plan = sched.schedule(widths)
         if not plan:
             return []
@@ -191,30 +198,52 @@ class EngineCore:
         for seq in plan.decodes:
             tokens, positions, mask = seq.step_tokens()
             specs.append(RowSpec(seq.kv, tokens, positions, mask, "all"))
+        last = [spec.logits == "last" for spec in specs[:len(plan.prefills)]]  # the chunk that ends the prompt
+        for seq, spec in zip([s for s, _ in plan.prefills] + plan.decodes, specs):
+            spec.hidden_layers = seq.hidden_layers
+            if seq.hidden_layers:  # features of every prompt token: a drafter that reads them keeps its own cache
+                spec.logits = "all"
         t_run = time.perf_counter()
-        logits = self.runner.run(specs)
+        layers = tuple(sorted({i for s in plan.decodes + [s for s, _ in plan.prefills] for i in s.hidden_layers}))
+        out = self.runner.run(specs, layers)
+        logits, hidden = out if layers else (out, None)
         # On a GPU the pass runs asynchronously until the first host read below: grammar masks are computed on the
         # CPU meanwhile and copied to the device (constrained sequences only; the others return at once).
-        for seq, spec in zip([s for s, _ in plan.prefills] + plan.decodes, specs):
-            if spec.logits != "none":
-                seq.prepare_masks()
+        for seq in [s for (s, _), ends in zip(plan.prefills, last) if ends] + plan.decodes:
+            seq.prepare_masks()
         device_path = [s for s in plan.decodes if not s.needs_host_logits]
         best = logits.argmax(-1).tolist() if device_path else None  # one sync for every greedy sequence
         elapsed_run = time.perf_counter() - t_run
         updated = []
-        for (seq, n), spec in zip(plan.prefills, specs):
+        decided: dict[int, dict[Sequence, tuple]] = {}  # request id -> its sequences' rows, for its policy
+
+        def rows_of(spec, n):
+            a = spec.first_logit
+            return logits[a:a + n], None if hidden is None else self._hidden_rows(hidden, layers, spec, a, n)
+
+        for (seq, n), spec, ends in zip(plan.prefills, specs, last):
             seq.kv.length += n
             seq.stats.forward_passes += 1
-            if spec.logits == "last":
-                first = seq.first_token(logits[spec.first_logit:spec.first_logit + 1])
+            rows, feats = rows_of(spec, n if spec.logits == "all" else 1)
+            if seq.hidden_layers and seq.request.policy is None:
+                seq.drafter.prefill_features(feats)  # a drafter that reads the target's features sees the prompt's
+            if ends and seq.request.policy is not None:
+                decided.setdefault(seq.request.id, {})[seq] = (rows[-1:], None if feats is None else feats[-1:])
+            elif ends:
+                first = seq.first_token(rows[-1:])
                 seq.commit(first)
                 updated.append(seq)
                 if seq.request.n > 1 and seq.index == 0:
-                    updated += self._fork(seq, logits[spec.first_logit:spec.first_logit + 1])
+                    updated += self._fork(seq, rows[-1:])
         for seq, spec in zip(plan.decodes, specs[len(plan.prefills):]):
             start, width = seq.kv.length, len(spec.tokens)
             seq.kv.length += width
-            rows = logits[spec.first_logit:spec.first_logit + width]
+            if seq.request.policy is not None:
+                decided.setdefault(seq.request.id, {})[seq] = rows_of(spec, width)
+                seq.stats.forward_passes += 1
+                seq.stats.decode_steps += 1
+                continue
+            rows, feats = rows_of(spec, width)
             host = seq.needs_host_logits
             accepted, next_token = seq.verify(rows if host else None,
                                               None if host else best[spec.first_logit:spec.first_logit + width])
@@ -223,13 +252,42 @@ class EngineCore:
             seq.stats.forward_passes += 1
             seq.stats.decode_steps += 1
             seq.stats.verify_time_s += elapsed_run
-            seq.after_verify(accepted, next_token, rows)
+            seq.after_verify(accepted, next_token, rows, feats)
             updated.append(seq)
+        for rid, rows in decided.items():
+            req = next(iter(rows)).request
+            updated += req.policy.step(self, req, rows)
         elapsed = time.perf_counter() - t0
         width = max((len(s.tokens) for s in specs[len(plan.prefills):]), default=1)
         for costs in {id(s.budget.costs): s.budget.costs for s in plan.decodes if s.budget is not None}.values():
             costs.record(len(specs), width, elapsed)
         return updated
+
+    @staticmethod
+    def _hidden_rows(hidden: torch.Tensor, layers: tuple[int, ...], spec: RowSpec, start: int, n: int):
+        """The rows of a spec's hidden states, in the order of the layers its sequence asked for."""
+        want = spec.hidden_layers
+        size = hidden.shape[-1] // len(layers)
+        cols = [hidden[start:start + n, layers.index(i) * size:(layers.index(i) + 1) * size] for i in want]
+        return torch.cat(cols, dim=-1) if len(cols) > 1 else cols[0]
+
+    def fork_sequence(self, seq: Sequence) -> Sequence:
+        """A running copy of `seq`: the same tokens, its KV memory shared (full blocks) or copied (a partial last
+        block), its own stop rules and random stream from here on. Raises PoolFull when no block is free."""
+        child = copy.copy(seq)
+        child.id = next(self._seq_ids)
+        child.kv = seq.kv.fork()
+        child.tokens = list(seq.tokens)
+        child.stopper = seq.stopper.fork()
+        child.stats = dataclasses.replace(seq.stats)
+        child.logprobs = list(seq.logprobs)
+        child.accepted_at, child.proposed_at = list(seq.accepted_at), list(seq.proposed_at)
+        child.generator = torch.Generator(device=seq.generator.device)
+        child.generator.set_state(seq.generator.get_state())
+        if seq.drafter.name != "plain":
+            raise ValueError("only sequences decoding without a drafter can be forked mid-generation")
+        self.scheduler.add_running(child)
+        return child
 
     def _fork(self, parent: Sequence, logits: torch.Tensor) -> list[Sequence]:
         """The other samples of the parent's request, sharing its prompt's KV memory, each with its first token."""

@@ -131,15 +131,30 @@ class Sequence:
         return min(self.max_len - len(self.tokens), self.max_new_tokens - len(self.output))
 
     @property
-    def needs_host_logits(self) -> bool:
-        """The one rule for when a step's logits must come to the host: sampling, penalties, or constraints. Without
-        them a step needs only the argmax, which stays on the device (and greedy chunks fuse)."""
-        return not self.sampling.greedy or self.sampling.has_penalties or self.constraint is not None
+    def policy(self):
+        return None if self.request is None else self.request.policy
 
-    def max_draft_tokens(self) -> int:
-        """Draft nodes a step may bring (the KV room the scheduler reserves beyond the root)."""
+    @property
+    def max_step_tokens(self) -> int:
+        """KV entries one pass of this sequence may write: the root and the largest draft (or policy candidates);
+        under a grammar the forced tokens may be longer than the drafter's largest draft."""
+        if self.policy is not None:
+            return 1 + self.policy.max_nodes
         forced = self.constraint.max_draft_tokens() if self.constraint is not None else 0
-        return max(self.drafter.max_draft_tokens(), forced)
+        return 1 + max(self.drafter.max_draft_tokens(), forced)
+
+    @property
+    def hidden_layers(self) -> tuple[int, ...]:
+        """Layers whose hidden states this sequence's policy or drafter reads from each pass."""
+        owner = self.policy if self.policy is not None else self.drafter
+        return tuple(getattr(owner, "feature_layers", ()))
+
+    @property
+    def needs_host_logits(self) -> bool:
+        """The one rule for when a step's logits must come to the host: sampling, penalties, constraints, or a
+        policy deciding. Without them a step needs only the argmax, which stays on the device (greedy chunks fuse)."""
+        return not self.sampling.greedy or self.sampling.has_penalties or self.constraint is not None or \
+            self.policy is not None
 
     # ---- the step --------------------------------------------------------------------------------------------
     def plan(self, fused_sizes: tuple[int, ...]) -> int:
@@ -147,7 +162,11 @@ class Sequence:
         chunks instead (0: it needs a verified step, with `self.tree`, possibly empty)."""
         self.tree = self.proposed = DraftTree()
         self.refused = self.jumped = False
-        fusable = bool(fused_sizes) and not self.needs_host_logits and self.top_logprobs is None
+        if self.policy is not None:  # the policy's candidates to score beside the root (contrastive search ...)
+            self.tree = self.policy.plan(self)
+            return 0
+        fusable = bool(fused_sizes) and not self.needs_host_logits and self.top_logprobs is None and \
+            not self.hidden_layers
         if self.drafter.name == "plain":
             self._constrain_draft()
             return self.room if fusable else 0

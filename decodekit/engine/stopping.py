@@ -19,6 +19,7 @@ class IncrementalDecoder:
     """
 
     WINDOW = 6  # tokens of left context re-decoded for the generic path (spaces and merges depend on it)
+    MAX_CHAR_TOKENS = 4  # a UTF-8 character spans at most 4 bytes: a U+FFFD still there after 4 tokens is for good
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -40,12 +41,8 @@ class IncrementalDecoder:
     def text(self) -> str:
         if self.pending:
             pending, self.pending = self.pending, []
-            if self.stream is None:  # the window decode takes any number of new tokens at once
-                self.ids += pending
-                self._text += self._generic()
-            else:
-                for token in pending:
-                    self.push(token)
+            for token in pending:  # one at a time: the text must not depend on how often it is asked for
+                self.push(token)
         return self._text
 
     def append(self, tokens: list[int]) -> None:
@@ -68,7 +65,8 @@ class IncrementalDecoder:
         start = max(0, self.read - self.WINDOW)
         before = self.tokenizer.decode(self.ids[start:self.read], skip_special_tokens=True)
         after = self.tokenizer.decode(self.ids[start:], skip_special_tokens=True)
-        if after.endswith("\ufffd") or not after.startswith(before):
+        incomplete = after.endswith("\ufffd") and len(self.ids) - self.read < self.MAX_CHAR_TOKENS
+        if incomplete or not after.startswith(before):
             return ""  # an incomplete character (or a merge that rewrites the window): wait for more tokens
         self.read = len(self.ids)
         return after[len(before):]
@@ -84,6 +82,13 @@ class StopChecker:
         self.decoder = IncrementalDecoder(tokenizer)
         self.cut: int | None = None  # text length at which a stop string starts, once found
         self.reason: str | None = None  # "stop" once EOS or a stop string ended the output
+
+    def fork(self) -> "StopChecker":
+        """The same rules and text for a forked sequence (its tokens are decoded again, lazily, when asked for)."""
+        child = StopChecker(self.decoder.tokenizer, self.eos_ids, self.stop)
+        child.decoder.append(self.decoder.ids + self.decoder.pending)
+        child.cut, child.reason = self.cut, self.reason
+        return child
 
     @property
     def text(self) -> str:

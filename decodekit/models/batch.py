@@ -48,6 +48,7 @@ class RowSpec:
     tree: torch.Tensor | None = None  # [w, w] bool ancestor mask incl. self; None: a causal chain
     logits: str = "all"  # "all" | "last" | "none": which of its tokens need logits
     first_logit: int = field(default=-1, init=False)  # set by `build_batch`: its first row in the logits
+    hidden_layers: tuple[int, ...] = field(default=(), init=False)  # layers whose states its sequence reads
 
 
 def bucket(n: int, buckets: tuple[int, ...]) -> int:

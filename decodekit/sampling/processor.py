@@ -24,7 +24,12 @@ class LogitsProcessor:
         logits = apply_penalties(logits.float(), self.config, seen_mask, output_counts)
         if self.config.greedy:
             return logits
-        logits = logits / self.config.temperature
+        # Shifted by the row's max (softmax and every warper are shift-invariant), finite first, and the temperature
+        # at least the dtype's smallest normal number (below it the distribution is the argmax's anyway): a tiny
+        # temperature or an extreme penalty then drives the other logits to -inf, never to NaN.
+        info = torch.finfo(logits.dtype)
+        logits = logits.nan_to_num(posinf=info.max)
+        logits = (logits - logits.amax(-1, keepdim=True)) / max(self.config.temperature, info.tiny)
         for fn, value in self.active:
             logits = fn(logits, value)
         return logits

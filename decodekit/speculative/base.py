@@ -97,6 +97,10 @@ class Drafter:
     # as one verified forward pass (whose logits it sees) instead of a fused greedy chunk (which it does not), and
     # the logits come to the host.
     learns_from_steps: ClassVar[bool] = False
+    # Layers of the target whose hidden states the drafter reads (a draft head): the engine asks for them in every
+    # pass of the sequence, prefill included (`prefill_features`), and hands them over in `StepResult.hidden`; index i
+    # is block i's output, index num_layers the final normed state. Such a drafter never takes fused greedy chunks.
+    feature_layers: ClassVar[tuple[int, ...]] = ()
     engine: "Engine | None" = None
     kv: "SeqKV | None" = None  # the target's KV memory of this drafter's sequence (self-speculation drafts there)
     sampling: "SamplingConfig | None" = None  # the sequence's sampling rule (stochastic drafters match it)
@@ -117,6 +121,9 @@ class Drafter:
 
     def finish(self, tokens: list[int]) -> None:
         """Called when the sequence ends, with its prompt and output (drafters that learn from outputs keep them)."""
+
+    def prefill_features(self, features: torch.Tensor) -> None:
+        """The target's `feature_layers` states for a prefill chunk of the prompt, `[T, F]`, in order."""
 
     def propose(self, context: list[int]) -> DraftTree:
         """Draft after `context` (every committed token; its last one is the root). Empty tree = plain decoding."""

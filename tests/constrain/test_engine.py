@@ -35,8 +35,11 @@ PROMPTS = [[5, 6, 7, 8, 9, 10] * 4, [3 + b for b in b'{"id": 12, "tag": "ab", "o
 
 
 def knobs(method: str, engine: Engine) -> dict:
-    """Drafts that reach verification: the target drafting for itself, and no budget cuts."""
-    return {"adaptive": False, **({"method_options": {"model": engine}} if method == "draft" else {})}
+    """Drafts that reach verification: the target drafting for itself, trained heads the shipped one or an untrained
+    one where none ships (tiny models), and no budget cuts."""
+    options = {"model": engine} if method == "draft" else \
+        {"init": "trained-or-random"} if method in ("eagle", "medusa", "hydra") else {}
+    return {"adaptive": False, **({"method_options": options} if options else {})}
 
 
 @pytest.fixture(scope="module")

@@ -176,3 +176,22 @@ def test_sequence_kv_round_trip_through_rollback_and_keep_path(engine):
     assert len(kv.blocks) == 2 and kv.capacity == 32
     kv.free()
     assert kv.blocks == []
+
+
+@pytest.mark.real_model
+def test_real_model_batches_of_every_method_and_mixed_methods_equal_each_prompt_alone():
+    """SmolLM2-135M-Instruct, float32: prompts of different lengths decoded alone (plain greedy), then as one batch
+    per method, then all methods mixed in one batch: every sequence's tokens are the ones it gets alone."""
+    from decodekit.bench.datasets import SAMPLE, load_prompts
+
+    eng = decodekit.load("smollm2", device="cpu", dtype="float32", progress=False)
+    texts = [p.prompt for p in load_prompts(str(SAMPLE), 1)][:12:3]  # 4 categories, lengths ~30 to ~400 tokens
+    alone = [eng.generate(t, 24, chat=True).token_ids for t in texts]
+    for method in METHODS:
+        batch = eng.generate(texts, 24, chat=True, method=method, adaptive=False, **options(method, eng))
+        assert [r.token_ids for r in batch] == alone, method
+    requests = [eng.add_request(texts[i % len(texts)], 24, chat=True, method=m, adaptive=False, **options(m, eng))
+                for i, m in enumerate(METHODS)]
+    while not all(r.finished for r in requests):
+        eng.step()
+    assert [r.sequences[0].output for r in requests] == [alone[i % len(texts)] for i in range(len(METHODS))]

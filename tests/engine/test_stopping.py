@@ -60,6 +60,20 @@ def test_incremental_decoder_equals_full_decode(text):
     assert all("\ufffd" not in p for p in pieces)  # incomplete characters are held back, never shown broken
 
 
+def test_decoded_text_does_not_depend_on_how_often_it_is_read():
+    """A stream reads the text after every step, a whole result once at the end: the same tokens give the same text,
+    and bytes that never form a character (random models emit them) become U+FFFD instead of stalling the text."""
+    tokens = ids("ab") + [196, 400] * 3 + ids("c") + [196, 400, 196]  # 196: byte 0xC1, never valid UTF-8
+    once = IncrementalDecoder(BYTES)
+    once.append(tokens)
+    often = IncrementalDecoder(BYTES)
+    for t in tokens:
+        often.append([t])
+        often.text  # noqa: B018 - read after every token, as a stream does
+    # The last 3 tokens might still start a character: held back, as the stream holds them.
+    assert once.text == often.text == "ab\ufffd\ufffd\ufffdc" == BYTES.decode(tokens[:-3])
+
+
 @pytest.mark.real_model
 def test_incremental_decoder_on_the_real_tokenizers():
     for name in ("smollm2", "gemma3-270m"):

@@ -125,6 +125,18 @@ def test_temperature_scales_before_truncation():
     torch.testing.assert_close(probs, torch.softmax(x / 2.0, -1))
 
 
+@pytest.mark.parametrize("settings", [dict(temperature=5e-324), dict(temperature=1e-300, top_p=0.5),
+                                      dict(temperature=1e-40, typical_p=0.5),
+                                      dict(temperature=1.0, repetition_penalty=1e-300)])
+def test_tiny_temperatures_and_extreme_penalties_still_give_a_distribution(settings):
+    """Dividing by a temperature that underflows, or a penalty that overflows, must not make NaN (a server takes
+    such values from any client): the limit is the point mass on the argmax."""
+    x = torch.tensor([[1.0, 3.0, 2.0, 3.5]])
+    seen = torch.tensor([[False, False, False, True]])  # a penalty < 1 lifts the top token to +inf
+    probs = LogitsProcessor(SamplingConfig(**settings)).probs(x, seen_mask=seen)
+    assert probs.tolist() == [[0.0, 0.0, 0.0, 1.0]]
+
+
 def test_seeded_sampling_is_reproducible_and_follows_probs():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     proc = LogitsProcessor(SamplingConfig(temperature=1.0))

@@ -23,7 +23,10 @@ METHODS = sorted(m for m in DRAFTERS if m != "plain")
 
 
 def method_options(method: str, engine: Engine) -> dict:
-    """Model-based drafters draft with the target's own weights here (a cheap, high-acceptance stand-in)."""
+    """Model-based drafters draft with the target's own weights here (a cheap, high-acceptance stand-in); trained
+    heads use the head shipped for the model, or an untrained one where none ships (tiny and micro models)."""
+    if method in ("eagle", "medusa", "hydra"):
+        return {"init": "trained-or-random"}
     return {"model": engine} if method == "draft" else {}
 
 

@@ -1,0 +1,154 @@
+"""EAGLE: a one-layer head that autoregresses on the target's features (Li et al. 2024, EAGLE; EAGLE-2; EAGLE-3).
+
+Row t of the head reads `fc(concat(embed(x_{t+1}), g_t))`, where `g_t` is the target's feature at t, runs one
+decoder block, and outputs a feature from which the target's own LM head predicts `x_{t+2}`; drafting deeper feeds
+that output back as the next row's `g`. Two feature kinds:
+- EAGLE-1/2 (default): `g` = the target's final normed hidden state (what its LM head reads); the head's output
+  regresses the next one (smooth-L1) and is scored by the LM head directly.
+- EAGLE-3 (`fused=True` at training): `g` = a linear fusion of low, middle and high layers; the output goes through
+  the head's own norm to the LM head, trained on tokens only, with training-time test (the head is unrolled over
+  its own outputs for several steps during training, as at drafting time).
+Drafting grows EAGLE-2's dynamic tree (`heads_common.grow_tree`): each round expands the `branch` most likely nodes
+in one head pass with tree attention, and the `max_nodes` most likely nodes are verified.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.transformer import RMSNorm
+from .base import DraftTree, register
+from .heads_common import (HeadBatch, HeadBlock, HeadCache, HeadConfig, HeadDrafter, Pick, Target,
+                           ancestors, causal_mask, log_softmax, shifted)
+
+
+class EagleHead(nn.Module):
+    """fc(concat(embed(next token), feature)) -> one decoder block -> next feature (pre LM head)."""
+
+    def __init__(self, config: HeadConfig) -> None:
+        super().__init__()
+        self.config = config
+        h = config.hidden_size
+        n_in = len(config.feature_layers)
+        self.fuse = None if config.final_only else nn.Linear(n_in * h, h, bias=False)
+        self.fc = nn.Linear(2 * h, h, bias=False)
+        self.block = HeadBlock(config.block_config())
+        self.norm = None if config.final_only else RMSNorm(h, config.rms_norm_eps)
+
+    @staticmethod
+    def default_config(model_config, fused: bool = False) -> HeadConfig:
+        return HeadConfig.for_target("eagle", model_config, fused=fused)
+
+    def features_in(self, feats: torch.Tensor) -> torch.Tensor:
+        """The target's features (`feature_layers`, concatenated) -> the head's input feature `[.., H]`."""
+        return feats if self.fuse is None else self.fuse(feats)
+
+    def inputs(self, target: Target, g: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.cat([target.embed(tokens).to(g.dtype), g], dim=-1))
+
+    def logits(self, target: Target, h: torch.Tensor) -> torch.Tensor:
+        return target.logits(h if self.norm is None else self.norm(h))
+
+    def unroll(self, target: Target, batch: HeadBatch, steps: int, pick: Pick | None = None) -> list[torch.Tensor]:
+        """Outputs `[B, T-1, H]` of draft steps 0..steps-1 on every row at once (row t at step k predicts
+        `x_{t+2+k}`). Step k's row t sees the real rows <= t and its own outputs of steps 1..k, exactly what drafting
+        from root t+1 sees (training-time test); its input token is the true `x_{t+1+k}`, or `pick(k-1, output)`
+        (the head's own guesses, when scoring)."""
+        tokens = batch.tokens
+        n = tokens.shape[1] - 1
+        dev = tokens.device
+        pos = torch.arange(n, device=dev)[None].expand(tokens.shape[0], n)
+        g = self.features_in(batch.feats[:, :-1])
+        x = self.inputs(target, g, tokens[:, 1:])
+        h, k, v = self.block(x, pos, None, causal_mask(n, dev))
+        keys, values, outs = [k], [v], [h]
+        eye = torch.eye(n, dtype=torch.bool, device=dev)
+        for step in range(1, steps):
+            nxt = shifted(tokens, 1 + step) if pick is None else pick(step - 1, outs[-1])
+            x = self.inputs(target, outs[-1], nxt)
+            mask = torch.cat([causal_mask(n, dev)[0, 0]] + [eye] * step, dim=1)[None, None]
+            h, k, v = self.block(x, pos + step, (torch.cat(keys, 2), torch.cat(values, 2)), mask)
+            keys.append(k)
+            values.append(v)
+            outs.append(h)
+        return outs
+
+    def feature_loss(self, outs: list[torch.Tensor], batch: HeadBatch, weights: list[torch.Tensor]
+                     ) -> torch.Tensor:
+        """EAGLE-1/2: smooth-L1 between step k's output and the target's real next feature f_{t+1+k}."""
+        if self.norm is not None:  # EAGLE-3 trains on tokens only
+            return outs[0].new_zeros(())
+        total = outs[0].new_zeros(())
+        for k, (h, w) in enumerate(zip(outs, weights)):
+            want = shifted(batch.final, 1 + k).to(h.dtype)
+            per_row = F.smooth_l1_loss(h, want, reduction="none").mean(-1)
+            total = total + (per_row * w).sum() / w.sum().clamp_min(1)
+        return total
+
+
+def greedy_tokens(head: nn.Module, target: Target, h: torch.Tensor, rows: int = 512) -> torch.Tensor:
+    """Argmax token of every row of `h` `[B, T, H]`, a few rows at a time (full-vocabulary logits are large)."""
+    flat = h.reshape(-1, h.shape[-1])
+    with torch.no_grad():
+        out = torch.cat([head.logits(target, flat[i:i + rows]).argmax(-1) for i in range(0, flat.shape[0], rows)])
+    return out.view(h.shape[:-1])
+
+
+@register
+@dataclass
+class Eagle(HeadDrafter):
+    """EAGLE-2 drafting with a trained EAGLE (or EAGLE-3) head (Li et al. 2024). Knobs: see `HeadDrafter`
+    (`depth` 6, `branch` 8, `max_nodes` 60: EAGLE-2's defaults; `branch=1` drafts a chain)."""
+
+    name = "eagle"
+    module = EagleHead
+
+    def _reset_state(self, prompt_len: int) -> None:
+        c = self.head.block.config
+        size = self.engine.max_context + self.depth * self.branch + 2
+        old = getattr(self, "cache", None)
+        fits = old is not None and old.max_len >= size and old.k.dtype == self.target.model.dtype
+        self.cache = old if fits else HeadCache(c, size, self.target.model.dtype, self.target.model.device)
+        self.cache.length = 0
+
+    def _sync(self, context: list[int]) -> torch.Tensor:
+        """Run the head on the real rows not yet in its cache (t = length .. L-2); the root's output `[H]`."""
+        cache, head, dev = self.cache, self.head, self.target.model.device
+        start, end = cache.length, len(context) - 1
+        if start == end:  # nothing new (cannot happen after a verified step, which commits >= 1 token)
+            start -= 1
+            cache.length = start
+        g = head.features_in(self.features[start:end][None])
+        tokens = torch.tensor([context[start + 1:end + 1]], device=dev)
+        out = cache.run(head.block, head.inputs(self.target, g, tokens), torch.arange(start, end, device=dev)[None])
+        cache.length = end
+        return out[0, -1]
+
+    def _draft(self, context: list[int]) -> DraftTree:
+        head, target, cache = self.head, self.target, self.cache
+        dev = target.model.device
+        root_state = self._sync(context)
+        base = cache.length  # = L-1: the root's row is base-1
+        states: dict[int, torch.Tensor] = {0: root_state}
+        slot: dict[int, int] = {}  # draft node -> its row in the cache
+
+        def expand(frontier: list[int], tokens: list[int], parents: list[int]) -> torch.Tensor:
+            start = base + len(slot)
+            for i, node in enumerate(frontier):
+                slot[node] = start + i
+            g = torch.stack([states[parents[n - 1]] for n in frontier])[None]
+            ids = torch.tensor([[tokens[n - 1] for n in frontier]], device=dev)
+            depth = [1 + len(ancestors(parents, n)) for n in frontier]
+            visible = torch.zeros(len(frontier), start - base + len(frontier), dtype=torch.bool, device=dev)
+            for i, n in enumerate(frontier):
+                visible[i, [slot[a] - base for a in [n, *ancestors(parents, n)]]] = True
+            pos = torch.tensor([[base - 1 + d for d in depth]], device=dev)
+            out = cache.run(head.block, head.inputs(target, g, ids), pos, visible, start)[0]
+            for i, n in enumerate(frontier):
+                states[n] = out[i]
+            return log_softmax(head.logits(target, out))
+
+        return self._grow(log_softmax(head.logits(target, root_state)), expand, self.depth)

@@ -1,0 +1,425 @@
+"""Shared parts of the trained draft heads (`eagle.py`, `medusa.py`, `hydra.py`).
+
+A head reads the target's features (hidden states of chosen layers, `Transformer.forward(hidden_layers=...)`) and
+drafts with the target's own embedding and LM head, which it shares instead of storing copies. Here: the head's
+configuration and weights on disk, the frozen target parts, a decoder block whose keys and values are passed in
+and out (drafting keeps them in a `HeadCache`; training unrolls it), EAGLE-2's dynamic tree growth, and
+`HeadDrafter`, the drafter base that collects the features the engine hands over.
+
+Position convention (training and drafting alike): feature `f_t` is the target's hidden state after token `x_t`,
+the one its LM head turns into `x_{t+1}`. A head's row t reads `f_t` (and, for EAGLE and Hydra, `x_{t+1}`), and its
+draft step k (0-based) predicts `x_{t+2+k}`: at the root `x_r` (the last committed token, whose feature is not known
+yet) row `r-1` drafts depth 1, 2, ...
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.config import ModelConfig
+from ..models.transformer import MLP, RMSNorm, apply_rope, rope_table
+from .base import DraftTree, Drafter
+
+TRAINED_DIR = Path(__file__).with_name("trained")
+HEAD_FILE, CONFIG_FILE = "head.safetensors", "config.json"
+
+
+def fused_layers(num_layers: int) -> tuple[int, ...]:
+    """EAGLE-3's low, middle and high layers (block outputs; near its reference's 2, N/2, N-3)."""
+    return tuple(dict.fromkeys((min(2, num_layers - 1), num_layers // 2, max(num_layers - 3, 0))))
+
+
+@dataclass
+class HeadConfig:
+    """A head's shape and the target it was made for; saved as `config.json` beside the weights."""
+
+    arch: str  # "eagle" | "medusa" | "hydra"
+    hidden_size: int
+    vocab_size: int
+    num_target_layers: int
+    feature_layers: tuple[int, ...]  # the target layers it reads (index num_target_layers: final normed state)
+    num_heads: int  # attention heads of its own block (EAGLE; Hydra's prefix layer)
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None = None
+    hidden_act: str = "silu"
+    num_draft_heads: int = 4  # Medusa, Hydra: one head per draft depth
+    prefix_layer: bool = True  # Hydra++: an attention layer over the target's features before the heads
+    mix_heads: bool = False  # Medusa: heads attend to each other (Amphista's bi-directional auto-embedding block)
+    target: str = ""  # the model it was trained on (informative)
+
+    @classmethod
+    def for_target(cls, arch: str, config: ModelConfig, fused: bool = False, **overrides) -> "HeadConfig":
+        layers = fused_layers(config.num_layers) if fused else (config.num_layers,)
+        base = dict(arch=arch, hidden_size=config.hidden_size, vocab_size=config.vocab_size,
+                    num_target_layers=config.num_layers, feature_layers=layers, num_heads=config.num_heads,
+                    num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+                    intermediate_size=config.intermediate_size, rms_norm_eps=config.rms_norm_eps,
+                    rope_theta=config.rope_theta, rope_scaling=config.rope_scaling, hidden_act=config.hidden_act)
+        return cls(**{**base, **overrides})
+
+    def __post_init__(self) -> None:
+        self.feature_layers = tuple(int(i) for i in self.feature_layers)
+        if not self.feature_layers or not all(0 <= i <= self.num_target_layers for i in self.feature_layers):
+            raise ValueError(f"feature layers {self.feature_layers} must lie in 0..{self.num_target_layers}")
+
+    @property
+    def final_only(self) -> bool:
+        """Reads only the final normed state (EAGLE-1/2, Medusa, Hydra) rather than fused layers (EAGLE-3)."""
+        return self.feature_layers == (self.num_target_layers,)
+
+    def block_config(self) -> ModelConfig:
+        return ModelConfig(hidden_size=self.hidden_size, intermediate_size=self.intermediate_size, num_layers=1,
+                           num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                           rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
+                           rope_scaling=self.rope_scaling, hidden_act=self.hidden_act)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "HeadConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in json.loads(text).items() if k in known})
+
+    def check_target(self, config: ModelConfig) -> None:
+        if (self.hidden_size, self.vocab_size, self.num_target_layers) != \
+                (config.hidden_size, config.vocab_size, config.num_layers):
+            raise ValueError(f"this {self.arch} head was made for a target with hidden size {self.hidden_size}, "
+                             f"{self.num_target_layers} layers and {self.vocab_size} tokens ({self.target or '?'}); "
+                             f"the target has {config.hidden_size}, {config.num_layers} and {config.vocab_size}")
+
+
+class Target:
+    """The target's frozen parts a head shares: token embedding (with Gemma's scale) and LM head (with softcap)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.config: ModelConfig = model.config
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.model.embed(ids)
+        return x * self.config.embed_scale if self.config.embed_scale != 1.0 else x
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.model.lm_head(h.to(self.model.lm_head.weight.dtype))
+        if cap := self.config.final_logit_softcap:
+            out = torch.tanh(out / cap) * cap
+        return out
+
+
+class Rope(nn.Module):
+    """cos/sin of the head's positions, grown on demand (not saved with the weights)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.register_buffer("table", torch.zeros(2, 0, config.head_dim), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        need = int(positions.max()) + 1
+        if need > self.table.shape[1]:
+            size = max(need, 2 * self.table.shape[1], 256)
+            self.table = rope_table(self.config, self.config.rope_theta, size).to(positions.device)
+        return self.table[0][positions].unsqueeze(1).to(dtype), self.table[1][positions].unsqueeze(1).to(dtype)
+
+
+class HeadBlock(nn.Module):
+    """One pre-norm decoder block (attention + gated MLP) of a head.
+
+    Keys and values of earlier rows are passed in and the new rows' are returned, so that drafting keeps them in a
+    `HeadCache` while training unrolls several draft steps over lists of them (EAGLE-3's training-time test).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.wqkv = nn.Linear(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, bias=False)
+        self.wo = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+        self.rope = Rope(c)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`x` `[B, T, H]` at `positions` `[B, T]`; `past` keys/values `[B, Hkv, S, D]`; `mask` bool
+        `[B or 1, 1, T, S+T]` (may row t see key s). Returns (output `[B, T, H]`, new keys, new values)."""
+        c = self.config
+        b, t, _ = x.shape
+        q, k, v = self.wqkv(self.attn_norm(x)).split(
+            [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], dim=-1)
+        cos, sin = self.rope(positions, x.dtype)
+        q = apply_rope(q.view(b, t, c.num_heads, c.head_dim).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2), cos, sin)
+        v = v.view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=c.scale,
+                                             enable_gqa=c.num_kv_heads != c.num_heads)
+        h = x + self.wo(out.transpose(1, 2).reshape(b, t, -1))
+        return h + self.mlp(self.mlp_norm(h)), k, v
+
+
+def causal_mask(n: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril_()[None, None]
+
+
+class HeadCache:
+    """Keys and values of a head's block while drafting: `length` committed rows (computed from the target's real
+    features), then the rows of the draft being built, dropped when it is done."""
+
+    def __init__(self, config: ModelConfig, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
+        shape = (1, config.num_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def past(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[:, :, :n], self.v[:, :, :n]
+
+    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k[:, :, start:start + k.shape[2]] = k
+        self.v[:, :, start:start + v.shape[2]] = v
+
+    def run(self, block: HeadBlock, x: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor | None = None,
+            start: int | None = None) -> torch.Tensor:
+        """Run `block` on rows `x` `[1, T, H]` written at `start` (default: the committed length), each row seeing
+        every committed row plus, in the drafted part, the rows `visible` `[T, start-length+T]` marks (default:
+        causal). Returns the block's output."""
+        start = self.length if start is None else start
+        t = x.shape[1]
+        if start + t > self.max_len:
+            raise ValueError("head cache full")
+        draft = start - self.length + t
+        if visible is None:
+            visible = torch.ones(t, draft, dtype=torch.bool, device=x.device).tril_(draft - t)
+        mask = torch.cat([torch.ones(t, self.length, dtype=torch.bool, device=x.device), visible], dim=1)
+        out, k, v = block(x, positions, self.past(start), mask[None, None])
+        self.write(start, k, v)
+        return out
+
+
+# ---- training batches -----------------------------------------------------------------------------------------
+@dataclass
+class HeadBatch:
+    """Right-padded sequences for training or scoring a head: what `unroll` reads."""
+
+    tokens: torch.Tensor  # [B, T] long
+    feats: torch.Tensor  # [B, T, len(feature_layers) * H]: the head's input features
+    final: torch.Tensor  # [B, T, H]: the target's final normed state (next-token targets, EAGLE-1's regression)
+    lengths: torch.Tensor  # [B]
+    prompt_lens: torch.Tensor  # [B]
+
+    def targets(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token `[B, T-1]`, weight `[B, T-1]` float) that draft step `step` of row t is scored on: `x_{t+2+step}`,
+        counted where it exists and is an answer token (prompts are context, never targets)."""
+        want = shifted(self.tokens, 2 + step)
+        idx = torch.arange(self.tokens.shape[1] - 1, device=self.tokens.device)[None] + 2 + step
+        ok = (idx < self.lengths[:, None]) & (idx >= self.prompt_lens[:, None])
+        return want, ok.float()
+
+
+# Scoring hook of `unroll`: (step k, outputs of step k) -> the tokens rows feed to step k+1.
+Pick = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def shifted(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Rows 0..T-2 of `x` `[B, T, ...]` moved up by `s` (row t = x[:, t+s]), zeros past the end."""
+    n = x.shape[1] - 1
+    out = x.new_zeros((x.shape[0], n, *x.shape[2:]))
+    if s < x.shape[1]:
+        part = x[:, s:s + n]
+        out[:, :part.shape[1]] = part
+    return out
+
+
+# ---- drafting a tree ------------------------------------------------------------------------------------------
+Expand = Callable[[list[int], list[int], list[int]], torch.Tensor]
+
+
+def grow_tree(root_logprobs: torch.Tensor, expand: Expand, depth: int, branch: int, max_nodes: int) -> DraftTree:
+    """EAGLE-2's dynamic draft tree: expand the `branch` most likely nodes of each depth, then keep the `max_nodes`
+    nodes of highest path probability (draft confidence approximates acceptance).
+
+    `root_logprobs` `[V]`: the draft's log-probabilities of depth-1 tokens. `expand(frontier, tokens, parents)` returns
+    `[len(frontier), V]` log-probabilities of the children of the (1-based) nodes `frontier` of the tree so far.
+    Children never score above their parents, so the kept nodes always include their ancestors.
+    """
+    k = min(branch, root_logprobs.shape[-1])
+    lp, tok = root_logprobs.float().topk(k)
+    tokens, parents, scores = tok.tolist(), [0] * k, lp.tolist()
+    frontier = list(range(1, k + 1))
+    for _ in range(depth - 1):
+        lps = expand(frontier, tokens, parents).float()
+        lp, tok = lps.topk(k, dim=-1)
+        cum = torch.tensor([scores[n - 1] for n in frontier], device=lp.device)[:, None] + lp
+        best = set(cum.flatten().topk(k).indices.tolist())
+        first = len(tokens) + 1
+        tokens += tok.flatten().tolist()
+        parents += [n for n in frontier for _ in range(k)]
+        scores += cum.flatten().tolist()
+        frontier = [first + i for i in sorted(best)]
+    keep = sorted(sorted(range(len(tokens)), key=lambda i: (-scores[i], i))[:max_nodes])
+    index = {old + 1: new + 1 for new, old in enumerate(keep)}
+    return DraftTree([tokens[i] for i in keep], [index.get(parents[i], 0) for i in keep])
+
+
+# ---- weights on disk ------------------------------------------------------------------------------------------
+def save_head(head: nn.Module, config: HeadConfig, folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """`config.json` + `head.safetensors` (the head's own weights only: the target's are shared)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG_FILE).write_text(config.to_json())
+    save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in head.state_dict().items()},
+              str(folder / HEAD_FILE))
+    return folder
+
+
+def read_head(folder: str | Path, heads: dict[str, type]) -> tuple[nn.Module, HeadConfig]:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file() or not (folder / HEAD_FILE).is_file():
+        raise ValueError(f"{folder} is not a draft head folder (needs {CONFIG_FILE} and {HEAD_FILE})")
+    config = HeadConfig.from_json((folder / CONFIG_FILE).read_text())
+    if config.arch not in heads:
+        raise ValueError(f"{folder} holds a {config.arch!r} head; expected one of {', '.join(heads)}")
+    head = heads[config.arch](config)
+    head.load_state_dict({k: v.float() for k, v in load_file(str(folder / HEAD_FILE)).items()})
+    return head, config
+
+
+def new_head(cls: type, config: HeadConfig, seed: int) -> nn.Module:
+    """An untrained head, reproducible from `seed` (does not touch the global random stream)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(config)
+
+
+# ---- the drafter ----------------------------------------------------------------------------------------------
+@dataclass
+class HeadDrafter(Drafter):
+    """Base of the trained-head drafters. Knobs shared by all: `path` (None: the head shipped for the target in
+    `speculative/trained/<model>-<method>/`; else a folder written by `decodekit train-drafter`), `init` ("trained":
+    the trained head, an error if none; "random": an untrained head, for tests; "trained-or-random": the shipped head
+    where one exists, else an untrained one), `seed` (of an untrained head), `depth` (draft depth), `branch` (children
+    expanded per node; 1 = a chain), `max_nodes` (tree size, verified in one target pass)."""
+
+    path: str | None = None
+    init: str = "trained"
+    seed: int = 0
+    depth: int = 6
+    branch: int = 8
+    max_nodes: int = 60
+
+    learns_from_steps: ClassVar[bool] = True
+    module: ClassVar[type]  # the head's nn.Module class
+
+    def __post_init__(self) -> None:
+        if self.init not in ("trained", "random", "trained-or-random"):
+            raise ValueError(f"{self.name}: init must be trained, random or trained-or-random, got {self.init!r}")
+        if self.depth < 1 or self.branch < 1 or self.max_nodes < 1:
+            raise ValueError(f"{self.name}: depth, branch and max_nodes must be >= 1")
+        self.head = None
+
+    def _resolve(self, engine) -> nn.Module:
+        shipped = TRAINED_DIR / f"{engine.name}-{self.name}"
+        if self.path is not None:
+            return read_head(self.path, {self.name: type(self).module})[0]
+        if self.init != "random" and shipped.is_dir():
+            return read_head(shipped, {self.name: type(self).module})[0]
+        if self.init == "trained":
+            raise ValueError(f"no trained {self.name} head ships for {engine.name!r}; train one with `decodekit "
+                             f"train-drafter --model {engine.name} --arch {self.name} ...` and pass -O path=DIR "
+                             "(or -O init=random for an untrained head)")
+        return new_head(type(self).module, type(self).module.default_config(engine.model.config), self.seed)
+
+    def bind(self, engine) -> "HeadDrafter":
+        from .draft_model import native_model
+
+        super().bind(engine)
+        if self.head is None:
+            net = native_model(engine.model)
+            key = (self.name, self.path, self.init, self.seed)
+            loaded = engine.__dict__.setdefault("draft_heads", {})  # loaded once per engine
+            if key not in loaded:
+                head = self._resolve(engine)
+                head.config.check_target(net.config)
+                loaded[key] = head.to(net.device, net.dtype).eval().requires_grad_(False)
+            self.head, self.target = loaded[key], Target(net)
+            self.feature_layers = self.head.config.feature_layers
+        return self
+
+    def reset(self, prompt_ids: list[int]) -> None:
+        self.features = torch.zeros(0)
+        self.num_features = 0
+        self._reset_state(len(prompt_ids))
+
+    def _reset_state(self, prompt_len: int) -> None:
+        """Per-generation state of the subclass (its caches)."""
+
+    def _store(self, rows: torch.Tensor) -> None:
+        n = self.num_features + rows.shape[0]
+        if n > self.features.shape[0]:
+            grown = torch.zeros(max(n, 2 * self.features.shape[0], 256), rows.shape[1], dtype=rows.dtype,
+                                device=rows.device)
+            if self.num_features:
+                grown[:self.num_features] = self.features[:self.num_features]
+            self.features = grown
+        self.features[self.num_features:n] = rows
+        self.num_features = n
+
+    def prefill_features(self, features: torch.Tensor) -> None:
+        self._store(features)
+
+    def observe(self, context: list[int], step) -> None:
+        if step.hidden is not None:  # the root and the accepted nodes are now committed: their features are real
+            self._store(step.hidden[[0, *step.accepted]])
+
+    def propose(self, context: list[int]) -> DraftTree:
+        if self.num_features != len(context) - 1:  # features of some committed token are missing: cannot draft
+            return DraftTree()
+        with torch.inference_mode():
+            return self._draft(context)
+
+    def _draft(self, context: list[int]) -> DraftTree:
+        raise NotImplementedError
+
+    def _grow(self, root_logprobs: torch.Tensor, expand: Expand, max_depth: int) -> DraftTree:
+        return grow_tree(root_logprobs, expand, min(self.depth, max_depth), self.branch, self.max_nodes)
+
+    def max_draft_tokens(self) -> int:
+        return min(self.max_nodes, self.branch + (self.depth - 1) * self.branch ** 2)
+
+
+def log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def ancestors(parents: list[int], node: int) -> list[int]:
+    """1-based ancestors of `node` (root excluded), nearest first."""
+    out = []
+    while node:
+        node = parents[node - 1]
+        if node:
+            out.append(node)
+    return out
+
+
+def param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
