@@ -186,14 +186,15 @@ def format_generation(gen: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> None:
     import torch
 
-    from ..cli import load_engine
-
     backends = [b for b in args.backends.split(",") if b]
     methods = [m for m in args.methods.split(",") if m]
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     schemas = load_schemas(args.data, args.subset, args.limit)  # unknown subsets: one-line error, before loading
-    engine = load_engine(args)
+    import decodekit
+
+    # Without the prefix cache, as `decodekit bench` runs: every run pays for its own prefill.
+    engine = decodekit.load(args.model, device=args.device, dtype=args.dtype, prefix_caching=False)
     result: dict[str, Any] = {
         "arguments": {k: v for k, v in vars(args).items() if k != "func"},
         "date": datetime.date.today().isoformat(), "machine": platform.platform(), "processor": platform.processor(),
