@@ -219,7 +219,9 @@ class EngineCore:
 
         def rows_of(spec, n):
             a = spec.first_logit
-            return logits[a:a + n], None if hidden is None else self._hidden_rows(hidden, layers, spec, a, n)
+            # a sequence that reads no features gets none, even when a neighbour in the batch asked for some
+            feats = None if hidden is None or not spec.hidden_layers else self._hidden_rows(hidden, layers, spec, a, n)
+            return logits[a:a + n], feats
 
         for (seq, n), spec, ends in zip(plan.prefills, specs, last):
             seq.kv.length += n

@@ -35,6 +35,9 @@ def prompts(vocab: int, n: int = 5, seed: int = 0) -> list[list[int]]:
 
 
 def options(method: str, engine: Engine) -> dict:
+    """The target drafting for itself; trained heads untrained where none ships (tiny models)."""
+    if method in ("eagle", "medusa", "hydra"):
+        return {"method_options": {"init": "trained-or-random"}}
     return {"method_options": {"model": engine}} if method == "draft" else {}
 
 
