@@ -79,12 +79,19 @@ def read_text(path: str, flag: str) -> str:
         raise ValueError(f"{flag}: cannot read {path!r}: {e.strerror or e}") from None
 
 
-def parse_options(pairs: list[str]) -> dict[str, Any]:
+def add_search_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--search", default=None, help="a search strategy (see `decodekit searches`): beam, best_of_n, ...")
+    p.add_argument("--search-option", "-S", action="append", default=[], metavar="KEY=VALUE",
+                   help="a search knob, e.g. -S num_beams=4 (repeatable; values are JSON, else strings)")
+    p.add_argument("--all", action="store_true", help="with --search --json: every candidate, best first")
+
+
+def parse_options(pairs: list[str], kind: str = "method") -> dict[str, Any]:
     options = {}
     for pair in pairs:
         key, eq, value = pair.partition("=")
         if not eq:
-            raise ValueError(f"method option {pair!r} is not KEY=VALUE")
+            raise ValueError(f"{kind} option {pair!r} is not KEY=VALUE")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -110,18 +117,51 @@ def load_engine(args: argparse.Namespace):
     return decodekit.load(args.model, device=args.device, dtype=args.dtype, progress=not getattr(args, "json", False))
 
 
+def result_json(result) -> dict[str, Any]:
+    return {"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
+            "prompt_tokens": len(result.prompt_ids), "stats": result.stats.to_dict()}
+
+
+def cmd_search(args: argparse.Namespace, engine, kwargs: dict[str, Any]) -> None:
+    """generate with a search strategy: the chosen sequence (no streaming: it is known at the end)."""
+    found = engine.generate(args.prompt, args.max_new_tokens, search=args.search,
+                            search_options=parse_options(args.search_option, "search"), return_all=True, **kwargs)
+    result = found.chosen
+    if args.json:
+        out = result_json(result)
+        if args.all:
+            out["candidates"] = [result_json(c) for c in found.candidates]
+        print(json.dumps(out))
+        return
+    print(result.text)
+    s = result.stats
+    score = "n/a" if s.score is None else f"{s.score:.4f}"
+    print(f"[search {args.search}: score {score}, {len(found.candidates)} candidates, {s.generated_tokens} tokens, "
+          f"{s.total_time_s:.2f} s]", file=sys.stderr)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     flags = sampling_flags(args)
     options = parse_options(args.method_option)
     constraint = constraint_flags(args)
+    if args.search is None and (args.search_option or args.all):
+        raise ValueError("-S/--search-option and --all need --search NAME")
+    if args.search is not None:
+        from .search import SEARCHES, make_search
+
+        if args.search not in SEARCHES:
+            raise ValueError(f"unknown search {args.search!r}; available: {', '.join(sorted(SEARCHES))}")
+        make_search(args.search, parse_options(args.search_option, "search"))  # bad knobs fail before loading
     engine = load_engine(args)
     # -O knobs go to the method only: a draft model's `temperature` never changes the target's sampling.
     kwargs = dict(method=args.method, stop=args.stop, chat=not args.raw, verifier=args.verifier,
                   method_options=options, **flags, **constraint)
+    if args.search is not None:
+        cmd_search(args, engine, kwargs)
+        return
     if args.json:
         result = engine.generate(args.prompt, args.max_new_tokens, **kwargs)
-        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
-                          "prompt_tokens": len(result.prompt_ids), "stats": result.stats.to_dict()}))
+        print(json.dumps(result_json(result)))
         return
     stream = engine.stream(args.prompt, args.max_new_tokens, **kwargs)
     try:
@@ -202,6 +242,14 @@ def cmd_methods(args: argparse.Namespace) -> None:
         print(f"{name:12s} {doc}")
 
 
+def cmd_searches(args: argparse.Namespace) -> None:
+    from .search import SEARCHES
+
+    for name, cls in sorted(SEARCHES.items()):
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"{name:16s} {doc}")
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from .bench.runner import run_bench_cli
 
@@ -222,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(g)
     add_method_args(g)
     add_constraint_args(g)
+    add_search_args(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive chat with streaming output")
@@ -238,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     sub.add_parser("methods", help="list decoding methods").set_defaults(func=cmd_methods)
+    sub.add_parser("searches", help="list search strategies").set_defaults(func=cmd_searches)
 
     b = sub.add_parser("bench", help="compare decoding methods side by side (Spec-Bench style)")
     add_model_args(b)

@@ -1,6 +1,6 @@
 """`decodekit bench`: methods side by side on one model in one process, Spec-Bench style.
 
-Each method decodes every prompt (after one warm-up generation that is not timed); a prompt's time is the median
+Each method decodes every prompt (each first once untimed: a warm-up); a prompt's time is the median
 of `repeats` runs, with the device synchronized. Speedup is the method's tokens/s over plain decoding's measured
 in the same run; `identical` counts prompts whose token ids equal plain decoding's.
 """
@@ -63,11 +63,13 @@ def run_method(engine, method: str, prompts: list[BenchPrompt], max_new_tokens: 
     chat = bool(getattr(engine.tokenizer, "chat_template", None))  # a base model gets the raw prompt text
     gen = lambda ps: engine.generate([p.prompt for p in ps], max_new_tokens, method=name,  # noqa: E731
                                      sampling=sampling, chat=chat, method_options=options)
-    gen(prompts[:batch_size])  # warm-up: allocation, graph capture, drafter tables
     result = MethodRun(method)
     acc_sum: list[float] = []
     for b in range(0, len(prompts), batch_size):
         chunk = prompts[b:b + batch_size]
+        # Warm-up of each batch, untimed: a new prompt length or KV size can mean a graph capture or a compilation
+        # (seconds on a GPU), which a median of few runs would not always drop.
+        gen(chunk)
         seconds, results = time_runs(lambda: gen(chunk), repeats, engine.device)
         for p, r in zip(chunk, results):
             s = r.stats

@@ -1,6 +1,7 @@
 """`Engine`: a model, its tokenizer and the public API (generate, stream, requests), over one `EngineCore`."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, fields, is_dataclass
 from typing import Any, Iterator, Sequence as Seq
 
@@ -119,6 +120,8 @@ class Engine:
         sampling field and a knob, e.g. a draft model's own temperature). Raises ValueError for bad input, an
         invalid schema, regex or grammar included, before anything is queued."""
         options = dict(options)
+        if "search" in options or "return_all" in options:
+            raise ValueError("search strategies run through generate(..., search=NAME)")
         constraint = self._constraint(options)
         engine_kw = {k: options.pop(k) for k in ENGINE_OPTIONS if k in options}
         knobs = self._knobs(method)
@@ -171,13 +174,28 @@ class Engine:
             raise
 
     # ---- public API ----------------------------------------------------------------------------------------
-    def generate(self, prompt, max_new_tokens: int = 128, **kwargs):
+    def generate(self, prompt, max_new_tokens: int = 128, *, search: str | None = None,
+                 search_options: dict[str, Any] | None = None, return_all: bool = False, **kwargs):
         """Generate from one prompt (a `GenerationResult`; with `n` > 1 a list of `n`), or from a list of prompts
-        (one entry per prompt, in order), all as one batch on the core. See `make_request` for the options."""
+        (one entry per prompt, in order), all as one batch on the core. See `make_request` for the options.
+
+        `search=NAME` runs a search strategy (`decodekit/search/`: beam, contrastive, best_of_n, ...) per prompt,
+        all prompts as one batch: the result is the sequence it chose, its score in `stats.score`; with
+        `return_all=True` a `SearchResult(chosen, candidates)` (candidates best first, the chosen one included).
+        Its knobs come in `search_options={...}`, or as keywords when the name is no sampling field, engine option or
+        method knob (`n` is the strategy's own when it has one)."""
         many = isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list, tuple)) and \
             not isinstance(prompt[0], dict)
         prompts = prompt if many else [prompt]
+        strategy = None
+        if search is not None:
+            strategy, kwargs = self._search(search, search_options, kwargs)
+        elif search_options or return_all:
+            raise ValueError("search_options and return_all need search=NAME")
         requests = [self.make_request(p, max_new_tokens, **kwargs) for p in prompts]  # all valid, or none queued
+        if strategy is not None:
+            for r in requests:
+                strategy.prepare(self, r)
         added = []
         try:
             for r in requests:
@@ -189,10 +207,41 @@ class Engine:
         self._run_until(requests)
         results = []
         for r in requests:
+            self.core.requests.pop(r.id, None)
+            if strategy is not None:
+                found = strategy.select(self, r)
+                results.append(found if return_all else found.chosen)
+                continue
             out = [s.result() for s in sorted(r.sequences, key=lambda s: s.index)]
             results.append(out if r.n > 1 else out[0])
-            self.core.requests.pop(r.id, None)
         return results if many else results[0]
+
+    def _search(self, name: str, search_options: dict[str, Any] | None, kwargs: dict[str, Any]):
+        """The strategy `name` with its knobs (from `search_options`, and keywords that name only a knob of it), and
+        the keywords left for `make_request`."""
+        from ..search import SEARCHES, make_search, search_knobs
+
+        if name not in SEARCHES:
+            raise ValueError(f"unknown search {name!r}; available: {', '.join(sorted(SEARCHES))}")
+        knobs = search_knobs(name)
+        kwargs, options = dict(kwargs), dict(search_options or {})
+        method_knobs = self._knobs(kwargs.get("method", "plain"))
+        for key in [k for k in kwargs if k in knobs]:
+            other = ("a sampling setting" if key in SAMPLING_FIELDS else "an engine option" if key in ENGINE_OPTIONS
+                     else "a knob of the method" if key in method_knobs else None)
+            if other is not None:
+                raise ValueError(f"option {key!r} is both a knob of search {name!r} and {other}: pass "
+                                 f"search_options={{{key!r}: ...}} (CLI: -S) for the search")
+            options[key] = kwargs.pop(key)
+        if "n" in kwargs:
+            raise ValueError(f"search {name!r} returns one sequence per prompt; it takes no n")
+        named = set(inspect.signature(self.make_request).parameters)
+        unknown = sorted(k for k in kwargs if k not in named and k not in SAMPLING_FIELDS and k not in ENGINE_OPTIONS
+                         and k not in method_knobs)
+        if unknown:  # name both owners a keyword could have meant, not only the method's
+            raise ValueError(f"unknown option {unknown[0]!r} for search {name!r} (its knobs: "
+                             f"{', '.join(sorted(knobs))}) or method {kwargs.get('method', 'plain')!r}")
+        return make_search(name, options), kwargs
 
     def stream(self, prompt, max_new_tokens: int = 128, **kwargs) -> Iterator[str]:
         """Yield text pieces as they are committed; the final GenerationResult is the generator's return value.

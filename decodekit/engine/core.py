@@ -50,6 +50,11 @@ class Request:
     constraint: Grammar | None = None
     constraint_sampler: str = "mask"  # "awrs": plain sampled steps check sampled tokens instead of masking
     policy: Any = None  # a `Policy` (engine/policy.py) that decides for all this request's sequences at once
+    # Per-sample hooks of search strategies (search/): `draws(index)` -> sample index's own source of draws
+    # (`Sequence.draws`, arithmetic sampling's codes); `token_stat` -> a statistic of each output token's raw
+    # distribution (`Sequence.token_stat`, self-certainty). None: off.
+    draws: Any = None
+    token_stat: Any = None
     id: int = -1
     sequences: list[Sequence] = field(default_factory=list)
     aborted: bool = False
@@ -131,10 +136,13 @@ class EngineCore:
                        self.model.config.vocab_size)
         seq.request, seq.index = req, index
         seq.top_logprobs = req.logprobs
+        seq.token_stat = req.token_stat
+        seq.draws = req.draws(index) if req.draws is not None else None
         if req.constraint is not None:
             # AWRS replaces the mask only where masking after the sampling rules is the same as before them:
             # sampled, without truncation warpers (they must see the masked logits).
-            awrs = req.constraint_sampler == "awrs" and not sampling.greedy and not seq.processor.active
+            awrs = req.constraint_sampler == "awrs" and not sampling.greedy and not seq.processor.active and \
+                seq.draws is None
             seq.constraint = SequenceConstraint(req.constraint.matcher(), self.pool.k.device, awrs)
         req.sequences.append(seq)
         return seq
@@ -192,7 +200,7 @@ class EngineCore:
         specs: list[RowSpec] = []
         for seq, n in plan.prefills:
             start = seq.kv.length
-            last = start + n == seq.prefill_end and not seq.output
+            last = start + n == seq.prefill_end and not seq.output and not seq.prompt_root
             specs.append(RowSpec(seq.kv, seq.tokens[start:start + n], list(range(start, start + n)), None,
                                  "last" if last else "none"))
         for seq in plan.decodes:
@@ -219,9 +227,7 @@ class EngineCore:
 
         def rows_of(spec, n):
             a = spec.first_logit
-            # a sequence that reads no features gets none, even when a neighbour in the batch asked for some
-            feats = None if hidden is None or not spec.hidden_layers else self._hidden_rows(hidden, layers, spec, a, n)
-            return logits[a:a + n], feats
+            return logits[a:a + n], None if hidden is None else self._hidden_rows(hidden, layers, spec, a, n)
 
         for (seq, n), spec, ends in zip(plan.prefills, specs, last):
             seq.kv.length += n
@@ -229,6 +235,8 @@ class EngineCore:
             rows, feats = rows_of(spec, n if spec.logits == "all" else 1)
             if seq.hidden_layers and seq.request.policy is None:
                 seq.drafter.prefill_features(feats)  # a drafter that reads the target's features sees the prompt's
+            elif seq.hidden_layers:
+                seq.request.policy.prefill_features(seq, feats)
             if ends and seq.request.policy is not None:
                 decided.setdefault(seq.request.id, {})[seq] = (rows[-1:], None if feats is None else feats[-1:])
             elif ends:
@@ -269,6 +277,8 @@ class EngineCore:
     def _hidden_rows(hidden: torch.Tensor, layers: tuple[int, ...], spec: RowSpec, start: int, n: int):
         """The rows of a spec's hidden states, in the order of the layers its sequence asked for."""
         want = spec.hidden_layers
+        if not want:  # a batch mixing sequences that need features (heads) with ones that do not
+            return None
         size = hidden.shape[-1] // len(layers)
         cols = [hidden[start:start + n, layers.index(i) * size:(layers.index(i) + 1) * size] for i in want]
         return torch.cat(cols, dim=-1) if len(cols) > 1 else cols[0]
@@ -283,6 +293,9 @@ class EngineCore:
         child.stopper = seq.stopper.fork()
         child.stats = dataclasses.replace(seq.stats)
         child.logprobs = list(seq.logprobs)
+        child.token_stats = list(seq.token_stats)
+        child.draws = copy.deepcopy(seq.draws)
+        child.paused = False
         child.accepted_at, child.proposed_at = list(seq.accepted_at), list(seq.proposed_at)
         child.generator = torch.Generator(device=seq.generator.device)
         child.generator.set_state(seq.generator.get_state())

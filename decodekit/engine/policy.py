@@ -3,8 +3,9 @@
 The step treats a request with a `policy` differently in one place only: after the pass, instead of each sequence
 sampling and verifying on its own, the policy gets every sequence's rows (the root's logits, then those of the
 candidates it asked to score in `plan`, and the hidden states of its `feature_layers`) and commits, forks
-(`EngineCore.fork_sequence`: the KV memory is shared) or finishes sequences itself. Everything else (scheduling,
-the batched pass, KV memory, stop rules) is the same loop.
+(`EngineCore.fork_sequence`: the KV memory is shared) or finishes sequences itself. A policy may also pause a
+sequence (`seq.paused = True`: it keeps its KV memory and takes no part in passes until resumed), e.g. a hypothesis
+waiting in a best-first queue. Everything else (scheduling, the batched pass, KV memory, stop rules) is the same loop.
 """
 from __future__ import annotations
 
@@ -39,10 +40,17 @@ class Policy:
     def finished(self, req: "Request") -> bool:
         return all(s.finished for s in req.sequences)
 
+    def prefill_features(self, seq: "Sequence", features: torch.Tensor) -> None:
+        """The `feature_layers` states of a prefill chunk of `seq`'s prompt, `[T, F]`, in order (contrastive search
+        compares candidates with every earlier token, the prompt's included)."""
+
 
 def keep(seq: "Sequence", width: int, nodes: list[int], tokens: list[int]) -> list[int]:
     """Keep the planned nodes `nodes` (1-based, in path order) of the last pass's `width` entries, then commit
-    `tokens` (the nodes' tokens and what follows them) through the stop rules; returns what was committed."""
-    start = seq.kv.length - width
-    seq.kv.keep_path(start, [0, *nodes])
+    `tokens` (the nodes' tokens and what follows them) through the stop rules; returns what was committed.
+    `width` 0: the rows were the prompt's last logits, whose entries are all kept already (no root was written)."""
+    if width:
+        seq.kv.keep_path(seq.kv.length - width, [0, *nodes])
+    elif nodes:
+        raise ValueError("a prefill's rows have no planned nodes to keep")
     return seq.commit(tokens)

@@ -79,7 +79,7 @@ class Scheduler:
         plan = StepPlan()
         budget = self.config.max_step_tokens
         for seq in list(self.running):
-            if seq.status != Status.RUNNING:  # preempted while reserving for an older sequence
+            if seq.status != Status.RUNNING or seq.paused:  # preempted while reserving, or held back by a policy
                 continue
             if seq.prefilling:
                 n = min(seq.prefill_end - seq.kv.length, budget)

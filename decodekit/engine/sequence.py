@@ -49,6 +49,7 @@ class GenerationStats:
     jump_forward_tokens: int = 0  # tokens the grammar forced, accepted as free drafts (constrained requests)
     grammar_time_s: float = 0.0  # host time spent on the grammar: masks, checks, pruning, jump-forward
     grammar_masks: int = 0  # next-token masks computed (AWRS steps compute none unless they fall back)
+    score: float | None = None  # a search strategy's score of this sequence (search/: beam score, vote share, ...)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,6 +63,14 @@ class GenerationResult:
     stats: GenerationStats
     prompt_ids: list[int] = field(default_factory=list, repr=False)
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = field(default=None, repr=False)  # if asked
+
+
+def logprob_entries(logp: torch.Tensor, tokens: list[int], k: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Per token: its log-probability in the matching row of `logp` `[n, V]`, and the `k` most likely alternatives."""
+    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    top = logp.topk(k, -1) if k else None
+    return [(lp, list(zip(top.indices[i].tolist(), top.values[i].tolist())) if top is not None else [])
+            for i, lp in enumerate(chosen)]
 
 
 def make_generator(device: torch.device, seed: int | None) -> torch.Generator:
@@ -105,6 +114,17 @@ class Sequence:
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []  # per output token: its logprob, top-k
         self.constraint: SequenceConstraint | None = None  # the grammar the output must match, if any
         self.jumped = False  # this step's draft is the grammar's forced chain (jump-forward), not the drafter's
+        # A per-token statistic of the raw distribution each output token was drawn from (`stat(logp [k, V],
+        # tokens) -> k floats`, e.g. self-certainty for best-of-n), gathered in `token_stats`; None: off.
+        self.token_stat: Any = None
+        self.token_stats: list[float] = []
+        # The sample's own source of draws (`draws.sample(probs [V]) -> token`, e.g. arithmetic sampling's code);
+        # None: multinomial draws from `generator`.
+        self.draws: Any = None
+        self.paused = False  # a policy holds this sequence back from passes (it keeps its KV memory)
+        # A policy made the prompt's last token the root (its entry rolled back): decoding starts there, with the
+        # candidates the policy plans under it, instead of with a first token drawn from the prompt's logits.
+        self.prompt_root = False
 
     # ---- state -----------------------------------------------------------------------------------------------
     @property
@@ -118,8 +138,8 @@ class Sequence:
     @property
     def prefill_end(self) -> int:
         """KV entries to write before decoding: the whole prompt for a new sequence (its last logits give the first
-        token), else everything but the root (a preempted sequence resuming)."""
-        return len(self.tokens) if not self.output else len(self.tokens) - 1
+        token), else everything but the root (a preempted sequence resuming, or a policy's `prompt_root`)."""
+        return len(self.tokens) if not self.output and not self.prompt_root else len(self.tokens) - 1
 
     @property
     def prefilling(self) -> bool:
@@ -166,7 +186,7 @@ class Sequence:
             self.tree = self.policy.plan(self)
             return 0
         fusable = bool(fused_sizes) and not self.needs_host_logits and self.top_logprobs is None and \
-            not self.hidden_layers
+            self.token_stat is None and not self.hidden_layers
         if self.drafter.name == "plain":
             self._constrain_draft()
             return self.room if fusable else 0
@@ -215,7 +235,11 @@ class Sequence:
         """Sample the first token from the prompt's last logits `[1, V]`."""
         token = self._awrs_token(logits)
         if token is None:
-            token = int(self.processor.sample(self._probs(logits, self.tree), self.generator)[0])
+            probs = self._probs(logits, self.tree)
+            if self.draws is not None and not self.sampling.greedy:
+                token = self.draws.sample(probs[0])
+            else:
+                token = int(self.processor.sample(probs, self.generator)[0])
         self.record_logprobs(logits, [token])
         return [token]
 
@@ -235,16 +259,20 @@ class Sequence:
 
     def record_logprobs(self, rows: torch.Tensor, tokens: list[int]) -> None:
         """Log-probabilities of the model (raw logits, before sampling rules) for `tokens`, each drawn after the
-        matching row of `rows`, with the `top_logprobs` most likely alternatives."""
-        if self.top_logprobs is None or not tokens:
+        matching row of `rows`, with the `top_logprobs` most likely alternatives (and `token_stat` of each row)."""
+        if (self.top_logprobs is None and self.token_stat is None) or not tokens:
             return
         logp = rows[:len(tokens)].float().log_softmax(-1)
-        chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
-        k = self.top_logprobs
-        top = logp.topk(k, -1) if k else None
-        for i, lp in enumerate(chosen):
-            alts = list(zip(top.indices[i].tolist(), top.values[i].tolist())) if top is not None else []
-            self.logprobs.append((lp, alts))
+        if self.token_stat is not None:
+            self.token_stats += self.token_stat(logp, tokens)
+        if self.top_logprobs is not None:
+            self.logprobs += logprob_entries(logp, tokens, self.top_logprobs)
+
+    def next_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The sampling rules applied to the root's raw logits `[1, V]`: penalties over this sequence's tokens, then
+        (unless greedy) temperature and warpers. What a policy scores candidates with (float32)."""
+        seen, counts = self._penalty_inputs(DraftTree())
+        return self.processor.process(logits.float(), seen, counts)
 
     def verify(self, logits: torch.Tensor | None, best: list[int] | None) -> tuple[list[int], int]:
         """Accepted nodes and the next token, from this sequence's rows of the pass: `logits` `[n+1, V]` when it
@@ -261,8 +289,24 @@ class Sequence:
         token = self._awrs_token(logits)
         if token is not None:
             return [], token
+        probs = self._probs(logits, tree)
+        if self.draws is not None and not self.sampling.greedy:
+            return self._verify_by_draws(tree, probs)
         verify = pick_verifier(self.verifier, self.sampling.greedy, tree)
-        return verify(tree, self._probs(logits, tree), self.generator)
+        return verify(tree, probs, self.generator)
+
+    def _verify_by_draws(self, tree: DraftTree, probs: torch.Tensor) -> tuple[list[int], int]:
+        """The sample's own draw at each node, following a draft child while it matches: the tokens are exactly those
+        decoding without a draft would draw from the same source (lossless for any draft; arithmetic codes stay
+        consumed in order)."""
+        kids, node, accepted = tree.children(), 0, []
+        while True:
+            token = self.draws.sample(probs[node])
+            match = next((c for c in kids[node] if tree.tokens[c - 1] == token), None)
+            if match is None:
+                return accepted, token
+            accepted.append(match)
+            node = match
 
     def commit(self, new: list[int]) -> list[int]:
         """Append committed tokens through the stop rules; returns the ones kept (the output ends at a stop)."""
@@ -298,9 +342,11 @@ class Sequence:
             self.accepted_at[d - 1] += int(len(accepted) >= d)
         if self.budget is not None and not self.jumped:
             self.budget.record(tree, len(accepted), len(tree) + 1)
-        if self.top_logprobs is not None and logits is not None:  # token j was drawn at the row of its parent
+        if (self.top_logprobs is not None or self.token_stat is not None) and logits is not None:
+            # token j was drawn at the row of its parent (of the step's tree: the drafter's or the grammar's)
             committed = [self.tree.tokens[i - 1] for i in accepted] + [next_token]
-            self.record_logprobs(logits[[0, *accepted]], committed[:len(self.output) - len(self.logprobs)])
+            recorded = len(self.logprobs) if self.top_logprobs is not None else len(self.token_stats)
+            self.record_logprobs(logits[[0, *accepted]], committed[:len(self.output) - recorded])
         if self.drafter.name != "plain" and not self.finished and not self.jumped:
             self.drafter.observe(self.tokens, StepResult(tree, accepted, next_token, logits, hidden))
 

@@ -8,8 +8,12 @@ width. Before each step the proposed tree is cut at the depth k that maximizes
 On a GPU a wider verify pass costs almost nothing and deep drafts survive; on a CPU, or where a drafter keeps
 missing, drafts shrink down to plain decoding, and once no depth pays the drafter is not even asked
 (`should_draft`), so its own cost goes too. Step times are kept per batch size (`StepCosts`, shared by the
-sequences of a method): in a wide batch verification tokens cost more, and drafts back off. Every `probe_every` steps the whole tree goes through, so the
-estimates never go stale; probes that lose to plain steps back off exponentially. Cutting a draft never changes
+sequences of a method): in a wide batch verification tokens cost more, and drafts back off. In a batch one row's
+draft widens the pass that every row pays for, so a row weighs the whole batch's tokens per second: its own
+expected tokens plus one from each other row, over the wider pass's time, against the batch's plain step (as in
+batched speculative decoding, BASS, Qian et al. 2024). Every `probe_every` steps the whole tree goes through (in a
+batch of B rows each row probes B times less often, so the batch as a whole probes at the single-sequence rate), so
+the estimates never go stale; probes that lose to plain steps back off exponentially. Cutting a draft never changes
 the output distribution.
 """
 from __future__ import annotations
@@ -107,11 +111,12 @@ class DraftBudget:
         """The depth k maximizing expected tokens per second, given the forward width at each depth."""
         while len(self.accept) < len(width_at) - 1:
             self.accept.append(self.prior_accept)
-        best_k, best_rate, expected, reach = 0, 1.0 / self._time(1), 1.0, 1.0
+        others = max(self.batch, 1) - 1  # rows that get one token from this pass whatever this row drafts
+        best_k, best_rate, expected, reach = 0, (others + 1.0) / self._time(1), 1.0, 1.0
         for k in range(1, len(width_at)):
             reach *= self.accept[k - 1]
             expected += reach
-            rate = expected / self._time(width_at[k])
+            rate = (others + expected) / self._time(width_at[k])
             if rate > best_rate:
                 best_k, best_rate = k, rate
         return best_k
@@ -121,7 +126,7 @@ class DraftBudget:
         as well as the verification; the step is a plain one."""
         self.steps += 1
         self.probe_interval = self.probe_interval or self.probe_every
-        self.probing = self.steps % self.probe_interval == 0
+        self.probing = self.steps % self._interval() == 0
         if self.probing or len(self.step_time) < 2:  # widths > 1 not measured yet: be optimistic, try
             return self.probing or 1 in self.step_time
         depth = max(len(self.accept), 1)
@@ -132,7 +137,11 @@ class DraftBudget:
         decides from changes only when a draft is recorded). The engine runs them back to back."""
         if len(self.step_time) < 2:  # still measuring, not deciding
             return 0
-        return self.probe_interval - 1 - self.steps % self.probe_interval
+        return self._interval() - 1 - self.steps % self._interval()
+
+    def _interval(self) -> int:
+        """Steps between this row's probes: a probe widens the whole batch's pass, so B rows probe B times less."""
+        return self.probe_interval * max(self.batch, 1)
 
     def skip(self, steps: int) -> None:
         """`steps` steps ran without asking `should_draft` (after `quiet_steps`)."""
@@ -159,7 +168,8 @@ class DraftBudget:
         if seconds is not None:
             self.costs.record(self.batch, width, seconds)
         if self.probing and len(tree) and 1 in self.step_time:  # back off from probes that lose to plain steps
-            lost = (accepted + 1) / self._time(width) < 1.0 / self.step_time[1]
+            others = max(self.batch, 1) - 1
+            lost = (others + accepted + 1) / self._time(width) < (others + 1) / self.step_time[1]
             self.probe_interval = min(2 * self.probe_interval, self.max_probe_every) if lost else self.probe_every
         self.probing = False
         depth = max(self._verified_depths(tree), default=0)

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "speculative"))  # the mic
 from micro import MICRO_PROMPT, VOCAB, chi_square_p, exact_pair_distribution, micro_engine, micro_model  # noqa: E402
 
 from constrain_helpers import BACKENDS  # noqa: E402
+from drafter_options import drafter_options  # noqa: E402
 
 METHODS = sorted(DRAFTERS)
 SCHEMA = {"type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999},
@@ -37,8 +38,7 @@ PROMPTS = [[5, 6, 7, 8, 9, 10] * 4, [3 + b for b in b'{"id": 12, "tag": "ab", "o
 def knobs(method: str, engine: Engine) -> dict:
     """Drafts that reach verification: the target drafting for itself, trained heads the shipped one or an untrained
     one where none ships (tiny models), and no budget cuts."""
-    options = {"model": engine} if method == "draft" else \
-        {"init": "trained-or-random"} if method in ("eagle", "medusa", "hydra") else {}
+    options = drafter_options(method, engine)
     return {"adaptive": False, **({"method_options": options} if options else {})}
 
 

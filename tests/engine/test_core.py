@@ -9,6 +9,7 @@ import decodekit
 from decodekit.engine import Engine
 from decodekit.models.kv_cache import SeqKV
 from decodekit.speculative import DRAFTERS
+from drafter_options import drafter_options
 from engine_helpers import fused_engine
 
 METHODS = sorted(DRAFTERS)
@@ -35,10 +36,7 @@ def prompts(vocab: int, n: int = 5, seed: int = 0) -> list[list[int]]:
 
 
 def options(method: str, engine: Engine) -> dict:
-    """The target drafting for itself; trained heads untrained where none ships (tiny models)."""
-    if method in ("eagle", "medusa", "hydra"):
-        return {"method_options": {"init": "trained-or-random"}}
-    return {"method_options": {"model": engine}} if method == "draft" else {}
+    return {"method_options": drafter_options(method, engine)}
 
 
 @pytest.mark.parametrize("which", ["engine", "gemma"])

@@ -7,6 +7,7 @@ import torch
 import decodekit
 from decodekit.engine import Engine
 from decodekit.speculative import DRAFTERS
+from drafter_options import drafter_options
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 PROMPTS = [[5, 6, 7, 8, 9, 10] * 5, list(range(3, 40)), [11, 12, 13] * 3, list(range(50, 58))]
@@ -25,8 +26,7 @@ def engines(request):
 @pytest.mark.parametrize("method", sorted(DRAFTERS))
 def test_graphed_batches_equal_eager(engines, method):
     graphed, eager = engines
-    kw = {"method_options": {"model": eager}} if method == "draft" else \
-        {"method_options": {"init": "trained-or-random"}} if method in ("eagle", "medusa", "hydra") else {}
+    kw = {"method_options": drafter_options(method, eager)}
     a = graphed.generate(PROMPTS, 40, method=method, ignore_eos=True, **kw)
     b = eager.generate(PROMPTS, 40, method=method, ignore_eos=True, **kw)
     assert [r.token_ids for r in a] == [r.token_ids for r in b]

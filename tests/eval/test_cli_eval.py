@@ -55,8 +55,18 @@ def test_sweep(capsys, tmp_path, data_dir, sweep, labels):
     assert out_png.read_bytes()[:8] == PNG
 
 
+def test_search_strategies_run_in_eval(capsys, tmp_path, data_dir):
+    """Search strategies are runs like methods: knobs through -O reach generate, the label names the strategy."""
+    out_json = tmp_path / "s.json"
+    code, out, err = run(capsys, *TINY, "--task", "gsm8k", "--limit", "2", "--search", "beam,patience_beam",
+                         "-O", "num_beams=2", "--data-dir", str(data_dir), "--json", str(out_json))
+    assert code == 0, err
+    assert [r["label"] for r in json.loads(out_json.read_text())["runs"]] == ["plain+beam", "plain+patience_beam"]
+
+
 @pytest.mark.parametrize("extra, message", [
-    (["--search", "beam"], "search"),  # today's engine rejects the keyword: one line, before any long run
+    (["--search", "nosuch"], "unknown search 'nosuch'"),  # one line, before any long run
+    (["--search", "beam", "-O", "num_beamz=2"], "unknown option 'num_beamz' for search 'beam'"),
     (["--methods", "nosuch"], "unknown method 'nosuch'"),
     (["--limit", "0"], "--limit must be >= 1"),
     (["--sweep", "temperature"], "not KNOB=V1,V2"),

@@ -68,3 +68,27 @@ def test_a_wider_batch_makes_drafts_dearer_and_the_budget_backs_off():
 
     alone, crowded = mean_depth(1), mean_depth(64)
     assert alone > 3 and crowded < 1.0 and crowded < alone / 3
+
+
+def test_in_a_batch_a_row_weighs_the_pass_every_row_pays_for():
+    """A latency-bound pass (its time barely depends on width or batch): alone, an 8-token draft accepted at 0.95
+    pays; in a batch of 32 the same draft makes the pass 35% slower for all 32 rows to gain ~6 tokens, which loses
+    to a plain batch step (measured on an H100 before this rule: PLD at batch 32 ran 4.5x slower than plain)."""
+    latency_bound = lambda w: 1.0 + 0.05 * (w - 1)  # noqa: E731
+    assert simulate(DraftBudget(batch=1), 0.95, latency_bound) > 6
+    crowded = DraftBudget(batch=32)
+    assert simulate(crowded, 0.95, latency_bound, steps=400) < 0.5
+
+
+def test_rows_of_a_batch_probe_as_rarely_as_one_sequence():
+    """Each probe widens the whole batch's pass: B rows together probe as often as one sequence alone."""
+    def probes(batch: int, steps: int = 1024) -> int:
+        budget = DraftBudget(batch=batch, probe_every=8, max_probe_every=8)  # no back-off: a fixed interval
+        simulate(budget, 0.0, lambda w: 1.0 if w == 1 else 3.0, steps=64)  # drafts never pay: only probes pass
+        count = 0
+        for _ in range(steps):
+            budget.should_draft()
+            count += budget.probing
+        return count
+
+    assert probes(1) == 1024 // 8 and probes(32) == 1024 // (8 * 32)

@@ -17,17 +17,10 @@ from decodekit.engine import Engine
 from decodekit.sampling import SamplingConfig
 from decodekit.speculative import DRAFTERS, verify as verify_module
 from decodekit.speculative.budget import DraftBudget, StepCosts
+from drafter_options import drafter_options as method_options
 from micro import MICRO_PROMPT, VOCAB, chi_square_p, exact_pair_distribution, micro_engine, micro_model
 
 METHODS = sorted(m for m in DRAFTERS if m != "plain")
-
-
-def method_options(method: str, engine: Engine) -> dict:
-    """Model-based drafters draft with the target's own weights here (a cheap, high-acceptance stand-in); trained
-    heads use the head shipped for the model, or an untrained one where none ships (tiny and micro models)."""
-    if method in ("eagle", "medusa", "hydra"):
-        return {"init": "trained-or-random"}
-    return {"model": engine} if method == "draft" else {}
 
 
 @pytest.fixture(scope="module")
