@@ -14,7 +14,8 @@ __version__ = "0.1.0"
 
 def load(source: str = DEFAULT_MODEL, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, max_context: int | None = None, progress: bool = True,
-         cuda_graphs: bool | None = None, compile: bool | None = None, **engine_options) -> Engine:
+         cuda_graphs: bool | None = None, compile: bool | None = None, tensor_parallel: int | None = None,
+         **engine_options) -> Engine:
     """Load a model into an Engine.
 
     `source`: a built-in name (`smollm2`, `gemma3-270m`), a local Hugging Face folder, a `.gguf` file, a hub id
@@ -23,13 +24,21 @@ def load(source: str = DEFAULT_MODEL, device: str | torch.device | None = None,
     `cuda_graphs` (default: on for the native runtime on a GPU) replays decode and verify steps as CUDA graphs.
     `compile` (default: with CUDA graphs) fuses each block's kernels with torch.compile before the graphs are
     captured; the first generation then waits for compilation (10-25 s on an H100).
+    `tensor_parallel=N` splits the model over N processes (one GPU each, from `device` on; or N CPU processes),
+    started here, or the N ranks of `torchrun` (where ranks > 0 serve rank 0 inside this call and exit when it is
+    done): see docs/tensor-parallel.md. `engine.model.close()` stops them (also done at exit).
     """
     from .models.loader import load_folder, load_random, parse_device, parse_dtype
 
     dev = parse_device(device)
     dt = parse_dtype(dtype, dev)
     folder, defaults = None, {}
-    if source.startswith("random:"):
+    if tensor_parallel is not None and tensor_parallel != 1:
+        from .engine.tp import load_parallel
+
+        model, tokenizer, folder, defaults = load_parallel(source, dev, dt, tensor_parallel, progress)
+        dev = model.device
+    elif source.startswith("random:"):
         model, tokenizer = load_random(source.removeprefix("random:"), dev, dt)
     else:
         from .models.sources import resolve
@@ -38,7 +47,7 @@ def load(source: str = DEFAULT_MODEL, device: str | torch.device | None = None,
         model, tokenizer, defaults = load_folder(folder, dev, dt)
     from .models.transformer import Transformer
 
-    native = isinstance(model, Transformer)
+    native = isinstance(model, Transformer) or tensor_parallel not in (None, 1)
     if cuda_graphs is None:
         cuda_graphs = dev.type == "cuda" and native
     if cuda_graphs:

@@ -20,6 +20,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on the CPU, bfloat16 on the GPU")
+    p.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
+                   help="split the model over N processes (one GPU each from --device on, or N CPU processes; "
+                        "under torchrun: its WORLD_SIZE ranks)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -114,7 +117,8 @@ def sampling_from(args: argparse.Namespace) -> SamplingConfig:
 def load_engine(args: argparse.Namespace):
     import decodekit
 
-    return decodekit.load(args.model, device=args.device, dtype=args.dtype, progress=not getattr(args, "json", False))
+    return decodekit.load(args.model, device=args.device, dtype=args.dtype, progress=not getattr(args, "json", False),
+                          tensor_parallel=args.tensor_parallel)
 
 
 def result_json(result) -> dict[str, Any]:
@@ -322,9 +326,10 @@ def friendly(error: BaseException) -> str | None:
         return "out of memory on the device: try a shorter prompt, fewer --max-new-tokens, or --device cpu"
     if isinstance(error, (ValueError, FileNotFoundError, NotImplementedError, PermissionError)):
         return str(error).splitlines()[0] if str(error) else type(error).__name__
+    from .engine.tp_group import TPError
     from .models.sources import ModelSourceError
 
-    if isinstance(error, ModelSourceError):
+    if isinstance(error, (ModelSourceError, TPError)):
         return str(error)
     return None
 

@@ -60,7 +60,8 @@ class Engine:
         if cuda_graphs:
             from .graphs import GraphRunner
 
-            runner: ModelRunner = GraphRunner(model, pool)
+            # A tensor-parallel model brings the runner that replays its passes on every rank.
+            runner: ModelRunner = getattr(model, "graph_runner", GraphRunner)(model, pool)
         else:
             runner = ModelRunner(model, pool)
         config = SchedulerConfig(max_running, max_step_tokens, prefix_caching)

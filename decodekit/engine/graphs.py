@@ -61,13 +61,13 @@ class StaticPass:
     def _pass(self) -> None:
         batch = self._batch(self.width, self.ctx, self.valid, self.tree, self.write_slots, self.tokens,
                             self.positions)
-        logits = self.runner.model(batch, self.runner.pool, compiled=self.runner.compiled)
+        logits = self.runner.graph_model(batch, self.runner.pool, compiled=self.runner.compiled)
         self.runner.logits[:logits.shape[0]].copy_(logits)
 
     def _chunk(self) -> None:
         for i in range(self.steps):
             batch = self._batch(1, self.ctx, self.ctx + 1, None, None, self.tokens, self.positions)
-            logits = self.runner.model(batch, self.runner.pool, compiled=self.runner.compiled)
+            logits = self.runner.graph_model(batch, self.runner.pool, compiled=self.runner.compiled)
             nxt = logits.argmax(-1)
             self.out[:, i].copy_(nxt)
             self.tokens.copy_(nxt)
@@ -94,8 +94,11 @@ class StaticPass:
 class GraphRunner(ModelRunner):
     """The engine's runner on a GPU: captured passes where shapes allow, the eager runner elsewhere."""
 
+    pass_class = StaticPass  # what `_pass` builds (tensor parallelism: one that every rank captures and replays)
+
     def __init__(self, model: Transformer, pool: KVPool) -> None:
         super().__init__(model, pool, GREEDY_SIZES)
+        self.graph_model = model  # what the captured passes run (a tensor-parallel rank 0: its own shard)
         self.compiled = model.compiled_blocks is not None
         self.cuda = model.device.type == "cuda"  # elsewhere (tests on the CPU) a "replay" calls the function
         self.passes: dict[tuple[int, int, int, int], StaticPass] = {}
@@ -123,7 +126,7 @@ class GraphRunner(ModelRunner):
     def _pass(self, rows: int, width: int, length: int, steps: int = 0) -> StaticPass:
         key = (rows, width, length, steps)
         if key not in self.passes:
-            self.passes[key] = StaticPass(self, rows, width, length, steps)
+            self.passes[key] = self.pass_class(self, rows, width, length, steps)
         return self.passes[key]
 
     def run(self, specs: list[RowSpec], hidden_layers: tuple[int, ...] = ()):

@@ -72,7 +72,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     items = task.load(data_dir(args.data_dir))[:args.limit]
 
     # No prefix cache: a run after another would find the prompts' KV cached and look faster than it is.
-    engine = decodekit.load(args.model, device=args.device, dtype=args.dtype, prefix_caching=False)
+    engine = decodekit.load(args.model, device=args.device, dtype=args.dtype, prefix_caching=False,
+                            tensor_parallel=args.tensor_parallel)
     has_template = bool(getattr(engine.tokenizer, "chat_template", None))
     if args.prompt_style == "chat" and not has_template:
         raise ValueError(f"{args.model} has no chat template; use --prompt-style base")

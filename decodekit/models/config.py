@@ -171,6 +171,11 @@ SHAPES: dict[str, ModelConfig] = {
         head_dim=128, rope_theta=500000.0, max_position_embeddings=131072, eos_token_ids=[128001],
         bos_token_id=128000,
     ),
+    "llama3-70b": ModelConfig(  # for tensor-parallel benchmarks (bench/tp_bench.py): never built whole on one rank
+        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64, num_kv_heads=8,
+        head_dim=128, rope_theta=500000.0, max_position_embeddings=131072, eos_token_ids=[128001],
+        bos_token_id=128000,
+    ),
     "smollm2-135m": ModelConfig(
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
         head_dim=64, rope_theta=100000.0, tie_word_embeddings=True,

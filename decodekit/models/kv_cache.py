@@ -238,7 +238,5 @@ def slot_table(block_tables: torch.Tensor, valid: torch.Tensor, length: int, blo
 
 def private_pool(model, max_len: int, block_size: int = 256) -> tuple[KVPool, SeqKV]:
     """A pool for one sequence of up to `max_len` entries (a drafter's own cache), and that sequence."""
-    c = model.config
-    blocks = -(-max_len // block_size) + 1
-    pool = KVPool(c.num_layers, blocks, block_size, c.num_kv_heads, c.head_dim, model.dtype, model.device)
+    pool = model.make_pool(-(-max_len // block_size) + 1, block_size)  # a tensor-parallel model: on every rank
     return pool, SeqKV(pool)

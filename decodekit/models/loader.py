@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -50,6 +50,14 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def fill_random(name: str, p: torch.Tensor, config: ModelConfig, g: torch.Generator) -> None:
+    """The seeded random value of parameter `name` (`random:` models; in parameter order, from one generator)."""
+    if "norm" in name:
+        p.fill_(0.0 if config.gemma_norms else 1.0)
+    else:
+        p.normal_(0.0, 0.02, generator=g)
+
+
 def build_native(config: ModelConfig, state: dict[str, torch.Tensor] | None, device: torch.device,
                  dtype: torch.dtype, seed: int = 0) -> Transformer:
     """Instantiate without a throwaway random init, then load `state` (or seeded random weights if None)."""
@@ -60,10 +68,7 @@ def build_native(config: ModelConfig, state: dict[str, torch.Tensor] | None, dev
         g = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if "norm" in name:
-                    p.fill_(0.0 if config.gemma_norms else 1.0)
-                else:
-                    p.normal_(0.0, 0.02, generator=g)
+                fill_random(name, p, config, g)
     else:
         converted = {k: v.to(device=device, dtype=dtype) for k, v in convert_hf_state_dict(state, config).items()}
         model.load_state_dict(converted, strict=True, assign=True)
@@ -72,13 +77,14 @@ def build_native(config: ModelConfig, state: dict[str, torch.Tensor] | None, dev
     return model.eval()
 
 
-def load_random(spec: str, device: torch.device, dtype: torch.dtype):
-    """`random:<shape>[@seed]`: a known shape with seeded random weights and the byte-level stand-in tokenizer."""
+def load_random(spec: str, device: torch.device, dtype: torch.dtype, build: Callable = build_native):
+    """`random:<shape>[@seed]`: a known shape with seeded random weights and the byte-level stand-in tokenizer.
+    `build` makes the model from (config, state, device, dtype, seed): `build_native`, or a rank's shard."""
     from .tokenizer import ByteTokenizer
 
     name, _, seed = spec.partition("@")
     config = shape(name)
-    model = build_native(config, None, device, dtype, seed=int(seed or 0))
+    model = build(config, None, device, dtype, seed=int(seed or 0))
     return model, ByteTokenizer(vocab_size=config.vocab_size)
 
 
@@ -110,9 +116,10 @@ def generation_config(folder: Path) -> tuple[list[int], dict[str, Any]]:
     return [int(e) for e in eos if e is not None], defaults
 
 
-def load_folder(folder: Path, device: torch.device, dtype: torch.dtype):
+def load_folder(folder: Path, device: torch.device, dtype: torch.dtype, build: Callable = build_native):
     """(model, tokenizer, generation defaults): the model's EOS ids include those of its tokenizer and of its
-    generation_config.json, whose default sampling values come back as a dict (see `generation_config`)."""
+    generation_config.json, whose default sampling values come back as a dict (see `generation_config`). `build`
+    makes a native model from (config, state, device, dtype), as in `load_random`."""
     from transformers import AutoTokenizer
 
     hf_config = json.loads((folder / "config.json").read_text())
@@ -124,7 +131,7 @@ def load_folder(folder: Path, device: torch.device, dtype: torch.dtype):
 
         model = HFModel.from_folder(folder, device, dtype)
     else:
-        model = build_native(config, read_state_dict(folder), device, dtype)
+        model = build(config, read_state_dict(folder), device, dtype)
     eos, defaults = generation_config(folder)
     eos_ids = model.config.eos_token_ids
     for e in [*eos, getattr(tokenizer, "eos_token_id", None)]:

@@ -84,6 +84,8 @@ class DraftBudget:
     accept: list[float] = field(default_factory=list)  # conditional acceptance rate at depth 1, 2, ...
     costs: StepCosts = field(default_factory=StepCosts)
     batch: int = 1  # sequences in the current pass (set by the engine before each step)
+    shared_pass: bool = True  # rows of a batch share one pass padded to its widest row (the GPU's captured passes);
+    # False: each row is weighed alone, as if its draft cost nobody else anything
     steps: int = 0
     probe_interval: int = 0  # current interval: probe_every, doubled after each probe that lost to plain
     probing: bool = False  # this step is a probe: the whole draft goes through
@@ -111,7 +113,7 @@ class DraftBudget:
         """The depth k maximizing expected tokens per second, given the forward width at each depth."""
         while len(self.accept) < len(width_at) - 1:
             self.accept.append(self.prior_accept)
-        others = max(self.batch, 1) - 1  # rows that get one token from this pass whatever this row drafts
+        others = self._others()  # rows that get one token from this pass whatever this row drafts
         best_k, best_rate, expected, reach = 0, (others + 1.0) / self._time(1), 1.0, 1.0
         for k in range(1, len(width_at)):
             reach *= self.accept[k - 1]
@@ -141,7 +143,10 @@ class DraftBudget:
 
     def _interval(self) -> int:
         """Steps between this row's probes: a probe widens the whole batch's pass, so B rows probe B times less."""
-        return self.probe_interval * max(self.batch, 1)
+        return self.probe_interval * (max(self.batch, 1) if self.shared_pass else 1)
+
+    def _others(self) -> int:
+        return max(self.batch, 1) - 1 if self.shared_pass else 0
 
     def skip(self, steps: int) -> None:
         """`steps` steps ran without asking `should_draft` (after `quiet_steps`)."""
@@ -168,7 +173,7 @@ class DraftBudget:
         if seconds is not None:
             self.costs.record(self.batch, width, seconds)
         if self.probing and len(tree) and 1 in self.step_time:  # back off from probes that lose to plain steps
-            others = max(self.batch, 1) - 1
+            others = self._others()
             lost = (others + accepted + 1) / self._time(width) < (others + 1) / self.step_time[1]
             self.probe_interval = min(2 * self.probe_interval, self.max_probe_every) if lost else self.probe_every
         self.probing = False

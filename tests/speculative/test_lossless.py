@@ -105,7 +105,9 @@ def test_unseeded_sampling_with_the_budget_cutting_trees_keeps_the_distribution(
     probs = exact_pair_distribution(micro, sampling)
     micro.core.costs.clear()
     micro.core.costs[method] = FrozenCosts()
-    micro.core.budget_options = {"probe_every": 2}  # the first step is cut, the second a probe: both get tested
+    # The first step is cut, the second a probe: both get tested. The samples run as one batch of 1500 rows; weighed
+    # as rows of one shared pass they would never draft (tests/speculative/test_budget.py covers that rule).
+    micro.core.budget_options = {"probe_every": 2, "shared_pass": False}
     knobs = {"model": micro_model(5, 4.0), "tree_width": 3, "max_nodes": 6, "num_draft": 3} if method == "draft" \
         else {"num_draft": 3}
     cut = []
