@@ -9,6 +9,7 @@ from dataclasses import fields
 from typing import Any, Callable
 
 from . import DEFAULT_MODEL
+from .constrain import bench_cli as bench_constrained
 from .sampling import SamplingConfig
 from .serve.cli import add_serve_parser
 from .train.cli import add_train_parser
@@ -56,6 +57,48 @@ def press_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError("--compression-ratio and -P need --press")
         return {}
     return {"press": args.press, "compression_ratio": args.compression_ratio, "press_options": options}
+
+
+def add_constraint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json-schema", default=None, metavar="FILE|JSON", help="output must be JSON valid for this schema")
+    p.add_argument("--regex", default=None, help="output must match this regular expression")
+    p.add_argument("--grammar", default=None, metavar="FILE", help="output must match this Lark grammar")
+    p.add_argument("--choice", action="append", default=None, help="output must be one of these strings (repeatable)")
+    p.add_argument("--constraint-backend", default=None, choices=["llguidance", "xgrammar"],
+                   help="grammar engine for the token masks (default: llguidance)")
+    p.add_argument("--constraint-sampler", default=None, choices=["mask", "awrs"],
+                   help="sampled steps: mask the vocabulary (default) or check sampled tokens only (AWRS)")
+
+
+def constraint_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The constraint flags as generate's keyword arguments, checked now (before the model loads): files read,
+    JSON parsed, at most one constraint."""
+    from .constrain import constraint_spec
+
+    kw: dict[str, Any] = {}
+    if args.json_schema is not None:
+        kw["json_schema"] = read_text(args.json_schema, "--json-schema") if not args.json_schema.lstrip().startswith(
+            "{") else args.json_schema
+    if args.regex is not None:
+        kw["regex"] = args.regex
+    if args.grammar is not None:
+        kw["grammar"] = read_text(args.grammar, "--grammar")
+    if args.choice is not None:
+        kw["choice"] = args.choice
+    constraint_spec(**kw)  # one-line errors for malformed input, before loading anything
+    if args.constraint_backend is not None:
+        kw["constraint_backend"] = args.constraint_backend
+    if args.constraint_sampler is not None:
+        kw["constraint_sampler"] = args.constraint_sampler
+    return kw
+
+
+def read_text(path: str, flag: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot read {path!r}: {e.strerror or e}") from None
 
 
 def add_search_args(p: argparse.ArgumentParser) -> None:
@@ -123,6 +166,7 @@ def cmd_search(args: argparse.Namespace, engine, kwargs: dict[str, Any]) -> None
 def cmd_generate(args: argparse.Namespace) -> None:
     flags = sampling_flags(args)
     options = parse_options(args.method_option)
+    constraint = constraint_flags(args)
     if args.search is None and (args.search_option or args.all):
         raise ValueError("-S/--search-option and --all need --search NAME")
     if args.search is not None:
@@ -134,7 +178,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     engine = load_engine(args)
     # -O knobs go to the method only: a draft model's `temperature` never changes the target's sampling.
     kwargs = dict(method=args.method, stop=args.stop, chat=not args.raw, verifier=args.verifier,
-                  method_options=options, **press_kwargs(args), **flags)
+                  method_options=options, **press_kwargs(args), **flags, **constraint)
     if args.search is not None:
         cmd_search(args, engine, kwargs)
         return
@@ -263,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(g)
     add_method_args(g)
     add_press_args(g)
+    add_constraint_args(g)
     add_search_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -299,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--hf-baselines", action="store_true", help="also time transformers' generate in the same run")
     add_sampling_args(b)
     b.set_defaults(func=cmd_bench)
+    bench_constrained.add_parser(sub, add_model_args)
 
     e = sub.add_parser("eval-long", help="long-context evals: needle in a haystack, RULER-style tasks, fidelity")
     add_model_args(e)

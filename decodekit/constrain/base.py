@@ -167,8 +167,8 @@ def make_backend(name: str, tokenizer: Any, eos_ids: Sequence[int], vocab_size: 
     try:
         backend_cls = getattr(importlib.import_module(module), cls)
     except ImportError as e:
-        raise ValueError(f"the {name} backend needs the {package} package ({e}); "
-                         f"install it with: pip install 'decodekit[{'constrain' if name == 'llguidance' else name}]'")
+        hint = "llguidance>=1.9,<2" if name == "llguidance" else f"decodekit[{name}]"  # llguidance: a core dependency
+        raise ValueError(f"the {name} backend needs the {package} package ({e}); install it with: pip install '{hint}'")
     return backend_cls(tokenizer, eos_ids, vocab_size)
 
 

@@ -21,6 +21,10 @@ from .base import (Backend, Grammar, Matcher, bitmask_words, byte_vocab, check_h
                    one_line, pack_bitmask, special_ids)
 from .spec import ConstraintSpec, choice_lark
 
+# xgrammar 0.2.8 writes the characters of a string with a length limit as [^"\\\r\n]: raw control characters,
+# which JSON forbids (json.loads rejects them), pass. Its other strings use the JSON class; so do these here.
+_LOOSE_CHAR = '[^\\"\\\\\\r\\n]'
+_JSON_CHAR = '[^\\0-\\x1f\\"\\\\\\r\\n]'
 _WHAT = {"json_schema": "JSON schema", "json_object": "JSON schema", "regex": "regex", "grammar": "grammar",
          "choice": "choice"}
 
@@ -51,8 +55,9 @@ class XGrammarBackend(Backend):
     def compile(self, spec: ConstraintSpec) -> Grammar:
         try:
             if spec.kind in ("json_schema", "json_object"):
-                compiled = self.compiler.compile_json_schema(spec.source, any_whitespace=False, separators=(", ", ": "),
-                                                             strict_mode=False)
+                grammar = xgr.Grammar.from_json_schema(spec.source, any_whitespace=False, separators=(", ", ": "),
+                                                       strict_mode=False)
+                compiled = self.compiler.compile_grammar(str(grammar).replace(_LOOSE_CHAR, _JSON_CHAR))
             elif spec.kind == "regex":
                 compiled = self.compiler.compile_regex(spec.source)
             elif spec.kind == "grammar":

@@ -8,6 +8,7 @@ from typing import Any, Iterator, Sequence as Seq
 import torch
 
 from ..kv.paged import PressSpec, press_knobs
+from ..constrain import BACKENDS, DEFAULT_BACKEND, ConstraintCompiler, ConstraintSpec, Grammar, constraint_spec
 from ..models.tokenizer import encode_prompt
 from ..sampling import SamplingConfig
 from ..speculative.base import DRAFTERS, Drafter
@@ -17,7 +18,8 @@ from .scheduler import SchedulerConfig
 from .sequence import GenerationResult
 
 SAMPLING_FIELDS = {f.name for f in fields(SamplingConfig)}
-ENGINE_OPTIONS = ("ignore_eos", "adaptive", "logprobs", "policy")  # request-level: not sampling, not method knobs
+ENGINE_OPTIONS = ("ignore_eos", "adaptive", "logprobs", "policy", "constraint_sampler")  # request-level: not sampling
+CONSTRAINTS = ("json_schema", "regex", "grammar", "choice", "response_format")  # what the output must match
 
 
 def _default_kv_tokens(model, max_context: int) -> int:
@@ -66,6 +68,7 @@ class Engine:
         config = SchedulerConfig(max_running, max_step_tokens, prefix_caching)
         self.core = EngineCore(model, tokenizer, self.eos_ids, self.max_context, runner, config)
         self.core._engine = self
+        self.compilers: dict[str, ConstraintCompiler] = {}  # per grammar backend; each caches what it compiled
 
     @property
     def device(self) -> torch.device:
@@ -77,6 +80,34 @@ class Engine:
         `chat`), chat messages, or ids."""
         return encode_prompt(self.tokenizer, prompt, chat)
 
+    # ---- constraints ---------------------------------------------------------------------------------------
+    def compile_constraint(self, spec: ConstraintSpec, backend: str | None = None) -> Grammar:
+        """`spec` compiled for this model's tokenizer by `backend` (default llguidance; or xgrammar), cached.
+        Raises ValueError (one line) for an invalid or unsupported schema, regex or grammar."""
+        name = backend or DEFAULT_BACKEND
+        if name not in self.compilers:
+            self.compilers[name] = ConstraintCompiler(self.tokenizer, sorted(self.eos_ids),
+                                                      self.model.config.vocab_size, backend=name)
+        return self.compilers[name].compile(spec)
+
+    def _constraint(self, options: dict[str, Any]) -> Grammar | None:
+        """Pop the constraint arguments from `options`: the compiled grammar they ask for, or None."""
+        given = {k: options.pop(k) for k in CONSTRAINTS if k in options}
+        backend = options.pop("constraint_backend", None)
+        grammar = options.pop("constraint", None)
+        if grammar is not None and given:
+            raise ValueError(f"give at most one constraint, got constraint and {' and '.join(given)}")
+        if isinstance(grammar, ConstraintSpec):
+            return self.compile_constraint(grammar, backend)
+        if grammar is not None and not isinstance(grammar, Grammar):
+            raise ValueError(f"constraint must be a ConstraintSpec or a compiled Grammar, got {type(grammar).__name__}")
+        spec = constraint_spec(**given)
+        if spec is not None:
+            return self.compile_constraint(spec, backend)
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"unknown grammar backend {backend!r}; available: {', '.join(BACKENDS)}")
+        return grammar
+
     # ---- requests ------------------------------------------------------------------------------------------
     def make_request(self, prompt, max_new_tokens: int = 128, *, method: str | Drafter = "plain",
                      sampling: SamplingConfig | None = None, stop: Seq[str] | None = None, chat: bool = False,
@@ -85,13 +116,18 @@ class Engine:
                      press_options: dict[str, Any] | None = None, **options) -> Request:
         """A validated request. `options`: sampling fields (temperature, top_p, seed, ...), `ignore_eos`,
         `adaptive`, `logprobs` (k: record each output token's logprob and k alternatives, in `Sequence.logprobs`),
-        the method's own knobs and the press's; `method_options` / `press_options` hold knobs only (for names that
-        are also a sampling field or the other's knob). `press`: a KV press by name (`decodekit.kv.PRESSES`) with
-        `compression_ratio` R, the fraction of the KV cache removed (0.75 keeps a quarter); see `kv/paged`.
-        Raises ValueError for bad input."""
+        a constraint on the output (`json_schema` (dict or JSON text), `regex`, `grammar` (Lark), `choice` (list
+        of strings), OpenAI's `response_format`, or `constraint` (a ConstraintSpec or compiled Grammar); with
+        `constraint_backend` "llguidance" (default) or "xgrammar", `constraint_sampler` "mask" (default) or
+        "awrs"), and the method's own knobs and the press's; `method_options` / `press_options` hold knobs only
+        (for names that are also a sampling field or the other's knob). `press`: a KV press by name
+        (`decodekit.kv.PRESSES`) with `compression_ratio` R, the fraction of the KV cache removed (0.75 keeps a
+        quarter); see `kv/paged`. Raises ValueError for bad input, an invalid schema, regex or grammar included,
+        before anything is queued."""
         options = dict(options)
         if "search" in options or "return_all" in options:
             raise ValueError("search strategies run through generate(..., search=NAME)")
+        constraint = self._constraint(options)
         engine_kw = {k: options.pop(k) for k in ENGINE_OPTIONS if k in options}
         knobs = self._knobs(method)
         press_kw = dict(press_options or {})
@@ -129,7 +165,8 @@ class Engine:
             raise ValueError(f"unknown option {unknown[0]!r} for method {method!r}"
                              + (f"; its knobs: {', '.join(sorted(knobs))}" if knobs else " (it has no knobs)"))
         return Request(self.encode(prompt, chat), max_new_tokens, sampling, method, method_kw,
-                       list(stop or []), n, verifier=verifier, press=press_spec, **engine_kw)
+                       list(stop or []), n, verifier=verifier, press=press_spec, constraint=constraint,
+                       **engine_kw)
 
     @staticmethod
     def _knobs(method) -> set[str]:

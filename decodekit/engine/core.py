@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from ..constrain.base import Grammar
+from ..constrain.state import SAMPLERS, SequenceConstraint
 from ..models.batch import RowSpec
 from ..kv.paged import PressSpec
 from ..models.kv_cache import PoolFull, SeqKV
@@ -45,6 +47,10 @@ class Request:
     verifier: str | None = None
     logprobs: int | None = None  # record each output token's logprob and this many alternatives (0: none)
     press: PressSpec | None = None  # a KV press for every sequence of the request
+    # The grammar the output must match (`constrain.Grammar`, compiled: `Engine.make_request` builds it from
+    # json_schema= / regex= / grammar= / choice= / response_format=); each sequence takes its own matcher.
+    constraint: Grammar | None = None
+    constraint_sampler: str = "mask"  # "awrs": plain sampled steps check sampled tokens instead of masking
     policy: Any = None  # a `Policy` (engine/policy.py) that decides for all this request's sequences at once
     # Per-sample hooks of search strategies (search/): `draws(index)` -> sample index's own source of draws
     # (`Sequence.draws`, arithmetic sampling's codes); `token_stat` -> a statistic of each output token's raw
@@ -93,6 +99,13 @@ class EngineCore:
             raise ValueError("a KV press cannot be combined with a search strategy that decides per pass "
                              "(beam, contrastive, ...) yet; n-sample strategies (best_of_n, ...) work")
         req.sampling.validate()
+        if req.constraint_sampler not in SAMPLERS:
+            raise ValueError(f"unknown constraint_sampler {req.constraint_sampler!r}; available: {', '.join(SAMPLERS)}")
+        if req.constraint is not None and req.policy is not None:
+            raise ValueError("a constraint cannot be combined with a policy (the policy draws the tokens itself)")
+        if req.constraint is not None and req.constraint.matcher().vocab_size != self.model.config.vocab_size:
+            raise ValueError(f"the constraint was compiled for a vocabulary of {req.constraint.matcher().vocab_size} "
+                             f"tokens; the model has {self.model.config.vocab_size}")
         req.id = next(self._ids)
         seq = self._sequence(req, 0, SeqKV(self.pool))
         self.scheduler.add(seq, seq.max_step_tokens)
@@ -133,6 +146,12 @@ class EngineCore:
             seq.stats.press = req.press.name
         seq.token_stat = req.token_stat
         seq.draws = req.draws(index) if req.draws is not None else None
+        if req.constraint is not None:
+            # AWRS replaces the mask only where masking after the sampling rules is the same as before them:
+            # sampled, without truncation warpers (they must see the masked logits).
+            awrs = req.constraint_sampler == "awrs" and not sampling.greedy and not seq.processor.active and \
+                seq.draws is None
+            seq.constraint = SequenceConstraint(req.constraint.matcher(), self.pool.k.device, awrs)
         req.sequences.append(seq)
         return seq
 
@@ -206,6 +225,10 @@ class EngineCore:
         layers = tuple(sorted({i for s in plan.decodes + [s for s, _ in plan.prefills] for i in s.hidden_layers}))
         out = self.runner.run(specs, layers)
         logits, hidden = out if layers else (out, None)
+        # On a GPU the pass runs asynchronously until the first host read below: grammar masks are computed on the
+        # CPU meanwhile and copied to the device (constrained sequences only; the others return at once).
+        for seq in [s for (s, _), ends in zip(plan.prefills, last) if ends] + plan.decodes:
+            seq.prepare_masks()
         device_path = [s for s in plan.decodes if not s.needs_host_logits]
         best = logits.argmax(-1).tolist() if device_path else None  # one sync for every greedy sequence
         elapsed_run = time.perf_counter() - t_run

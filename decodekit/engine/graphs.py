@@ -141,8 +141,11 @@ class GraphRunner(ModelRunner):
         length = kv_bucket(max(s.kv.length + width for s in graphable), self.pool.block_size)
         static = self._pass(rows, width, length)
         wanted = static.fill(graphable, tree=any(s.tree is not None for s in graphable) or width > 1)
+        # Before the replay: a blocking host-to-device copy after it would wait for the pass, and the host's work
+        # meanwhile (grammar masks) would no longer overlap it.
+        wanted = torch.tensor(wanted, device=self.device)
         static.replay()
-        logits = self.logits[torch.tensor(wanted, device=self.device)]
+        logits = self.logits[wanted]
         if eager is None:
             return logits
         for s in graphable:

@@ -9,7 +9,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,6 +19,9 @@ from ..speculative.base import DraftTree, Drafter, StepResult
 from ..speculative.budget import DraftBudget, cut_tree
 from ..speculative.verify import pick_verifier
 from .stopping import StopChecker
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..constrain.state import SequenceConstraint
 
 
 class Status(Enum):
@@ -49,6 +52,9 @@ class GenerationStats:
     kv_bytes_peak: int = 0
     kv_bytes_final: int = 0
     kv_bytes_uncompressed: int = 0
+    jump_forward_tokens: int = 0  # tokens the grammar forced, accepted as free drafts (constrained requests)
+    grammar_time_s: float = 0.0  # host time spent on the grammar: masks, checks, pruning, jump-forward
+    grammar_masks: int = 0  # next-token masks computed (AWRS steps compute none unless they fall back)
     score: float | None = None  # a search strategy's score of this sequence (search/: beam score, vote share, ...)
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,6 +119,8 @@ class Sequence:
         self.top_logprobs: int | None = None  # record logprobs of committed tokens (and this many alternatives)
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []  # per output token: its logprob, top-k
         self.press: Any = None  # a KV press's state (`kv.paged.PressState`), or None
+        self.constraint: SequenceConstraint | None = None  # the grammar the output must match, if any
+        self.jumped = False  # this step's draft is the grammar's forced chain (jump-forward), not the drafter's
         # A per-token statistic of the raw distribution each output token was drawn from (`stat(logp [k, V],
         # tokens) -> k floats`, e.g. self-certainty for best-of-n), gathered in `token_stats`; None: off.
         self.token_stat: Any = None
@@ -191,8 +199,12 @@ class Sequence:
 
     @property
     def max_step_tokens(self) -> int:
-        """KV entries one pass of this sequence may write: the root and the largest draft (or policy candidates)."""
-        return 1 + (self.policy.max_nodes if self.policy is not None else self.drafter.max_draft_tokens())
+        """KV entries one pass of this sequence may write: the root and the largest draft (or policy candidates);
+        under a grammar the forced tokens may be longer than the drafter's largest draft."""
+        if self.policy is not None:
+            return 1 + self.policy.max_nodes
+        forced = self.constraint.max_draft_tokens() if self.constraint is not None else 0
+        return 1 + max(self.drafter.max_draft_tokens(), forced)
 
     @property
     def hidden_layers(self) -> tuple[int, ...]:
@@ -204,24 +216,27 @@ class Sequence:
     def needs_host_logits(self) -> bool:
         """The one rule for when a step's logits must come to the host: sampling, penalties, constraints, or a
         policy deciding. Without them a step needs only the argmax, which stays on the device (greedy chunks fuse)."""
-        return not self.sampling.greedy or self.sampling.has_penalties or self.policy is not None
+        return not self.sampling.greedy or self.sampling.has_penalties or self.constraint is not None or \
+            self.policy is not None
 
     # ---- the step --------------------------------------------------------------------------------------------
     def plan(self, fused_sizes: tuple[int, ...]) -> int:
         """Decide this step's draft (`self.tree`); return how many plain greedy tokens the sequence can take in fused
         chunks instead (0: it needs a verified step, with `self.tree`, possibly empty)."""
         self.tree = self.proposed = DraftTree()
-        self.refused = False
+        self.refused = self.jumped = False
         if self.policy is not None:  # the policy's candidates to score beside the root (contrastive search ...)
             self.tree = self.policy.plan(self)
             return 0
         fusable = bool(fused_sizes) and not self.needs_host_logits and self.top_logprobs is None and \
             self.token_stat is None and not self.hidden_layers and not self.observed
         if self.drafter.name == "plain":
+            self._constrain_draft()
             return self.room if fusable else 0
         budget = self.budget
         if budget is not None and not budget.should_draft():
             self.refused = True
+            self._constrain_draft()
             return fused_sizes[0] * (1 + budget.quiet_steps()) if fusable else 0
         t0 = time.perf_counter()
         self.proposed = self.drafter.propose(self.tokens)
@@ -232,12 +247,24 @@ class Sequence:
             tree = cut_tree(tree, self.room - 1)
         self.tree = tree
         self.stats.draft_time_s += time.perf_counter() - t0
+        self._constrain_draft()
+        tree = self.tree
         if len(tree) or not fusable:
             return 0
         if not len(self.proposed) and self.drafter.learns_from_steps:
             return 0  # it learns from the target's logits: a verified step
         # The budget cut the draft away (a long chunk) or there was none (a short one: a match may start soon).
         return fused_sizes[0] if len(self.proposed) else fused_sizes[-1]
+
+    def _constrain_draft(self) -> None:
+        """Under a grammar: prune the draft's breaking nodes, or draft the tokens the grammar forces."""
+        if self.constraint is not None:
+            self.tree, self.jumped = self.constraint.shape(self.tree, self.room)
+
+    def prepare_masks(self) -> None:
+        """Start this step's grammar masks (the core calls this while the device runs the pass)."""
+        if self.constraint is not None:
+            self.constraint.prepare(self.tree)
 
     def step_tokens(self) -> tuple[list[int], list[int], torch.Tensor | None]:
         """Tokens, positions and ancestor mask this sequence feeds the verified pass: root + draft tree."""
@@ -249,14 +276,29 @@ class Sequence:
 
     def first_token(self, logits: torch.Tensor) -> list[int]:
         """Sample the first token from the prompt's last logits `[1, V]`."""
-        seen, counts = self._penalty_inputs(DraftTree())
-        probs = self.processor.probs(logits.float(), seen, counts)
-        if self.draws is not None and not self.sampling.greedy:
-            token = self.draws.sample(probs[0])
-        else:
-            token = int(self.processor.sample(probs, self.generator)[0])
+        token = self._awrs_token(logits)
+        if token is None:
+            probs = self._probs(logits, self.tree)
+            if self.draws is not None and not self.sampling.greedy:
+                token = self.draws.sample(probs[0])
+            else:
+                token = int(self.processor.sample(probs, self.generator)[0])
         self.record_logprobs(logits, [token])
         return [token]
+
+    def _probs(self, logits: torch.Tensor, tree: DraftTree) -> torch.Tensor:
+        """The distribution at the root and every node of `tree`: the grammar's mask, penalties, sampling rules."""
+        if self.constraint is not None:
+            logits = self.constraint.mask(logits, tree)
+        seen, counts = self._penalty_inputs(tree)
+        return self.processor.probs(logits.float(), seen, counts)
+
+    def _awrs_token(self, logits: torch.Tensor) -> int | None:
+        """A plain step's token by AWRS (the grammar checks sampled tokens only), when this sequence uses it."""
+        if self.constraint is None or not self.constraint.uses_awrs(self.tree):
+            return None
+        seen, counts = self._penalty_inputs(self.tree)
+        return self.constraint.awrs_sample(self.processor.probs(logits.float(), seen, counts)[0], self.generator)
 
     def record_logprobs(self, rows: torch.Tensor, tokens: list[int]) -> None:
         """Log-probabilities of the model (raw logits, before sampling rules) for `tokens`, each drawn after the
@@ -287,8 +329,10 @@ class Sequence:
                     return accepted, best[node]
                 accepted.append(match)
                 node = match
-        seen, counts = self._penalty_inputs(tree)
-        probs = self.processor.probs(logits.float(), seen, counts)
+        token = self._awrs_token(logits)
+        if token is not None:
+            return [], token
+        probs = self._probs(logits, tree)
         if self.draws is not None and not self.sampling.greedy:
             return self._verify_by_draws(tree, probs)
         verify = pick_verifier(self.verifier, self.sampling.greedy, tree)
@@ -312,11 +356,14 @@ class Sequence:
         kept = new[:max(self.room, 0)]
         if kept and self.first_token_at is None:
             self.first_token_at = time.perf_counter()
+        grammar_end = False
+        if self.constraint is not None:  # the output ends where the grammar does
+            kept, grammar_end = self.constraint.advance(kept)
         end = self.stopper.push_many(kept)
         if end is not None:
             kept = kept[:end + 1]
         self.tokens += kept
-        if end is not None:
+        if end is not None or grammar_end:
             self.finish("stop")
         elif self.room <= 0:
             self.finish("length")
@@ -326,6 +373,9 @@ class Sequence:
                      hidden: torch.Tensor | None = None) -> None:
         """Bookkeeping after a verified step: acceptance stats, budget, and what the drafter learns."""
         tree = self.tree
+        if self.jumped:  # the grammar's draft, not the drafter's: neither its statistics nor its budget
+            self.stats.jump_forward_tokens += len(accepted)
+            tree = DraftTree()
         depths = tree.depths()
         for d in range(1, max(depths, default=0) + 1):
             if d > len(self.proposed_at):
@@ -333,14 +383,14 @@ class Sequence:
                 self.accepted_at.append(0)
             self.proposed_at[d - 1] += 1
             self.accepted_at[d - 1] += int(len(accepted) >= d)
-        if self.budget is not None:
+        if self.budget is not None and not self.jumped:
             self.budget.record(tree, len(accepted), len(tree) + 1)
         if (self.top_logprobs is not None or self.token_stat is not None) and logits is not None:
-            # token j was drawn at the row of its parent
-            committed = [tree.tokens[i - 1] for i in accepted] + [next_token]
+            # token j was drawn at the row of its parent (of the step's tree: the drafter's or the grammar's)
+            committed = [self.tree.tokens[i - 1] for i in accepted] + [next_token]
             recorded = len(self.logprobs) if self.top_logprobs is not None else len(self.token_stats)
             self.record_logprobs(logits[[0, *accepted]], committed[:len(self.output) - recorded])
-        if self.drafter.name != "plain" and not self.finished:
+        if self.drafter.name != "plain" and not self.finished and not self.jumped:
             self.drafter.observe(self.tokens, StepResult(tree, accepted, next_token, logits, hidden))
 
     def finish(self, reason: str) -> None:
@@ -379,6 +429,8 @@ class Sequence:
             s.tokens_per_s = (len(self.output) - 1) / decode_time if decode_time > 0 and len(self.output) > 1 else 0.0
         s.tau = (len(self.output) - 1) / s.decode_steps if s.decode_steps else 1.0
         s.accepted_by_position = [a / p for a, p in zip(self.accepted_at, self.proposed_at)]
+        if self.constraint is not None:
+            s.grammar_time_s, s.grammar_masks = self.constraint.time_s, self.constraint.mask_rows
         reason = self.finish_reason or "running"
         return GenerationResult(self.stopper.text if self.finished else self.stopper.visible(), list(self.output),
                                 reason, s, list(self.prompt),

@@ -96,8 +96,19 @@ class ChatMessage(Strict):
     name: str | None = None
 
 
+class JsonSchemaFormat(Strict):
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # `schema` would shadow a pydantic method
+    strict: bool | None = None  # decodekit's output always follows the schema
+
+
 class ResponseFormat(Strict):
-    type: Literal["text"]  # json_object / json_schema: not through the server yet
+    """OpenAI's structured output: the engine compiles it as `generate(response_format=...)` does, so an invalid
+    or unsupported schema is a 400 before any decoding."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatCompletionRequest(GenerationFields):
@@ -220,6 +231,8 @@ def chat_work(body: ChatCompletionRequest, defaults: Defaults) -> Work:
         kwargs["logprobs"] = body.top_logprobs or 0
     elif body.top_logprobs is not None:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if body.response_format is not None:
+        kwargs["response_format"] = body.response_format.model_dump(by_alias=True, exclude_none=True)
     messages = []
     for m in body.messages:
         content = m.content if isinstance(m.content, str) or m.content is None else \

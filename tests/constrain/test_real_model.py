@@ -1,4 +1,5 @@
-"""The layer end to end on SmolLM2-135M, without the engine: masked greedy decoding with jump-forward."""
+"""The layer end to end on SmolLM2-135M, without the engine: masked greedy decoding with jump-forward (the
+engine's own path is tested in test_engine.py)."""
 import json
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 
 import decodekit
 from decodekit.constrain import allocate_bitmask, apply_bitmask_, constraint_spec
+from decodekit.models.kv_cache import private_pool
 
 from constrain_helpers import BACKENDS, SMOL_EOS
 
@@ -23,9 +25,9 @@ def constrained_greedy(engine, matcher, prompt, max_new_tokens):
     """Masked greedy decoding: forced tokens go through the model in one pass (not sampled), others are the
     argmax of the masked logits. Returns (tokens, how many were forced, finish reason)."""
     model = engine.model
-    model.setup_cache(1, len(prompt) + max_new_tokens + 8)
+    _, kv = private_pool(model, len(prompt) + max_new_tokens + 8)
     row = allocate_bitmask(1, matcher.vocab_size)
-    logits = model(torch.tensor([prompt]), torch.arange(len(prompt))[None], num_logits=1)[0, -1].float()
+    logits = model.forward_seq(kv, prompt, list(range(len(prompt))), logits="last")[-1].float()
     out, n_forced = [], 0
     while len(out) < max_new_tokens:
         forced = matcher.forced()[: max_new_tokens - len(out)]
@@ -39,8 +41,8 @@ def constrained_greedy(engine, matcher, prompt, max_new_tokens):
         out += new
         if new[-1] == SMOL_EOS:
             return out, n_forced, "stop"
-        pos = torch.arange(len(prompt) + len(out) - len(new), len(prompt) + len(out))[None]
-        logits = model(torch.tensor([new]), pos, num_logits=1)[0, -1].float()
+        logits = model.forward_seq(kv, new, list(range(len(prompt) + len(out) - len(new), len(prompt) + len(out))),
+                                   logits="last")[-1].float()
     return out, n_forced, "length"
 
 

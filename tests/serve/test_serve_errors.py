@@ -65,7 +65,10 @@ def test_bad_completion_fields(http, field, value):
     {**CHAT, "messages": "hi"},
     {**CHAT, "top_logprobs": 2},  # without logprobs: true
     {**CHAT, "logprobs": True, "top_logprobs": 50},
-    {**CHAT, "response_format": {"type": "json_object"}},
+    {**CHAT, "response_format": {"type": "xml"}},
+    {**CHAT, "response_format": {"type": "json_schema"}},  # no json_schema
+    {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "wat"}}}},
+    {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}},
     {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]},
     {**CHAT, "max_completion_tokens": -1},
     {k: v for k, v in CHAT.items() if k != "model"},

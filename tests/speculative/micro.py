@@ -1,7 +1,10 @@
 """A micro model (6-token vocabulary) whose exact next-pair distribution is computable: for chi-square tests."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+from scipy.stats import chisquare
 
 from decodekit.engine import Engine
 from decodekit.models.config import ModelConfig
@@ -40,8 +43,10 @@ def micro_engine(seed: int = 3, scale: float = 8.0) -> Engine:
     return Engine(micro_model(seed, scale), IdTokenizer(), name="micro")
 
 
-def exact_pair_distribution(engine: Engine, sampling: SamplingConfig) -> torch.Tensor:
-    """P(t2, t3) after MICRO_PROMPT under `sampling`, marginalized over t1, from the target alone."""
+def exact_pair_distribution(engine: Engine, sampling: SamplingConfig,
+                            allowed: Callable[[list[int]], torch.Tensor] | None = None) -> torch.Tensor:
+    """P(t2, t3) after MICRO_PROMPT under `sampling`, marginalized over t1, from the target alone. `allowed(output)`
+    (bool `[VOCAB]`): a constraint, masking the logits before the sampling rules (as the engine does)."""
     proc = LogitsProcessor(sampling)
     model = engine.model
 
@@ -49,6 +54,8 @@ def exact_pair_distribution(engine: Engine, sampling: SamplingConfig) -> torch.T
         _, kv = private_pool(model, 64)
         with torch.no_grad():
             logits = model.forward_seq(kv, seq, list(range(len(seq))), logits="last").float()
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed(seq[len(MICRO_PROMPT):]), float("-inf"))
         return proc.probs(logits)[0]
 
     p1 = dist(MICRO_PROMPT)
@@ -61,6 +68,18 @@ def exact_pair_distribution(engine: Engine, sampling: SamplingConfig) -> torch.T
             if p2[t2] > 0:
                 joint[t2] += p1[t1] * p2[t2] * dist(MICRO_PROMPT + [t1, t2])
     return joint.flatten()
+
+
+def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's test; cells expected fewer than 5 times are pooled into one (the test's validity condition)."""
+    assert counts[probs == 0].sum() == 0, "sampled a pair the target gives probability 0"
+    expected = probs / probs.sum() * counts.sum()
+    small = expected < 5
+    obs = torch.cat([counts[~small], counts[small].sum()[None]])
+    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    return float(chisquare(obs.numpy(), exp.numpy()).pvalue)
 
 
 def spawned(drafter, keep_state: bool = False) -> list:

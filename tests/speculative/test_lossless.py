@@ -18,7 +18,7 @@ from decodekit.sampling import SamplingConfig
 from decodekit.speculative import DRAFTERS, verify as verify_module
 from decodekit.speculative.budget import DraftBudget, StepCosts
 from drafter_options import drafter_options as method_options
-from micro import MICRO_PROMPT, VOCAB, exact_pair_distribution, micro_engine, micro_model
+from micro import MICRO_PROMPT, VOCAB, chi_square_p, exact_pair_distribution, micro_engine, micro_model
 
 METHODS = sorted(m for m in DRAFTERS if m != "plain")
 
@@ -64,18 +64,6 @@ def empirical_pairs(engine: Engine, method: str, sampling: SamplingConfig, n: in
     for r in engine.generate(MICRO_PROMPT, 3, method=method, sampling=s, n=n, **options):
         counts[r.token_ids[1] * VOCAB + r.token_ids[2]] += 1
     return counts
-
-
-def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson's test; cells expected fewer than 5 times are pooled into one (the test's validity condition)."""
-    assert counts[probs == 0].sum() == 0, "sampled a pair the target gives probability 0"
-    expected = probs / probs.sum() * counts.sum()
-    small = expected < 5
-    obs = torch.cat([counts[~small], counts[small].sum()[None]])
-    exp = torch.cat([expected[~small], expected[small].sum()[None]])
-    if exp[-1] == 0:
-        obs, exp = obs[:-1], exp[:-1]
-    return float(chisquare(obs.numpy(), exp.numpy()).pvalue)
 
 
 SETTINGS = [SamplingConfig(temperature=1.0), SamplingConfig(temperature=0.7, top_p=0.9),
