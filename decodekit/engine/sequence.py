@@ -159,8 +159,9 @@ class Sequence:
 
     @property
     def adopts_prefix(self) -> bool:
-        """Whether the prompt may come from the prefix cache (not when a press must see the prompt's passes)."""
-        return self.press is None or not self.press.observes_prefill
+        """Whether the prompt may come from the prefix cache: not when a press must see the prompt's passes, nor when
+        a drafter or policy reads the hidden states of every prompt token (a cached prefix has none to give)."""
+        return (self.press is None or not self.press.observes_prefill) and not self.hidden_layers
 
     def observer(self, prefill: bool, positions: list[int]):
         """The press's part in this pass's row (None: plain attention)."""

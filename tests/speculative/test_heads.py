@@ -234,6 +234,19 @@ def test_missing_head_is_a_clear_error(arch, tiny, tmp_path):
         tiny.generate([1, 2, 3], 4, method=arch, init="maybe")
 
 
+def test_a_prompt_in_the_prefix_cache_still_gives_the_head_its_features():
+    """A head drafts from the features of every prompt token, which a cached prefix does not have: such a sequence
+    prefills its whole prompt (before, a prompt seen earlier left the head without features and it never drafted)."""
+    engine = decodekit.load("random:tiny-llama", device="cpu")  # prefix caching on: the default
+    prompt = list(range(3, 43))  # more than two 16-token blocks
+    fresh = engine.generate(prompt, 12, method="eagle", init="random", adaptive=False)
+    engine.generate(prompt, 12)  # the prompt's blocks are now cached
+    again = engine.generate(prompt, 12, method="eagle", init="random", adaptive=False)
+    assert again.stats.cached_prompt_tokens == 0 and fresh.stats.accepted_by_position
+    assert again.stats.accepted_by_position == fresh.stats.accepted_by_position
+    assert again.stats.decode_steps == fresh.stats.decode_steps
+
+
 def test_head_for_another_target_is_refused(tiny, tmp_path):
     other = decodekit.load("random:tiny-gemma3", device="cpu")
     head = new_head(DRAFTERS["eagle"].module, HeadConfig.for_target("eagle", other.model.config), 0)
