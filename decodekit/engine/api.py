@@ -217,14 +217,7 @@ class Engine:
         if strategy is not None:
             for r in requests:
                 strategy.prepare(self, r)
-        added = []
-        try:
-            for r in requests:
-                added.append(self.core.add(r))
-        except BaseException:
-            for r in added:
-                self.core.abort(r)
-            raise
+        self.core.add_all(requests)
         self._run_until(requests)
         results = []
         for r in requests:

@@ -84,6 +84,17 @@ class EngineCore:
         self._seq_ids = count()
 
     # ---- requests ----------------------------------------------------------------------------------------------
+    def add_all(self, requests: list[Request]) -> None:
+        """Queue every request or none: if one is refused, the ones already queued are taken back."""
+        added = []
+        try:
+            for r in requests:
+                added.append(self.add(r))
+        except BaseException:
+            for r in added:
+                self.abort(r)
+            raise
+
     def add(self, req: Request) -> Request:
         """Validate and queue a request; raises ValueError (nothing queued) for one that can never run."""
         n_prompt = len(req.prompt_ids)

@@ -209,17 +209,11 @@ class PressConfig:
         parts = text.split(":")
         if parts[0] in ("none", ""):
             return cls(None)
+        from ..cli import parse_options  # the CLI's KEY=VALUE rule (imported here: the CLI imports this module)
+
         ratio = float(parts[1]) if len(parts) > 1 and parts[1] else 0.0
-        options = {}
-        for pair in (parts[2].split(",") if len(parts) > 2 and parts[2] else []):
-            k, eq, v = pair.partition("=")
-            if not eq:
-                raise ValueError(f"press option {pair!r} is not KEY=VALUE")
-            try:
-                options[k] = json.loads(v)
-            except json.JSONDecodeError:
-                options[k] = v
-        return cls(parts[0], ratio, options)
+        pairs = parts[2].split(",") if len(parts) > 2 and parts[2] else []
+        return cls(parts[0], ratio, parse_options(pairs, "press"))
 
     @property
     def label(self) -> str:

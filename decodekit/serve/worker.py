@@ -182,14 +182,7 @@ class EngineWorker:
         try:
             requests = [engine.make_request(p, work.max_new_tokens, chat=work.chat, **work.kwargs)
                         for p in work.prompts]
-            added = []
-            try:
-                for r in requests:
-                    added.append(engine.core.add(r))
-            except BaseException:
-                for r in added:
-                    engine.core.abort(r)
-                raise
+            engine.core.add_all(requests)
         except (ValueError, TemplateError) as e:  # the request's content: bad values, a template that refuses it
             message = str(e).splitlines()[0] if str(e) else type(e).__name__
             self._fail(job, APIError(400, message), outcome="invalid", live=False)

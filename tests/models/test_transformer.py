@@ -1,28 +1,11 @@
 """The native runtime against transformers (the oracle) on random tiny models of each family."""
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
-from decodekit.models.config import ModelConfig, shape
 from decodekit.models.kv_cache import PoolFull, private_pool
-from decodekit.models.transformer import Transformer, convert_hf_state_dict
+from hf_pairs import make_pair
 
 FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3"]
-
-
-def make_pair(name: str, seed: int = 0):
-    """A transformers reference model with randomized weights (norms too) and the native copy of it."""
-    config = shape(name)
-    hf_config = AutoConfig.for_model(**config.to_hf())
-    torch.manual_seed(seed)
-    ref = AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager").float().eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0, 0.3 if p.dim() == 1 else 0.05)
-    assert ModelConfig.from_hf(hf_config.to_dict()) == config
-    model = Transformer(config).eval()
-    model.load_state_dict(convert_hf_state_dict(ref.state_dict(), config), strict=True)
-    return ref, model
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -1,25 +1,16 @@
 """Helpers for the search tests: engines over small models whose distributions are peaked enough to search."""
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from decodekit.engine import Engine
-from decodekit.models.config import ModelConfig, shape
+from decodekit.models.config import ModelConfig
 from decodekit.models.tokenizer import ByteTokenizer
-from decodekit.models.transformer import Transformer, convert_hf_state_dict
+from decodekit.models.transformer import Transformer
+from hf_pairs import make_pair
 
 
 def hf_pair(name: str = "tiny-llama", seed: int = 0, scale: float = 0.08):
     """A transformers model with random weights large enough for peaked distributions, and the native copy."""
-    config = shape(name)
-    hf_config = AutoConfig.for_model(**config.to_hf())
-    torch.manual_seed(seed)
-    ref = AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager").float().eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0, 0.3 if p.dim() == 1 else scale)
-    model = Transformer(config).eval()
-    model.load_state_dict(convert_hf_state_dict(ref.state_dict(), config), strict=True)
-    return ref, model
+    return make_pair(name, seed, scale)
 
 
 def engine_of(model, **options) -> Engine:
