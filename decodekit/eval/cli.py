@@ -23,7 +23,8 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--limit", type=int, default=None, help="evaluate the first K items")
     e.add_argument("--methods", default="plain", help="comma-separated decoding methods (see `decodekit methods`)")
     e.add_argument("--search", default=None,
-                   help="search strategy (comma-separated for several), passed to generate as search=NAME")
+                   help="search strategy (comma-separated for several), passed to generate as search=NAME; "
+                        "`none` is a run without one (the baseline beside the strategies)")
     e.add_argument("--option", "-O", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of every generate call (method or search knob), repeatable")
     add_sampling_args(e)
@@ -48,6 +49,11 @@ def _names(text: str | None, flag: str) -> list[str]:
     return names
 
 
+def search_names(text: str | None) -> list[str | None]:
+    """`--search`: strategy names, `none` for a run without one; no flag: one run without a strategy."""
+    return [None if n == "none" else n for n in _names(text, "--search")] or [None]
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     import decodekit
     import torch
@@ -65,7 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if "limits" in {f.name for f in fields(task_cls)} else {}
     task = make_task(args.task, **knobs)
     sweep = parse_sweep(args.sweep or [])
-    runs = expand_runs(_names(args.methods, "--methods"), _names(args.search, "--search") or [None], sweep)
+    runs = expand_runs(_names(args.methods, "--methods"), search_names(args.search), sweep)
     # Sampling flags not given keep decodekit's defaults (greedy), not the model's generation_config.json: one
     # protocol for every model, as in `decodekit bench`.
     options = {**sampling_flags(args), **parse_options(args.option)}
@@ -80,8 +86,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
     chat = has_template if args.prompt_style == "auto" else args.prompt_style == "chat"
     max_new_tokens = args.max_new_tokens or task.max_new_tokens
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    results = evaluate(engine, task, items, runs, max_new_tokens, chat, options, args.batch_size)
-    summaries = [summarize(task, items, r, CONFIDENCE) for r in results]
     meta = {
         "task": task.name, "model": args.model, "device": str(engine.device),
         "dtype": str(engine.model.dtype).replace("torch.", ""), "items": len(items),
@@ -92,9 +96,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
         "torch": torch.__version__, "decodekit": decodekit.__version__,
         "arguments": {k: v for k, v in vars(args).items() if k != "func"},
     }
+
+    def save(done: list) -> None:  # after every run: an evaluation cut short keeps the runs it finished
+        if args.json_out:
+            write_json(args.json_out, {**meta, "runs_done": f"{len(done)}/{len(runs)}"},
+                       [summarize(task, items, r, CONFIDENCE) for r in done], done)
+
+    results = evaluate(engine, task, items, runs, max_new_tokens, chat, options, args.batch_size, on_run=save)
+    summaries = [summarize(task, items, r, CONFIDENCE) for r in results]
     print_table(summaries, meta)
-    if args.json_out:
-        write_json(args.json_out, meta, summaries, results)
     if args.plot and sweep:
         write_sweep_plot(args.plot, summaries, sweep, meta)
     elif args.plot:

@@ -15,7 +15,7 @@ import itertools
 import json
 import time
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Callable
 
 from ..sampling import SamplingConfig
 from .base import Item, Task
@@ -98,11 +98,12 @@ def _call_kwargs(run: Run, options: dict[str, Any], chat: bool, stop: list[str])
 
 
 def evaluate(engine, task: Task, items: list[Item], runs: list[Run], max_new_tokens: int, chat: bool,
-             options: dict[str, Any] | None = None, batch_size: int = 1, show_progress: bool = True
-             ) -> list[RunResult]:
+             options: dict[str, Any] | None = None, batch_size: int = 1, show_progress: bool = True,
+             on_run: Callable[[list[RunResult]], None] | None = None) -> list[RunResult]:
     """Generate and score every item for every run. `options`: sampling fields (temperature, seed, ...) and
     keyword arguments of every generate call (method or search options); a run's sweep knobs override them.
-    A seed S gives the k-th call of a run seed S + k (distinct draws per item, reproducible)."""
+    A seed S gives the k-th call of a run seed S + k (distinct draws per item, reproducible). `on_run` is called
+    with the finished runs after each one (the CLI saves them: a long evaluation cut short keeps what it did)."""
     from tqdm.auto import tqdm
 
     if not items:
@@ -136,6 +137,8 @@ def evaluate(engine, task: Task, items: list[Item], runs: list[Run], max_new_tok
                                                  seconds / len(outputs), task.score(item, out.text, chat)))
             bar.update(len(outputs))
         results.append(result)
+        if on_run is not None:
+            on_run(results)
     bar.close()
     return results
 

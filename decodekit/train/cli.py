@@ -62,7 +62,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     settings = GenerationSettings(num_prompts=args.num_prompts, eval_prompts=args.eval_prompts,
                                   max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                                   batch_size=args.gen_batch_size, temperature=args.temperature, seed=args.seed)
-    engine = decodekit.load(args.model, device=args.device, dtype=args.dtype, cuda_graphs=False)
+    engine = decodekit.load(args.model, device=args.device, dtype=args.dtype)  # graphs on a GPU: batched answers
     config = head_config(cfg, engine.model.config, engine.name)
     layers = tuple(dict.fromkeys((*config.feature_layers, config.num_target_layers)))
     out = Path(args.out)

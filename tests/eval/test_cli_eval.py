@@ -58,10 +58,12 @@ def test_sweep(capsys, tmp_path, data_dir, sweep, labels):
 def test_search_strategies_run_in_eval(capsys, tmp_path, data_dir):
     """Search strategies are runs like methods: knobs through -O reach generate, the label names the strategy."""
     out_json = tmp_path / "s.json"
-    code, out, err = run(capsys, *TINY, "--task", "gsm8k", "--limit", "2", "--search", "beam,patience_beam",
-                         "-O", "num_beams=2", "--data-dir", str(data_dir), "--json", str(out_json))
+    code, out, err = run(capsys, *TINY, "--task", "gsm8k", "--limit", "2", "--search", "none,beam,patience_beam", "--data-dir", str(data_dir), "--json", str(out_json))
     assert code == 0, err
-    assert [r["label"] for r in json.loads(out_json.read_text())["runs"]] == ["plain+beam", "plain+patience_beam"]
+    runs = json.loads(out_json.read_text())["runs"]
+    assert [r["label"] for r in runs] == ["plain", "plain+beam", "plain+patience_beam"]  # `none`: the baseline
+    assert runs[0]["search"] is None
+    assert json.loads(out_json.read_text())["meta"]["runs_done"] == "3/3"  # written after each run
 
 
 @pytest.mark.parametrize("extra, message", [
