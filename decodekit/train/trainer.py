@@ -227,7 +227,7 @@ def train(engine, data: str | Path, out: str | Path, cfg: TrainConfig, device: s
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         history, step = state["history"], state["step"]
-        g.set_state(state["rows_rng"])
+        g.set_state(state["rows_rng"].cpu())  # map_location moved it to the device; RNG states live on the host
         print(f"decodekit: resuming from {ckpt} at step {step}/{total}", file=sys.stderr)
 
     def save() -> None:
