@@ -114,12 +114,15 @@ class CompressedDrafter(ModelDrafter):
         committed tokens the cache lacks, then `num_draft` greedy steps from the root; keep the root's entry."""
         root, cache = len(context) - 1, self.cache
         new = list(range(self.fed, root))
+        layers = self.net.config.num_layers
         if new:
+            self.note_pass("target", len(new), cache.length, layers=layers, of=layers)
             cache.ensure(cache.length + len(new))
             runner.run([RowSpec(cache, [context[i] for i in new], new)])
             cache.length += len(new)
         keep = cache.length + 1
         cache.ensure(cache.length + self.num_draft)
+        self.note_pass("target", 1, cache.length, layers=layers, of=layers, steps=self.num_draft)
         run = runner.greedy_chunks([cache], [context[-1]], [root], self.num_draft, 1)
         try:
             tokens = next(run)[0]
