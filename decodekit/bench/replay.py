@@ -146,7 +146,7 @@ class Replayer:
             out.argmax(-1).tolist()  # drafters read each pass's tokens on the host
 
     def _verify(self, kv: SeqKV, step: dict[str, Any]) -> None:
-        root, width, parents = kv.length, step["verify_width"], step["tree"]
+        root, width, parents = kv.length, step["verify_width"], step.get("tree", False)
         if "fused" in step:
             steps, chunks = step["fused"]["steps"], step["fused"]["chunks"]
             kv.ensure(root + steps * chunks)

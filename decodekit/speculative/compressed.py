@@ -85,6 +85,8 @@ class CompressedDrafter(ModelDrafter):
             cache.evicted = split - len(take)  # tokens the target itself had evicted
         for s in range(split, root, 2048):
             part = list(range(s, min(s + 2048, root)))
+            layers = self.net.config.num_layers
+            self.note_pass("target", len(part), cache.length, layers=layers, of=layers, logits=0)
             with torch.inference_mode():
                 self.net.forward_seq(cache, [context[i] for i in part], part, None, "none",
                                      observer=self.state.observer(cache, part, True))
