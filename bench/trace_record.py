@@ -23,11 +23,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--methods", default="pld", help="comma-separated bench specs (name or name:k=v,k=v)")
+    ap.add_argument("--methods", default="pld",
+                    help="bench specs (name or name:k=v), comma-separated; separate with ';' when a spec has several "
+                         "options (name:k=v,k=v)")
     ap.add_argument("--dataset", default="spec-bench", help="spec-bench or a .jsonl file")
     ap.add_argument("--limit", type=int, default=1, help="prompts per category")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--out", required=True, metavar="OUT.jsonl")
+    ap.add_argument("--adaptive", action="store_true",
+                    help="keep the draft budget on (default off: it weighs the recording model's step costs)")
     args = ap.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(";" if ";" in args.methods else ",") if m.strip()]
     for m in methods:
@@ -35,7 +39,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"error: unknown method {m!r}; available: {', '.join(sorted(DRAFTERS))}")
     engine = decodekit.load(args.model, device=args.device, dtype=args.dtype, prefix_caching=False, progress=False)
     prompts = load_prompts(args.dataset, args.limit)
-    lines = record(engine, args.model, methods, prompts, args.max_new_tokens, SamplingConfig())
+    lines = record(engine, args.model, methods, prompts, args.max_new_tokens, SamplingConfig(),
+                   adaptive=None if args.adaptive else False)
     write_traces(args.out, lines)
     print(f"{len(lines)} traces ({len(methods)} methods x {len(prompts)} prompts) -> {args.out}")
 

@@ -25,15 +25,17 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def record(engine, model: str, methods: list[str], prompts: list[BenchPrompt], max_new_tokens: int,
-           sampling: SamplingConfig | None = None) -> list[dict[str, Any]]:
-    """Each method's trace on each prompt, decoded alone (batch 1: a trace is one sequence's steps)."""
+           sampling: SamplingConfig | None = None, adaptive: bool | None = False) -> list[dict[str, Any]]:
+    """Each method's trace on each prompt, decoded alone (batch 1: a trace is one sequence's steps). `adaptive`:
+    the draft budget (default off: it decides from the recording machine's step costs, not the replay model's, so
+    with it on a trace holds the small model's decisions to skip drafting)."""
     chat = bool(getattr(engine.tokenizer, "chat_template", None))  # a base model gets the raw prompt text
     lines = []
     for spec in methods:
         name, options = parse_method(spec)
         for p in prompts:
             r = engine.generate(p.prompt, max_new_tokens, method=name, method_options=options, chat=chat,
-                                sampling=sampling, trace=True)
+                                sampling=sampling, adaptive=adaptive, trace=True)
             lines.append({"model": model, "method": spec, "prompt_id": p.id, "category": p.category,
                           "generated": r.stats.generated_tokens, "trace": r.stats.trace})
     return lines

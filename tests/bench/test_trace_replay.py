@@ -135,3 +135,19 @@ def test_record_and_replay_scripts(tmp_path, capsys):
     assert set(saved["methods"]) == {"pld", "medusa:init=random"} == set(result["methods"])
     with pytest.raises(SystemExit, match="no trace"):
         rep.main(["--trace", str(out), "--model", "random:tiny-llama", "--device", "cpu", "--methods", "eagle"])
+
+
+@pytest.mark.real_model
+def test_a_real_model_trace_replays():
+    """SmolLM2 with its shipped EAGLE head: trees are drafted and accepted, counts add up, and the trace replays."""
+    real = decodekit.load("smollm2", device="cpu", dtype="float32", progress=False, prefix_caching=False)
+    prompt = [BenchPrompt("r", "extraction", "List the first five prime numbers, then list them again.")]
+    lines = record(real, "smollm2", ["eagle", "pld"], prompt, 32)
+    for ln in lines:
+        assert 1 + committed(ln["trace"]) == ln["generated"]
+    steps = lines[0]["trace"]["steps"]
+    assert any(s["tree"] and s["accepted"] > 0 for s in steps)
+    assert all(d["model"] == "head" for s in steps for d in s["draft_passes"])
+    tiny = decodekit.load("random:tiny-llama", device="cpu", dtype="float32")
+    methods = replay_traces(Replayer(tiny), lines, repeats=1)
+    assert methods["eagle"]["tau"] > 1.0 and methods["eagle"]["seconds"] > 0
