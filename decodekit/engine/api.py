@@ -18,7 +18,8 @@ from .scheduler import SchedulerConfig
 from .sequence import GenerationResult
 
 SAMPLING_FIELDS = {f.name for f in fields(SamplingConfig)}
-ENGINE_OPTIONS = ("ignore_eos", "adaptive", "logprobs", "policy", "constraint_sampler")  # request-level: not sampling
+# Request-level options, not sampling fields.
+ENGINE_OPTIONS = ("ignore_eos", "adaptive", "logprobs", "policy", "constraint_sampler", "trace")
 CONSTRAINTS = ("json_schema", "regex", "grammar", "choice", "response_format")  # what the output must match
 
 
@@ -116,6 +117,7 @@ class Engine:
                      press_options: dict[str, Any] | None = None, **options) -> Request:
         """A validated request. `options`: sampling fields (temperature, top_p, seed, ...), `ignore_eos`,
         `adaptive`, `logprobs` (k: record each output token's logprob and k alternatives, in `Sequence.logprobs`),
+        `trace` (True: every decode step's shape in `result.stats.trace`; engine/trace.py, bench/trace_replay.py),
         a constraint on the output (`json_schema` (dict or JSON text), `regex`, `grammar` (Lark), `choice` (list
         of strings), OpenAI's `response_format`, or `constraint` (a ConstraintSpec or compiled Grammar); with
         `constraint_backend` "llguidance" (default) or "xgrammar", `constraint_sampler` "mask" (default) or

@@ -29,6 +29,7 @@ from .runner import ModelRunner
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence, Status
 from .stopping import StopChecker
+from .trace import StepTrace
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Request:
     # distribution (`Sequence.token_stat`, self-certainty). None: off.
     draws: Any = None
     token_stat: Any = None
+    trace: bool = False  # record every decode step's shape in `stats.trace` (engine/trace.py)
     id: int = -1
     sequences: list[Sequence] = field(default_factory=list)
     aborted: bool = False
@@ -112,6 +114,8 @@ class EngineCore:
         req.sampling.validate()
         if req.constraint_sampler not in SAMPLERS:
             raise ValueError(f"unknown constraint_sampler {req.constraint_sampler!r}; available: {', '.join(SAMPLERS)}")
+        if req.trace and req.policy is not None:
+            raise ValueError("trace records drafted and verified steps; a search strategy's steps are not traced")
         if req.constraint is not None and req.policy is not None:
             raise ValueError("a constraint cannot be combined with a policy (the policy draws the tokens itself)")
         if req.constraint is not None and req.constraint.matcher().vocab_size != self.model.config.vocab_size:
@@ -156,6 +160,9 @@ class EngineCore:
             seq.press = req.press.state(self.model, len(req.prompt_ids), req.max_new_tokens, self.pool.block_size)
             seq.stats.press = req.press.name
         seq.token_stat = req.token_stat
+        if req.trace:
+            seq.trace = StepTrace(len(req.prompt_ids), proto.name, self.model.config.num_layers)
+            seq.drafter.recorder = seq.trace  # the drafter files the passes it runs (`Drafter.note_pass`)
         seq.draws = req.draws(index) if req.draws is not None else None
         if req.constraint is not None:
             # AWRS replaces the mask only where masking after the sampling rules is the same as before them:
@@ -281,11 +288,11 @@ class EngineCore:
             seq.kv.keep_path(start, [0, *accepted])
             if spec.observer is not None:
                 spec.observer.kept([0, *accepted])
-            seq.commit([seq.tree.tokens[i - 1] for i in accepted] + [next_token])
+            kept = seq.commit([seq.tree.tokens[i - 1] for i in accepted] + [next_token])
             seq.stats.forward_passes += 1
             seq.stats.decode_steps += 1
             seq.stats.verify_time_s += elapsed_run
-            seq.after_verify(accepted, next_token, rows, feats)
+            seq.after_verify(accepted, next_token, rows, feats, len(kept))
             updated.append(seq)
         for rid, rows in decided.items():
             req = next(iter(rows)).request
@@ -369,6 +376,7 @@ class EngineCore:
         run = self.runner.greedy_chunks([s.kv for s in seqs], [s.tokens[-1] for s in seqs],
                                         [len(s.tokens) - 1 for s in seqs], steps, chunks)
         done = 0
+        kept_by = {seq.id: 0 for seq in seqs}
         try:
             for i, tokens in enumerate(run):
                 done += 1
@@ -378,6 +386,7 @@ class EngineCore:
                     if seq.refused and i:
                         seq.budget.skip(1)
                     kept = seq.commit(new)
+                    kept_by[seq.id] += len(kept)
                     seq.stats.decode_steps += len(kept)
                     seq.stats.forward_passes += steps
                 if all(s.finished for s in seqs) or (self.scheduler.waiting and any(s.finished for s in seqs)):
@@ -388,6 +397,7 @@ class EngineCore:
         for costs in {id(s.budget.costs): s.budget.costs for s in seqs if s.budget is not None}.values():
             costs.record(len(seqs), 1, elapsed / (done * steps))  # the plain rate a draft must beat: per token
         for seq in seqs:
+            seq.fused_done(steps, done, kept_by[seq.id])
             if seq.budget is not None:
                 seq.budget.record(seq.tree, 0, 1)
         return list(seqs)

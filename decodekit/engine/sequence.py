@@ -19,6 +19,7 @@ from ..speculative.base import DraftTree, Drafter, StepResult
 from ..speculative.budget import DraftBudget, cut_tree
 from ..speculative.verify import pick_verifier
 from .stopping import StopChecker
+from .trace import StepTrace
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..constrain.state import SequenceConstraint
@@ -56,6 +57,7 @@ class GenerationStats:
     grammar_time_s: float = 0.0  # host time spent on the grammar: masks, checks, pruning, jump-forward
     grammar_masks: int = 0  # next-token masks computed (AWRS steps compute none unless they fall back)
     score: float | None = None  # a search strategy's score of this sequence (search/: beam score, vote share, ...)
+    trace: dict[str, Any] | None = None  # every decode step's shape (`generate(..., trace=True)`; engine/trace.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,6 +130,7 @@ class Sequence:
         # The sample's own source of draws (`draws.sample(probs [V]) -> token`, e.g. arithmetic sampling's code);
         # None: multinomial draws from `generator`.
         self.draws: Any = None
+        self.trace: StepTrace | None = None  # records each step's shape (`trace=True`), for bench/trace_replay.py
         self.paused = False  # a policy holds this sequence back from passes (it keeps its KV memory)
         # A policy made the prompt's last token the root (its entry rolled back): decoding starts there, with the
         # candidates the policy plans under it, instead of with a first token drawn from the prompt's logits.
@@ -371,9 +374,13 @@ class Sequence:
         return kept
 
     def after_verify(self, accepted: list[int], next_token: int, logits: torch.Tensor | None,
-                     hidden: torch.Tensor | None = None) -> None:
-        """Bookkeeping after a verified step: acceptance stats, budget, and what the drafter learns."""
+                     hidden: torch.Tensor | None = None, committed: int | None = None) -> None:
+        """Bookkeeping after a verified step (`committed`: tokens it kept): acceptance stats, budget, the trace, and
+        what the drafter learns."""
         tree = self.tree
+        if self.trace is not None:
+            self.trace.verified(tree.parents, tree.is_chain(), len(accepted),
+                                len(accepted) + 1 if committed is None else committed)
         if self.jumped:  # the grammar's draft, not the drafter's: neither its statistics nor its budget
             self.stats.jump_forward_tokens += len(accepted)
             tree = DraftTree()
@@ -393,6 +400,11 @@ class Sequence:
             self.record_logprobs(logits[[0, *accepted]], committed[:len(self.output) - recorded])
         if self.drafter.name != "plain" and not self.finished and not self.jumped:
             self.drafter.observe(self.tokens, StepResult(tree, accepted, next_token, logits, hidden))
+
+    def fused_done(self, steps: int, chunks: int, committed: int) -> None:
+        """After fused greedy chunks: `chunks` replays of `steps` single-token passes, `committed` tokens kept."""
+        if self.trace is not None:
+            self.trace.fused(steps, chunks, committed)
 
     def finish(self, reason: str) -> None:
         self.status = Status.FINISHED
@@ -432,6 +444,8 @@ class Sequence:
         s.accepted_by_position = [a / p for a, p in zip(self.accepted_at, self.proposed_at)]
         if self.constraint is not None:
             s.grammar_time_s, s.grammar_masks = self.constraint.time_s, self.constraint.mask_rows
+        if self.trace is not None:
+            s.trace = self.trace.to_dict(s.cached_prompt_tokens)
         reason = self.finish_reason or "running"
         return GenerationResult(self.stopper.text if self.finished else self.stopper.visible(), list(self.output),
                                 reason, s, list(self.prompt),

@@ -176,6 +176,11 @@ SHAPES: dict[str, ModelConfig] = {
         head_dim=128, rope_theta=500000.0, max_position_embeddings=131072, eos_token_ids=[128001],
         bos_token_id=128000,
     ),
+    "llama3.2-1b": ModelConfig(  # Llama 3.2 1B's shape (rope scaling left out): a draft model for llama3-8b
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32, num_kv_heads=8,
+        head_dim=64, rope_theta=500000.0, max_position_embeddings=131072, eos_token_ids=[128001],
+        bos_token_id=128000, tie_word_embeddings=True,
+    ),
     "smollm2-135m": ModelConfig(
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
         head_dim=64, rope_theta=100000.0, tie_word_embeddings=True,

@@ -104,6 +104,7 @@ class Drafter:
     engine: "Engine | None" = None
     kv: "SeqKV | None" = None  # the target's KV memory of this drafter's sequence (self-speculation drafts there)
     sampling: "SamplingConfig | None" = None  # the sequence's sampling rule (stochastic drafters match it)
+    recorder: Any = None  # the sequence's `engine.trace.StepTrace` when the request is traced (`trace=True`)
 
     def bind(self, engine: "Engine") -> "Drafter":
         self.engine = engine
@@ -136,6 +137,12 @@ class Drafter:
     def max_draft_tokens(self) -> int:
         """Upper bound on a proposal's size (sizes the KV cache headroom)."""
         return 0
+
+    def note_pass(self, model: str, width: int, kv: int, **extra: Any) -> None:
+        """Record a forward pass the drafter ran (traced requests only): `model` "target" (self-drafting; `layers`
+        of `of` when it runs fewer), "head" or "draft_model"; `width` tokens reading `kv` cached entries."""
+        if self.recorder is not None:
+            self.recorder.draft_pass(model, width, kv, **extra)
 
 
 DRAFTERS: dict[str, Callable[..., Drafter]] = {"plain": Drafter}

@@ -85,6 +85,8 @@ class CompressedDrafter(ModelDrafter):
             cache.evicted = split - len(take)  # tokens the target itself had evicted
         for s in range(split, root, 2048):
             part = list(range(s, min(s + 2048, root)))
+            layers = self.net.config.num_layers
+            self.note_pass("target", len(part), cache.length, layers=layers, of=layers, logits=0)
             with torch.inference_mode():
                 self.net.forward_seq(cache, [context[i] for i in part], part, None, "none",
                                      observer=self.state.observer(cache, part, True))
@@ -114,12 +116,15 @@ class CompressedDrafter(ModelDrafter):
         committed tokens the cache lacks, then `num_draft` greedy steps from the root; keep the root's entry."""
         root, cache = len(context) - 1, self.cache
         new = list(range(self.fed, root))
+        layers = self.net.config.num_layers
         if new:
+            self.note_pass("target", len(new), cache.length, layers=layers, of=layers)
             cache.ensure(cache.length + len(new))
             runner.run([RowSpec(cache, [context[i] for i in new], new)])
             cache.length += len(new)
         keep = cache.length + 1
         cache.ensure(cache.length + self.num_draft)
+        self.note_pass("target", 1, cache.length, layers=layers, of=layers, steps=self.num_draft)
         run = runner.greedy_chunks([cache], [context[-1]], [root], self.num_draft, 1)
         try:
             tokens = next(run)[0]

@@ -95,6 +95,9 @@ class ModelDrafter(Drafter):
     def _feed(self, tokens: list[int], positions: list[int], tree_mask: torch.Tensor | None = None,
               last_only: bool = False) -> torch.Tensor:
         """Append `tokens` at `positions` to the drafting cache; logits `[T, V]` (or `[1, V]`), target vocabulary."""
+        layers = self.net.config.num_layers
+        self.note_pass("target" if self.net is native_model(self.engine.model) else "draft_model", len(tokens),
+                       self.cache.length, layers=layers - len(self.skip), of=layers, tree=tree_mask is not None)
         with torch.inference_mode():
             logits = self.net.forward_seq(self.cache, tokens, positions, tree_mask, "last" if last_only else "all",
                                           skip_layers=self.skip, observer=self._observer(positions))

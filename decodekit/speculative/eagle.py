@@ -121,6 +121,8 @@ class Eagle(HeadDrafter):
         if start == end:  # nothing new (cannot happen after a verified step, which commits >= 1 token)
             start -= 1
             cache.length = start
+        # One decoder layer over the new rows, and the LM head on the root's row (`_draft`).
+        self.note_pass("head", end - start, start, layers=1, logits=1)
         g = head.features_in(self.features[start:end][None])
         tokens = torch.tensor([context[start + 1:end + 1]], device=dev)
         out = cache.run(head.block, head.inputs(self.target, g, tokens), torch.arange(start, end, device=dev)[None])
@@ -137,6 +139,7 @@ class Eagle(HeadDrafter):
 
         def expand(frontier: list[int], tokens: list[int], parents: list[int]) -> torch.Tensor:
             start = base + len(slot)
+            self.note_pass("head", len(frontier), start, layers=1, tree=True)
             for i, node in enumerate(frontier):
                 slot[node] = start + i
             g = torch.stack([states[parents[n - 1]] for n in frontier])[None]

@@ -87,6 +87,7 @@ class Hydra(HeadDrafter):
             return self.features[end - 1]
         start = self.cache.length = min(self.cache.length, end - 1)
         dev = self.target.model.device
+        self.note_pass("head", end - start, start, layers=1, logits=0)  # the prefix layer: no LM head
         out = self.cache.run(self.head.prefix, self.features[start:end][None],
                              torch.arange(start, end, device=dev)[None], start=start)
         self.cache.length = end
@@ -97,11 +98,13 @@ class Hydra(HeadDrafter):
         c = self._context(context)
         embed = lambda ids: target.embed(torch.tensor(ids, device=c.device)).to(c.dtype)  # noqa: E731
         root = embed([context[-1]])[0]
+        self.note_pass("head", 1, 0, layers=0)  # an MLP head and the LM head, per row
         root_lp = log_softmax(head.logits(target, head.head(0, c, [root])))
 
         def expand(frontier: list[int], tokens: list[int], parents: list[int]) -> torch.Tensor:
             paths = [[tokens[a - 1] for a in reversed([n, *ancestors(parents, n)])] for n in frontier]
             k = len(paths[0])
+            self.note_pass("head", len(frontier), 0, layers=0)
             rows = torch.stack([embed(p) for p in paths])  # [F, k, H]
             cs = c.expand(len(frontier), -1)
             embeds = [root.expand(len(frontier), -1)] + [rows[:, j] for j in range(k)]

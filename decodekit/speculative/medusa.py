@@ -79,6 +79,7 @@ class Medusa(HeadDrafter):
 
     def _draft(self, context: list[int]) -> DraftTree:
         f = self.features[len(context) - 2]
+        self.note_pass("head", len(self.head.heads), 0, layers=0)  # K MLP heads and the LM head, one row each
         lps = log_softmax(self.head.logits(self.target, self.head.states(f)))  # [K, V]
 
         def expand(frontier: list[int], tokens: list[int], parents: list[int]) -> torch.Tensor:
