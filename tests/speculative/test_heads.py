@@ -266,13 +266,18 @@ def test_full_drafts_without_budget_are_lossless_and_bounded(arch, tiny):
 
 
 @pytest.mark.real_model
-def test_shipped_smollm2_head_loads_by_name_and_is_lossless():
-    """The EAGLE head shipped for SmolLM2 loads by method name alone; greedy output equals plain greedy (float32)."""
+def test_shipped_smollm2_heads_load_by_name_and_are_lossless():
+    """The heads shipped for SmolLM2 (EAGLE, Hydra, Medusa) load by method name alone; greedy output equals plain
+    greedy (float32), and they save target passes."""
     from decodekit.bench.datasets import SAMPLE, load_prompts
 
     engine = decodekit.load("smollm2", device="cpu", dtype="float32", progress=False)
-    for p in load_prompts(str(SAMPLE), 1)[:3]:
-        plain = engine.generate(p.prompt, 32, chat=True)
-        spec = engine.generate(p.prompt, 32, chat=True, method="eagle", adaptive=False)
-        assert spec.token_ids == plain.token_ids, p.category
-        assert spec.stats.decode_steps <= plain.stats.decode_steps
+    prompts = load_prompts(str(SAMPLE), 1)[:3]
+    plain = [engine.generate(p.prompt, 32, chat=True) for p in prompts]
+    for arch in HEADS:
+        steps = 0
+        for p, want in zip(prompts, plain):
+            spec = engine.generate(p.prompt, 32, chat=True, method=arch, adaptive=False)
+            assert spec.token_ids == want.token_ids, (arch, p.category)
+            steps += spec.stats.decode_steps
+        assert steps < sum(w.stats.decode_steps for w in plain), arch
