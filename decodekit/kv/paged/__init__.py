@@ -76,7 +76,8 @@ class PressSpec:
         (presses act on the full pool's layers only: `state.py`)."""
         press = make_press(self.name, **self.press_knobs)
         fix = "load with window_ring=False to keep every entry of those layers"
-        if isinstance(press, TidalDecode) and set(press.selection_layers) & ring_layers:
+        active = self.compression_ratio > 0 or "token_budget" in self.press_knobs  # (sparse presses; R = 0: idle)
+        if isinstance(press, TidalDecode) and active and set(press.selection_layers) & ring_layers:
             raise ValueError(f"press 'tidal' selects in layers {sorted(set(press.selection_layers) & ring_layers)}, "
                              f"which keep only their sliding window (a ring): choose full-attention selection layers "
                              f"or {fix}")
