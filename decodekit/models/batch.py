@@ -19,8 +19,8 @@ from .kv_cache import SCRATCH, SeqKV, ring_slot_table, slot_table
 
 @dataclass
 class RingRows:
-    """What a group's rows read in one ring: `table` `[rows, capacity]` slots of the entries [first, first +
-    capacity) of each row (`kv_cache.ring_slot_table`)."""
+    """What a group's rows read in one ring: `table` `[rows, span]` slots of the entries [first, first + span) of
+    each row (`kv_cache.ring_slot_table`)."""
 
     table: torch.Tensor
     first: torch.Tensor  # [rows]
@@ -151,7 +151,7 @@ def build_batch(groups: list[list[RowSpec]], device: torch.device, widths: list[
         valid = g.valid.to(device)
         table = slot_table(g.tables.to(device), valid, length, bs)
         observers = [(r, s.observer) for r, s in enumerate(specs) if s.observer is not None] or None
-        ring_rows = [RingRows(*ring_slot_table(t.to(device), valid, ring.capacity, bs))
+        ring_rows = [RingRows(*ring_slot_table(t.to(device), valid, ring.span, bs))
                      for t, ring in zip(g.ring_tables, rings)]
         for r, w in enumerate(g.ring_writes):
             ring_writes[r] += w

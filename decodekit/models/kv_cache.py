@@ -22,13 +22,17 @@ e % block_size`: rings are indexed by ENTRIES, not positions, so draft trees (se
 rolled-back drafts and compacted paths (`keep_path`, a press's `compact`) work as in the full pool. The invariant:
 a ring of R entries holds the last R entries written; a pass writes at most `max_pass` entries past a sequence's
 committed ones (a prefill chunk is cut to it; a decode row, root + draft, is checked when the request is added;
-fused greedy chunks write at most a chunk ahead), and R >= window + max_pass, so no entry that any query of a pass
-may still see by its window is overwritten during that pass or lost by a rollback. Entries older than the last R
-may be overwritten: their positions lie a window or more behind every later query, so they are masked by position
-(`pool.slot_pos` / `Ring.slot_pos`, as today); where one is moved (compaction), the slot gets its true position so
-stale keys stay invisible. A pass reads a ring through a table of R columns, the entries [first, first + R) of
-each row (`ring_slot_table`), so attention in ring layers costs R, not the sequence's length; the decode kernel
-gets its [lo, hi) in those columns (`transformer.py`).
+fused greedy chunks write at most a chunk ahead). A pass reads a ring through a table of `span` = R - max_pass
+columns, the entries [first, first + span) of each row, first = max(0, valid - span) (`ring_slot_table`), so
+attention in ring layers costs `span`, not the sequence's length; the decode kernel gets its [lo, hi) in those
+columns (`transformer.py`). Why R = window + 2 max_pass (`transformer.ring_capacity`): span >= window + max_pass
+covers every committed entry a query of the pass may see by its window plus the pass's own entries, so none of
+them is overwritten during the pass; and entries written past `length` and then dropped (rejected drafts, a
+greedy chunk launched ahead) overwrite, with their recent positions, slots of entries at most R - max_pass behind
+the next pass's first new entry, which lie before `first`: no table ever shows such an alias. Entries before a
+table's span may be overwritten: their positions lie a window or more behind every later query. Where entries
+are moved (keep_path, compaction, copies), each destination slot gets its entry's true position, so stale keys of
+an entry already overwritten stay masked by the window (positions in `Ring.slot_pos`, masks as today).
 What a ring cannot do: be shared. A fork copies the ring's blocks (n samples, beams); a sequence of a pool with
 rings neither adopts cached prefixes nor offers its blocks to the cache (a prefix's window entries are not kept);
 a quantizing press packs the full-attention layers only (a ring is fixed memory: it keeps its layers in full
@@ -87,15 +91,16 @@ class Storage(nn.Module):
 
 class Ring(Storage):
     """The storage of a group of sliding-window layers: each sequence holds up to `n_blocks` blocks of it, reused
-    in a circle (`capacity` = n_blocks * block_size entries; see the module docstring)."""
+    in a circle (`capacity` = n_blocks * block_size entries), and a pass reads its last `span` entries (see the
+    module docstring)."""
 
-    def __init__(self, layers: list[int], capacity: int, num_blocks: int, block_size: int, *args) -> None:
+    def __init__(self, layers: list[int], capacity: int, span: int, num_blocks: int, block_size: int, *args) -> None:
         if capacity % block_size:
             raise ValueError(f"a ring's capacity ({capacity}) must be whole blocks of {block_size}")
         if num_blocks < capacity // block_size + 1:
             raise ValueError(f"a ring pool of {num_blocks} blocks cannot hold one ring of {capacity // block_size}")
         super().__init__(len(layers), num_blocks, block_size, *args)
-        self.layers, self.capacity, self.n_blocks = list(layers), capacity, capacity // block_size
+        self.layers, self.capacity, self.span, self.n_blocks = list(layers), capacity, span, capacity // block_size
 
 
 class KVPool(Storage):
@@ -118,8 +123,8 @@ class KVPool(Storage):
         self.rings = nn.ModuleList()
         for r, cap in enumerate(caps):
             layers = [i for i in range(num_layers) if capacity[i] == cap]
-            self.rings.append(Ring(layers, cap, ring_blocks or num_blocks, block_size, num_kv_heads, head_dim,
-                                   dtype, device))
+            self.rings.append(Ring(layers, cap, cap - max_pass, ring_blocks or num_blocks, block_size, num_kv_heads,
+                                   head_dim, dtype, device))
             for row, i in enumerate(layers):
                 self.where[i] = (r, row)
         self.max_pass = max_pass if caps else None
@@ -493,14 +498,14 @@ def slot_table(block_tables: torch.Tensor, valid: torch.Tensor, length: int, blo
     return torch.where(idx[None] < valid[:, None], slots, SCRATCH)
 
 
-def ring_slot_table(blocks: torch.Tensor, valid: torch.Tensor, capacity: int,
+def ring_slot_table(blocks: torch.Tensor, valid: torch.Tensor, span: int,
                     block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A ring's table for a pass: `[rows, capacity]` slots of the entries [first, first + capacity) of each row,
-    `first` = max(0, valid - capacity), from the ring blocks `blocks` `[rows, n_blocks]` (entries from `valid` on
-    read the scratch slot); and `first` `[rows]`."""
+    """A ring's table for a pass: `[rows, span]` slots of the entries [first, first + span) of each row, `first` =
+    max(0, valid - span), from the ring blocks `blocks` `[rows, n_blocks]` (entries from `valid` on read the scratch
+    slot); and `first` `[rows]`."""
     n_blocks = blocks.shape[1]
-    first = (valid - capacity).clamp_min(0)
-    entry = first[:, None] + torch.arange(capacity, device=blocks.device)[None]
+    first = (valid - span).clamp_min(0)
+    entry = first[:, None] + torch.arange(span, device=blocks.device)[None]
     slots = blocks.gather(1, (entry // block_size) % n_blocks) * block_size + entry % block_size
     return torch.where(entry < valid[:, None], slots, SCRATCH), first
 

@@ -218,9 +218,10 @@ def window_lo(kv_pos: torch.Tensor, q_pos: torch.Tensor, ctx: torch.Tensor, wind
 
 
 def ring_capacity(window: int, max_pass: int, block_size: int) -> int:
-    """Entries a sliding-window layer's ring holds per sequence: the window plus the widest pass, in whole blocks
-    (no entry a query of a pass may see is overwritten by that pass; `kv_cache.py`)."""
-    return -(-(window + max_pass) // block_size) * block_size
+    """Entries a sliding-window layer's ring holds per sequence: the window plus twice the widest pass, in whole
+    blocks (a pass reads `capacity - max_pass` of them: its window and its own entries, never a slot that a dropped
+    entry written past the sequence's length overwrote; `kv_cache.py`)."""
+    return -(-(window + 2 * max_pass) // block_size) * block_size
 
 
 class Transformer(nn.Module):
