@@ -47,8 +47,9 @@ class GenerationStats:
     preemptions: int = 0
     method: str = "plain"
     press: str | None = None  # the KV press (`press=`), if any
-    # KV memory of this sequence, in bytes: held (pool blocks it owns or shares, plus what a press keeps packed
-    # outside the pool) at its largest and at the end, and what its written tokens take uncompressed (same blocks).
+    # KV memory of this sequence, in bytes: held (pool blocks it owns or shares, its sliding-window rings, plus what
+    # a press keeps packed outside the pool) at its largest and at the end, and what its written tokens take
+    # uncompressed (same blocks and rings).
     kv_bytes_peak: int = 0
     kv_bytes_final: int = 0
     kv_bytes_uncompressed: int = 0
