@@ -6,9 +6,9 @@ one int64 buffer to the device, and replays. Rows are padded to a batch bucket (
 block), widths to a width bucket (padding tokens see only themselves), KV lengths to a power of two (entries past
 a row's tokens read the scratch block), so the captured set stays small and a long cache costs only where it is
 used. Sliding-window rings add, per ring, the rows' ring blocks and write slots to the buffer; their tables (a
-ring's span wide) are computed inside the pass from the rows' lengths, as the full pool's. Greedy steps without a draft run as fused chunks: `steps` single-token passes in one graph, each feeding
-its own argmax to the next, all rows at once; chunks are pipelined (the next is launched before the host reads this
-one). Prefill chunks, drafters' own passes and passes wider than the largest bucket run eagerly.
+ring's span wide) are computed inside the pass from the rows' lengths, as the full pool's. Greedy steps without a
+draft run as fused chunks: `steps` single-token passes in one graph, each feeding its own argmax to the next, all
+rows at once; chunks are pipelined (the next is launched before the host reads this one). Prefill chunks, drafters' own passes and passes wider than the largest bucket run eagerly.
 """
 from __future__ import annotations
 

@@ -3,8 +3,9 @@
 Two queues, as nano-vllm: `waiting` (not admitted, or preempted) and `running`. Each step every running sequence
 gets KV room for its root and the largest draft it may bring; a sequence still prefilling gets a chunk, and waiting
 sequences are admitted while the step's token budget, the running limit and free KV blocks allow (long prompts in
-chunks beside running decodes, as SARATHI; with sliding-window rings, chunks of at most the ring's pass width). When the pool runs dry the newest running sequence is preempted: its
-blocks go back to the pool and it re-prefills later (its tokens are kept). A request larger than the whole pool is
+chunks beside running decodes, as SARATHI; with sliding-window rings, chunks of at most the ring's pass width, and
+a ring's blocks count as KV blocks). When the pool runs dry the newest running sequence is preempted: its blocks
+go back to the pool and it re-prefills later (its tokens are kept). A request larger than the whole pool is
 refused when added, so a full pool makes requests wait but never stalls for good.
 """
 from __future__ import annotations

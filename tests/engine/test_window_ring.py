@@ -181,11 +181,14 @@ def test_quantized_press_packs_the_full_layers_only(pair):
     assert r.stats.kv_bytes_final > CAPACITY * slot * 3  # the rings are held in full
 
 
-def test_compressed_self_speculation_over_rings(pair):
-    """MagicDec's draft cache (a StreamingLLM copy of the target's, in the target's pool): its own rings, built
-    from the target's entries; lossless."""
+@pytest.mark.parametrize("method,options", [("magicdec", {"budget": 24, "n_sink": 4, "compress_every": 8}),
+                                            ("quantspec", {"residual": 16, "group": 16})])
+def test_compressed_self_speculation_over_rings(pair, method, options):
+    """A self-speculation draft cache (a StreamingLLM or KIVI copy of the target's, in the target's pool): its own
+    rings, built from the target's entries; lossless."""
     ring, full = pair
-    same(ring, full, prompts=PROMPTS[:2], n=30, method="magicdec", method_options={"budget": 24, "n_sink": 4, "compress_every": 8})
+    a, _ = same(ring, full, prompts=PROMPTS[:2], n=30, method=method, method_options=options, adaptive=False)
+    assert all(r.stats.tau > 1 for r in a)  # drafts were accepted
 
 
 def test_decode_kernel_bounds_in_ring_columns(pair, monkeypatch):
