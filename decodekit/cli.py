@@ -24,6 +24,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
                    help="split the model over N processes (one GPU each from --device on, or N CPU processes; "
                         "under torchrun: its WORLD_SIZE ranks)")
+    p.add_argument("--no-window-ring", action="store_true",
+                   help="keep every KV entry in sliding-window layers too (default: a ring of window + 2 x 256 "
+                        "entries per sequence, e.g. Gemma 3's local layers)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -137,7 +140,7 @@ def load_engine(args: argparse.Namespace):
     import decodekit
 
     return decodekit.load(args.model, device=args.device, dtype=args.dtype, progress=not getattr(args, "json", False),
-                          tensor_parallel=args.tensor_parallel)
+                          tensor_parallel=args.tensor_parallel, window_ring=not getattr(args, "no_window_ring", False))
 
 
 def result_json(result) -> dict[str, Any]:

@@ -147,7 +147,7 @@ def run_bench_cli(args: argparse.Namespace) -> None:
     # No prefix cache: every method pays for its own prefill (a method run after another would find the prompts'
     # KV cached and look faster than it is).
     engine = decodekit.load(args.model, device=args.device, dtype=args.dtype, prefix_caching=False,
-                            tensor_parallel=args.tensor_parallel)
+                            tensor_parallel=args.tensor_parallel, window_ring=not args.no_window_ring)
     runs = run_bench(engine, methods, prompts, args.max_new_tokens, sampling, args.repeats, args.hf_baselines,
                      batch_size=args.batch_size)
     summary = summarize(runs)

@@ -194,7 +194,8 @@ def run(args: argparse.Namespace) -> None:
     import decodekit
 
     # Without the prefix cache, as `decodekit bench` runs: every run pays for its own prefill.
-    engine = decodekit.load(args.model, device=args.device, dtype=args.dtype, prefix_caching=False)
+    engine = decodekit.load(args.model, device=args.device, dtype=args.dtype, prefix_caching=False,
+                            window_ring=not args.no_window_ring)
     result: dict[str, Any] = {
         "arguments": {k: v for k, v in vars(args).items() if k != "func"},
         "date": datetime.date.today().isoformat(), "machine": platform.platform(), "processor": platform.processor(),

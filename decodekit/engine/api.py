@@ -23,15 +23,41 @@ ENGINE_OPTIONS = ("ignore_eos", "adaptive", "logprobs", "policy", "constraint_sa
 CONSTRAINTS = ("json_schema", "regex", "grammar", "choice", "response_format")  # what the output must match
 
 
-def _default_kv_tokens(model, max_context: int) -> int:
+def _default_kv_tokens(model, max_context: int, ring_entries: int = 0) -> int:
     """KV pool size: on a GPU half the free memory (up to a million tokens); on the CPU room for two full-length
-    sequences (memory is only touched where sequences write)."""
+    sequences (memory is only touched where sequences write). `ring_entries`: slots the rings of sliding-window
+    layers take in all (those layers then cost nothing per token of the full pool)."""
     if model.device.type == "cuda":
         c = model.config
-        per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.tensor([], dtype=model.dtype).element_size()
-        free, _ = torch.cuda.mem_get_info(model.device)
-        return max(min(int(0.5 * free) // per_token, 1 << 20), max_context + 4096)
+        per_layer = 2 * c.num_kv_heads * c.head_dim * torch.tensor([], dtype=model.dtype).element_size()
+        ring_layers = sum(c.layer_window(i) is not None for i in range(c.num_layers)) if ring_entries else 0
+        budget = int(0.5 * torch.cuda.mem_get_info(model.device)[0]) - ring_entries * ring_layers * per_layer
+        per_token = max(c.num_layers - ring_layers, 1) * per_layer
+        return max(min(budget // per_token, 1 << 20), max_context + 4096)
     return max(2 * max_context, 16384)
+
+
+def _ring_count(model, per_ring: int, max_running: int) -> int:
+    """Rings to make room for: one per sequence that may run, on a GPU at most what a quarter of the KV budget holds
+    (more sequences wait, as when the pool is full; on the CPU untouched memory costs nothing)."""
+    if model.device.type != "cuda":
+        return max_running
+    c = model.config
+    per_entry = 2 * c.num_kv_heads * c.head_dim * torch.tensor([], dtype=model.dtype).element_size() * \
+        sum(c.layer_window(i) is not None for i in range(c.num_layers))
+    budget = 0.25 * 0.5 * torch.cuda.mem_get_info(model.device)[0]
+    return max(1, min(max_running, int(budget // (per_ring * per_entry))))
+
+
+def _ring_pass(model, window_ring: bool, ring_pass: int) -> int | None:
+    """The widest pass written into a ring when the pool gives sliding-window layers rings, else None."""
+    from ..models.transformer import Transformer
+
+    if not window_ring or not isinstance(model, Transformer) or not model.windows:
+        return None  # models without window layers; the transformers fallback and tensor parallelism: full pools
+    if ring_pass < 16:  # a fused greedy chunk (16 steps) writes that far past the committed entries
+        raise ValueError(f"ring_pass must be >= 16, got {ring_pass}")
+    return ring_pass
 
 
 class Engine:
@@ -42,11 +68,16 @@ class Engine:
     `kv_tokens` sizes the KV pool (default: half the free GPU memory, or two context windows on the CPU);
     `max_running` caps the sequences of one pass, `max_step_tokens` its tokens (the prefill chunk budget);
     `cuda_graphs` replays passes as CUDA graphs (native models on a GPU).
+    `window_ring` (default on): sliding-window layers (Gemma 3's local layers) keep only their window, in a ring of
+    window + 2 x `ring_pass` entries per sequence (`models/kv_cache.py`): prefill chunks are at most `ring_pass` tokens
+    and a decode pass (root + draft) must fit in it; such sequences do not use the prefix cache. Off: every layer
+    keeps every entry (as models without window layers always do).
     """
 
     def __init__(self, model, tokenizer, name: str = "model", max_context: int | None = None,
                  kv_tokens: int | None = None, block_size: int = 16, max_running: int = 256,
-                 max_step_tokens: int = 2048, prefix_caching: bool = True, cuda_graphs: bool = False) -> None:
+                 max_step_tokens: int = 2048, prefix_caching: bool = True, cuda_graphs: bool = False,
+                 window_ring: bool = True, ring_pass: int = 256) -> None:
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.source_folder = None  # the HF-format folder the weights came from, if any
         self.generation_defaults: dict[str, Any] = {}  # sampling values of the model's generation_config.json
@@ -57,8 +88,19 @@ class Engine:
             self.eos_ids.add(tokenizer.eos_token_id)
         if hasattr(model, "ensure_rope"):
             model.ensure_rope(self.max_context)
-        kv_tokens = kv_tokens or _default_kv_tokens(model, self.max_context)
-        pool = model.make_pool(-(-kv_tokens // block_size) + 1, block_size)
+        ring = _ring_pass(model, window_ring, ring_pass)
+        if ring is None:
+            kv_tokens = kv_tokens or _default_kv_tokens(model, self.max_context)
+            pool = model.make_pool(-(-kv_tokens // block_size) + 1, block_size)
+        else:  # rings for the sequences that may run at once, at most what the full pool could hold
+            from ..models.transformer import ring_capacity
+
+            per_ring = max(ring_capacity(w, ring, block_size) for w in model.windows)
+            rings = _ring_count(model, per_ring, max_running)
+            kv_tokens = kv_tokens or _default_kv_tokens(model, self.max_context, rings * per_ring)
+            num_blocks = -(-kv_tokens // block_size) + 1
+            ring_blocks = min(num_blocks, rings * per_ring // block_size + 1)
+            pool = model.make_pool(num_blocks, block_size, ring_pass=ring, ring_blocks=ring_blocks)
         if cuda_graphs:
             from .graphs import GraphRunner
 

@@ -111,6 +111,8 @@ class EngineCore:
         if req.press is not None and req.policy is not None:  # policies fork and roll back entries by token count
             raise ValueError("a KV press cannot be combined with a search strategy that decides per pass "
                              "(beam, contrastive, ...) yet; n-sample strategies (best_of_n, ...) work")
+        if req.press is not None and self.pool.ring_layers:
+            req.press.check_rings(self.pool.ring_layers, self.model.config.num_layers)
         req.sampling.validate()
         if req.constraint_sampler not in SAMPLERS:
             raise ValueError(f"unknown constraint_sampler {req.constraint_sampler!r}; available: {', '.join(SAMPLERS)}")

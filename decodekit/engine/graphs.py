@@ -5,9 +5,10 @@ pass shape is captured once over static buffers and replayed: the host lays the 
 one int64 buffer to the device, and replays. Rows are padded to a batch bucket (padding rows write to the scratch
 block), widths to a width bucket (padding tokens see only themselves), KV lengths to a power of two (entries past
 a row's tokens read the scratch block), so the captured set stays small and a long cache costs only where it is
-used. Greedy steps without a draft run as fused chunks: `steps` single-token passes in one graph, each feeding
-its own argmax to the next, all rows at once; chunks are pipelined (the next is launched before the host reads this
-one). Prefill chunks, drafters' own passes and passes wider than the largest bucket run eagerly.
+used. Sliding-window rings add, per ring, the rows' ring blocks and write slots to the buffer; their tables (a
+ring's span wide) are computed inside the pass from the rows' lengths, as the full pool's. Greedy steps without a
+draft run as fused chunks: `steps` single-token passes in one graph, each feeding its own argmax to the next, all
+rows at once; chunks are pipelined (the next is launched before the host reads this one). Prefill chunks, drafters' own passes and passes wider than the largest bucket run eagerly.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..models.batch import ForwardBatch, RowSpec, Rows, bucket, layout_group
-from ..models.kv_cache import KVPool, SeqKV, slot_table
+from ..models.batch import ForwardBatch, RingRows, RowSpec, Rows, bucket, layout_group
+from ..models.kv_cache import KVPool, SeqKV, ring_slot_table, slot_table
 from ..models.transformer import Transformer
 from .runner import ModelRunner
 
@@ -42,21 +43,33 @@ class StaticPass:
         dev = runner.device
         n, blocks = rows * width, length // runner.pool.block_size
         self.sizes = [n, n, n, rows * blocks, rows, rows]  # tokens, positions, write slots, tables, ctx, valid
+        self.rings = list(getattr(runner.pool, "rings", ()))
+        for ring in self.rings:  # sliding-window rings: their write slots and blocks
+            self.sizes += [n, rows * ring.n_blocks]
         total = sum(self.sizes)
         self.host = torch.zeros(total, dtype=torch.long, pin_memory=runner.cuda)
         self.dev = torch.zeros(total, dtype=torch.long, device=dev)
-        self.tokens, self.positions, self.write_slots, tables, self.ctx, self.valid = self.dev.split(self.sizes)
+        parts = self.dev.split(self.sizes)
+        self.tokens, self.positions, self.write_slots, tables, self.ctx, self.valid = parts[:6]
         self.tables = tables.view(rows, blocks)
+        self.ring_writes = list(parts[6::2])
+        self.ring_tables = [t.view(rows, ring.n_blocks) for t, ring in zip(parts[7::2], self.rings)]
         self.tree = torch.eye(width, dtype=torch.bool, device=dev).repeat(rows, 1, 1)
         self.chain = torch.ones(width, width, dtype=torch.bool, device=dev).tril_().repeat(rows, 1, 1)
         self.out = torch.zeros(rows, max(steps, 1), dtype=torch.long, device=dev)  # greedy chunk tokens
         self.graph = runner.capture(self._chunk if steps else self._pass)
 
     def _batch(self, width: int, ctx: torch.Tensor, valid: torch.Tensor, tree, write_slots, tokens, positions):
-        table = slot_table(self.tables, valid, self.length, self.runner.pool.block_size)
+        bs = self.runner.pool.block_size
+        table = slot_table(self.tables, valid, self.length, bs)
+        rings = [RingRows(*ring_slot_table(t, valid, ring.span, bs)) for t, ring in zip(self.ring_tables,
+                                                                                               self.rings)]
+        ring_writes = self.ring_writes
         if write_slots is None:  # a chunk step: each row writes its entry `ctx`
             write_slots = table.gather(1, ctx[:, None])[:, 0]
-        return ForwardBatch(tokens, positions, write_slots, [Rows(0, self.rows, width, table, ctx, tree)])
+            ring_writes = [rr.table.gather(1, (ctx - rr.first)[:, None])[:, 0] for rr in rings]
+        return ForwardBatch(tokens, positions, write_slots, [Rows(0, self.rows, width, table, ctx, tree, None, rings)],
+                            ring_writes=ring_writes)
 
     def _pass(self) -> None:
         batch = self._batch(self.width, self.ctx, self.valid, self.tree, self.write_slots, self.tokens,
@@ -79,6 +92,8 @@ class StaticPass:
         g = layout_group(specs, self.width, self.rows, self.length, self.runner.pool.block_size)
         parts = [torch.tensor(g.tokens), torch.tensor(g.positions), torch.tensor(g.write_slots), g.tables.flatten(),
                  g.ctx, g.valid]
+        for writes, blocks in zip(g.ring_writes, g.ring_tables):
+            parts += [torch.tensor(writes, dtype=torch.long), blocks.flatten()]
         torch.cat(parts, out=self.host)
         self.dev.copy_(self.host, non_blocking=True)
         if g.tree is not None:

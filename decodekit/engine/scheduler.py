@@ -3,8 +3,9 @@
 Two queues, as nano-vllm: `waiting` (not admitted, or preempted) and `running`. Each step every running sequence
 gets KV room for its root and the largest draft it may bring; a sequence still prefilling gets a chunk, and waiting
 sequences are admitted while the step's token budget, the running limit and free KV blocks allow (long prompts in
-chunks beside running decodes, as SARATHI). When the pool runs dry the newest running sequence is preempted: its
-blocks go back to the pool and it re-prefills later (its tokens are kept). A request larger than the whole pool is
+chunks beside running decodes, as SARATHI; with sliding-window rings, chunks of at most the ring's pass width, and
+a ring's blocks count as KV blocks). When the pool runs dry the newest running sequence is preempted: its blocks
+go back to the pool and it re-prefills later (its tokens are kept). A request larger than the whole pool is
 refused when added, so a full pool makes requests wait but never stalls for good.
 """
 from __future__ import annotations
@@ -41,6 +42,11 @@ class Scheduler:
     def add(self, seq: Sequence, headroom: int) -> None:
         """Queue a sequence; refuse at once one that could never fit the pool even alone."""
         need = -(-(seq.max_len + headroom) // self.alloc.block_size)
+        widest = seq.kv.max_pass
+        if widest is not None and headroom > widest:
+            raise ValueError(f"a decode pass of this request writes up to {headroom} KV entries (root + draft), more "
+                             f"than the sliding-window ring allows ({widest}); load with a larger ring_pass, or "
+                             "window_ring=False")
         if need > self.alloc.capacity:
             raise ValueError(f"request needs {seq.max_len + headroom} KV slots (prompt + max new tokens + draft), more "
                              f"than the whole KV pool ({self.alloc.capacity * self.alloc.block_size}); lower "
@@ -82,7 +88,7 @@ class Scheduler:
             if seq.status != Status.RUNNING or seq.paused:  # preempted while reserving, or held back by a policy
                 continue
             if seq.prefilling:
-                n = min(seq.prefill_end - seq.kv.written, budget)
+                n = min(seq.prefill_end - seq.kv.written, budget, seq.kv.max_pass or budget)
                 if n > 0 and self._reserve(seq, seq.kv.length + n):
                     plan.prefills.append((seq, n))
                     budget -= n
@@ -95,9 +101,9 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.kv.length == 0 and self.config.prefix_caching and seq.adopts_prefix:
                 seq.stats.cached_prompt_tokens = seq.kv.adopt_prefix(seq.tokens, seq.prefill_end - 1)
-            n = min(seq.prefill_end - seq.kv.written, budget)
+            n = min(seq.prefill_end - seq.kv.written, budget, seq.kv.max_pass or budget)
             # Admit only with a block to spare: a fresh admission must not immediately preempt the running ones.
-            if seq.kv.blocks_needed(seq.kv.length + n) + 1 > self.alloc.num_free:
+            if not seq.kv.fits(seq.kv.length + n, spare=1):
                 if not self.running and not plan.prefills:
                     seq.kv.ensure(seq.kv.length + n)  # alone it fits (checked in `add`); raises only on a bug
                 else:

@@ -48,8 +48,9 @@ class GenerationStats:
     preemptions: int = 0
     method: str = "plain"
     press: str | None = None  # the KV press (`press=`), if any
-    # KV memory of this sequence, in bytes: held (pool blocks it owns or shares, plus what a press keeps packed
-    # outside the pool) at its largest and at the end, and what its written tokens take uncompressed (same blocks).
+    # KV memory of this sequence, in bytes: held (pool blocks it owns or shares, its sliding-window rings, plus what
+    # a press keeps packed outside the pool) at its largest and at the end, and what its written tokens take
+    # uncompressed (same blocks and rings).
     kv_bytes_peak: int = 0
     kv_bytes_final: int = 0
     kv_bytes_uncompressed: int = 0
@@ -164,7 +165,8 @@ class Sequence:
     def adopts_prefix(self) -> bool:
         """Whether the prompt may come from the prefix cache: not when a press must see the prompt's passes, nor when
         a drafter or policy reads the hidden states of every prompt token (a cached prefix has none to give)."""
-        return (self.press is None or not self.press.observes_prefill) and not self.hidden_layers
+        return (self.press is None or not self.press.observes_prefill) and not self.hidden_layers and \
+            self.kv.shares_prefixes
 
     def observer(self, prefill: bool, positions: list[int]):
         """The press's part in this pass's row (None: plain attention)."""
@@ -179,12 +181,10 @@ class Sequence:
 
     def note_kv(self) -> None:
         kv, s = self.kv, self.stats
-        per_slot = kv.pool.bytes_per_token()
-        bs = kv.pool.block_size
-        held = len(kv.blocks) * bs * per_slot + (self.press.held_outside() if self.press is not None else 0)
+        held = kv.held_bytes() + (self.press.held_outside() if self.press is not None else 0)
         s.kv_bytes_final = held
         s.kv_bytes_peak = max(s.kv_bytes_peak, held)
-        s.kv_bytes_uncompressed = -(-kv.written // bs) * bs * per_slot
+        s.kv_bytes_uncompressed = kv.bytes_for(kv.written)
 
     def free_kv(self) -> None:
         """Give the KV memory back (preemption: the sequence prefills again later, its press starts over)."""

@@ -79,7 +79,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     # No prefix cache: a run after another would find the prompts' KV cached and look faster than it is.
     engine = decodekit.load(args.model, device=args.device, dtype=args.dtype, prefix_caching=False,
-                            tensor_parallel=args.tensor_parallel)
+                            tensor_parallel=args.tensor_parallel, window_ring=not args.no_window_ring)
     has_template = bool(getattr(engine.tokenizer, "chat_template", None))
     if args.prompt_style == "chat" and not has_template:
         raise ValueError(f"{args.model} has no chat template; use --prompt-style base")

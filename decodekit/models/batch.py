@@ -4,7 +4,8 @@ A pass scores several sequences at once. Each contributes a *row*: its new token
 plus its draft tree), written to its KV memory after the entries it already holds. Rows of similar width form a
 *group*, padded to a common width; the tokens of all groups are laid out flat, group after group, so linear layers
 see one `[N, hidden]` matrix and only attention works per group. Padding tokens write to the scratch block and see
-only themselves.
+only themselves. A pool with rings (sliding-window layers, `kv_cache.py`) gets, per ring, its own write slots and a
+table of the ring's entries for each row (`RingRows`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,16 @@ from typing import Any
 
 import torch
 
-from .kv_cache import SCRATCH, SeqKV, slot_table
+from .kv_cache import SCRATCH, SeqKV, ring_slot_table, slot_table
+
+
+@dataclass
+class RingRows:
+    """What a group's rows read in one ring: `table` `[rows, span]` slots of the entries [first, first + span) of
+    each row (`kv_cache.ring_slot_table`)."""
+
+    table: torch.Tensor
+    first: torch.Tensor  # [rows]
 
 
 @dataclass
@@ -28,6 +38,7 @@ class Rows:
     ctx: torch.Tensor  # [rows] entries committed before this pass's tokens: every query sees them (causally)
     tree: torch.Tensor | None = None  # [rows, width, width] ancestors (incl. self) inside the new block; None: causal
     observers: list[tuple[int, Any]] | None = None  # (row, observer): rows whose attention a KV press takes part in
+    rings: list[RingRows] = field(default_factory=list)  # per ring of the pool
 
 
 @dataclass
@@ -38,6 +49,7 @@ class ForwardBatch:
     groups: list[Rows]
     logit_rows: torch.Tensor | None = None  # [M] flat rows to return logits (and hidden states) for; None: all
     hidden_layers: tuple[int, ...] = ()  # also return these layers' outputs (index num_layers: final norm)
+    ring_writes: list[torch.Tensor] = field(default_factory=list)  # [N] per ring of the pool: its write slots
 
 
 @dataclass
@@ -73,6 +85,8 @@ class GroupLayout:
     valid: torch.Tensor  # [rows] entries after this pass (readable)
     tree: torch.Tensor | None  # [rows, width, width], None when every row is a chain
     logit_rows: list[int]  # flat rows (from the group's start) whose logits the specs ask for
+    ring_writes: list[list[int]] = field(default_factory=list)  # per ring: each token's write slot
+    ring_tables: list[torch.Tensor] = field(default_factory=list)  # per ring: [rows, n_blocks] ring blocks
 
 
 def layout_group(specs: list[RowSpec], width: int, rows: int, length: int, block_size: int,
@@ -84,6 +98,9 @@ def layout_group(specs: list[RowSpec], width: int, rows: int, length: int, block
     ctx = torch.zeros(rows, dtype=torch.long)
     valid = torch.zeros(rows, dtype=torch.long)
     tree = torch.eye(width, dtype=torch.bool).repeat(rows, 1, 1) if any(s.tree is not None for s in specs) else None
+    rings = specs[0].kv.pool.rings if specs else []
+    ring_writes: list[list[int]] = [[] for _ in rings]
+    ring_tables = [torch.zeros(rows, ring.n_blocks, dtype=torch.long) for ring in rings]
     for r, s in enumerate(specs):
         w = len(s.tokens)
         if w > width:
@@ -91,6 +108,12 @@ def layout_group(specs: list[RowSpec], width: int, rows: int, length: int, block
         tokens += s.tokens + [0] * (width - w)
         positions += s.positions + [0] * (width - w)
         slots += s.kv.slots(s.kv.length, w) + [SCRATCH] * (width - w)
+        if rings and w > s.kv.max_pass:
+            raise ValueError(f"a pass of {w} tokens is wider than the sliding-window ring allows ({s.kv.max_pass}: "
+                             "load with a larger ring_pass, or window_ring=False)")
+        for g, ring in enumerate(rings):
+            ring_writes[g] += s.kv.ring_slots(g, range(s.kv.length, s.kv.length + w)) + [SCRATCH] * (width - w)
+            ring_tables[g][r, :len(s.kv.rings[g])] = torch.tensor(s.kv.rings[g], dtype=torch.long)
         table = s.kv.table()[:n_blocks]
         tables[r, :len(table)] = torch.tensor(table, dtype=torch.long)
         ctx[r], valid[r] = s.kv.length, s.kv.length + w
@@ -103,7 +126,7 @@ def layout_group(specs: list[RowSpec], width: int, rows: int, length: int, block
             logit_rows.append(r * width + w - 1)
     pad = (rows - len(specs)) * width
     return GroupLayout(tokens + [0] * pad, positions + [0] * pad, slots + [SCRATCH] * pad, tables, ctx, valid, tree,
-                       logit_rows)
+                       logit_rows, [w + [SCRATCH] * pad for w in ring_writes], ring_tables)
 
 
 def build_batch(groups: list[list[RowSpec]], device: torch.device, widths: list[int] | None = None,
@@ -112,6 +135,8 @@ def build_batch(groups: list[list[RowSpec]], device: torch.device, widths: list[
     """Lay `groups` of rows out flat; `widths` / `rows` pad each group (default: its widest row / its row count);
     `kv_len` pads every slot table (default: the longest row's entries). Sets each spec's `first_logit`."""
     tokens, positions, slots, logit_rows, out = [], [], [], [], []
+    rings = groups[0][0].kv.pool.rings if groups else []
+    ring_writes: list[list[int]] = [[] for _ in rings]
     start = 0
     for gi, specs in enumerate(groups):
         width = widths[gi] if widths else max(len(s.tokens) for s in specs)
@@ -123,11 +148,17 @@ def build_batch(groups: list[list[RowSpec]], device: torch.device, widths: list[
         positions += g.positions
         slots += g.write_slots
         logit_rows += [start + r for r in g.logit_rows]
-        table = slot_table(g.tables.to(device), g.valid.to(device), length, bs)
+        valid = g.valid.to(device)
+        table = slot_table(g.tables.to(device), valid, length, bs)
         observers = [(r, s.observer) for r, s in enumerate(specs) if s.observer is not None] or None
+        ring_rows = [RingRows(*ring_slot_table(t.to(device), valid, ring.span, bs))
+                     for t, ring in zip(g.ring_tables, rings)]
+        for r, w in enumerate(g.ring_writes):
+            ring_writes[r] += w
         out.append(Rows(start, n_rows, width, table, g.ctx.to(device), None if g.tree is None else g.tree.to(device),
-                        observers))
+                        observers, ring_rows))
         start += n_rows * width
     as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
     return ForwardBatch(as_long(tokens), as_long(positions), as_long(slots), out,
-                        as_long(logit_rows) if len(logit_rows) < start else None, hidden_layers)
+                        as_long(logit_rows) if len(logit_rows) < start else None, hidden_layers,
+                        [as_long(w) for w in ring_writes])

@@ -11,6 +11,32 @@
   a store outside the pool (quantized KV held packed).
 
 Nothing here knows about attention: the model reads a batch's `slot_table` (`slot_table()`) and writes at slots.
+
+Sliding-window layers on a ring (issue #16). A layer that attends only to its last `window` positions (Gemma 3's
+local layers) never reads an entry again once `window` newer ones exist, so a pool may give such layers storage of
+their own: layers are grouped by capacity (`capacity[layer]`: None = the full pool, else a ring of that many
+entries, whole blocks); each group of ring layers is a `Ring` (its own keys, values, positions and allocator), and
+every sequence holds up to `capacity / block_size` blocks of each ring (taken as its entries grow, until the ring
+wraps). Entry e of a sequence lives in ring slot `ring_blocks[(e // block_size) % n_blocks] * block_size +
+e % block_size`: rings are indexed by ENTRIES, not positions, so draft trees (several entries at one position),
+rolled-back drafts and compacted paths (`keep_path`, a press's `compact`) work as in the full pool. The invariant:
+a ring of R entries holds the last R entries written; a pass writes at most `max_pass` entries past a sequence's
+committed ones (a prefill chunk is cut to it; a decode row, root + draft, is checked when the request is added;
+fused greedy chunks write at most a chunk ahead). A pass reads a ring through a table of `span` = R - max_pass
+columns, the entries [first, first + span) of each row, first = max(0, valid - span) (`ring_slot_table`), so
+attention in ring layers costs `span`, not the sequence's length; the decode kernel gets its [lo, hi) in those
+columns (`transformer.py`). Why R = window + 2 max_pass (`transformer.ring_capacity`): span >= window + max_pass
+covers every committed entry a query of the pass may see by its window plus the pass's own entries, so none of
+them is overwritten during the pass; and entries written past `length` and then dropped (rejected drafts, a
+greedy chunk launched ahead) overwrite, with their recent positions, slots of entries at most R - max_pass behind
+the next pass's first new entry, which lie before `first`: no table ever shows such an alias. Entries before a
+table's span may be overwritten: their positions lie a window or more behind every later query. Where entries
+are moved (keep_path, compaction, copies), each destination slot gets its entry's true position, so stale keys of
+an entry already overwritten stay masked by the window (positions in `Ring.slot_pos`, masks as today).
+What a ring cannot do: be shared. A fork copies the ring's blocks (n samples, beams); a sequence of a pool with
+rings neither adopts cached prefixes nor offers its blocks to the cache (a prefix's window entries are not kept);
+a quantizing press packs the full-attention layers only (a ring is fixed memory: it keeps its layers in full
+precision) and presses never observe ring layers (their attention columns are the ring's).
 """
 from __future__ import annotations
 
@@ -23,7 +49,10 @@ EMPTY = -1  # slot_pos of a slot that holds no token
 SCRATCH = 0  # the scratch block's first slot: padding writes and out-of-range reads land in block 0
 
 
-class KVPool(nn.Module):
+class Storage(nn.Module):
+    """Keys and values `[layers, slots, kv_heads, head_dim]` of a group of layers, a position per slot, and the
+    allocator of its blocks (block 0: scratch, zeroed)."""
+
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:
         super().__init__()
@@ -44,12 +73,13 @@ class KVPool(nn.Module):
         return self.slot_pos.shape[0]
 
     def bytes_per_token(self) -> int:
+        """Bytes of one slot over this storage's layers (keys and values)."""
         return 2 * self.k.shape[0] * self.k.shape[2] * self.k.shape[3] * self.k.element_size()
 
     def copy_slots(self, src: list[int] | torch.Tensor, dst: list[int] | torch.Tensor,
-                   source: "KVPool | None" = None) -> None:
-        """Move keys, values and positions from slots `src` (of `source`, default this pool) to slots `dst` (every
-        layer)."""
+                   source: "Storage | None" = None) -> None:
+        """Move keys, values and positions from slots `src` (of `source`, default this storage) to slots `dst`
+        (every layer of it)."""
         dev = self.k.device
         source = self if source is None else source
         src = torch.as_tensor(src, dtype=torch.long, device=source.k.device)
@@ -57,6 +87,57 @@ class KVPool(nn.Module):
         self.k[:, dst] = source.k[:, src].to(dev)
         self.v[:, dst] = source.v[:, src].to(dev)
         self.slot_pos[dst] = source.slot_pos[src].to(dev)
+
+
+class Ring(Storage):
+    """The storage of a group of sliding-window layers: each sequence holds up to `n_blocks` blocks of it, reused
+    in a circle (`capacity` = n_blocks * block_size entries), and a pass reads its last `span` entries (see the
+    module docstring)."""
+
+    def __init__(self, layers: list[int], capacity: int, span: int, num_blocks: int, block_size: int, *args) -> None:
+        if capacity % block_size:
+            raise ValueError(f"a ring's capacity ({capacity}) must be whole blocks of {block_size}")
+        if num_blocks < capacity // block_size + 1:
+            raise ValueError(f"a ring pool of {num_blocks} blocks cannot hold one ring of {capacity // block_size}")
+        super().__init__(len(layers), num_blocks, block_size, *args)
+        self.layers, self.capacity, self.span, self.n_blocks = list(layers), capacity, span, capacity // block_size
+
+
+class KVPool(Storage):
+    """The KV memory of a model: the full pool (layers whose `capacity` is None: every entry of a sequence), and a
+    `Ring` per capacity of the other layers (`max_pass`: the widest pass a sequence may write into them). Without
+    rings, `k` and `v` are every layer's, indexed by layer; with rings, use `layer_store(layer)`."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str, capacity: list[int | None] | None = None,
+                 max_pass: int | None = None, ring_blocks: int | None = None) -> None:
+        capacity = capacity or [None] * num_layers
+        full = [i for i in range(num_layers) if capacity[i] is None]
+        super().__init__(len(full), num_blocks, block_size, num_kv_heads, head_dim, dtype, device)
+        self.where: list[tuple[int | None, int]] = [(None, 0)] * num_layers  # layer -> (ring or None, its row)
+        for row, i in enumerate(full):
+            self.where[i] = (None, row)
+        caps = sorted({c for c in capacity if c is not None})
+        if caps and (max_pass is None or max_pass < 1):
+            raise ValueError("a pool with rings needs max_pass >= 1 (the widest pass written into a ring)")
+        self.rings = nn.ModuleList()
+        for r, cap in enumerate(caps):
+            layers = [i for i in range(num_layers) if capacity[i] == cap]
+            self.rings.append(Ring(layers, cap, cap - max_pass, ring_blocks or num_blocks, block_size, num_kv_heads,
+                                   head_dim, dtype, device))
+            for row, i in enumerate(layers):
+                self.where[i] = (r, row)
+        self.max_pass = max_pass if caps else None
+        self.ring_layers = frozenset(i for i in range(num_layers) if capacity[i] is not None)
+
+    def ring_of(self, layer: int) -> int | None:
+        return self.where[layer][0]
+
+    def layer_store(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values `[slots, kv_heads, head_dim]` of `layer`, in the full pool or its ring."""
+        r, row = self.where[layer]
+        store = self if r is None else self.rings[r]
+        return store.k[row], store.v[row]
 
 
 class PoolFull(Exception):
@@ -131,6 +212,8 @@ class SeqKV:
     Logical entry i lives in slot `blocks[i // block_size - virtual] * block_size + i % block_size`. Blocks shared
     with other sequences (forks, cached prefixes) are only ever read: a sequence writes from its own `length` on,
     which lies in blocks it owns alone (a fork copies a shared partial last block first; `compact` copies on write).
+    In each ring of the pool (sliding-window layers) it holds `rings[r]`, blocks of its own, never shared; entry i
+    lives in ring slot `ring_slots` (the module docstring).
 
     Without a press, entry i holds token i. A press may break that: `compact` keeps a subset of the entries (each
     keeps its token's position in the pool's `slot_pos`), counting the dropped ones in `evicted`; `hand_over`
@@ -141,6 +224,7 @@ class SeqKV:
     def __init__(self, pool: KVPool) -> None:
         self.pool = pool
         self.blocks: list[int] = []
+        self.rings: list[list[int]] = [[] for _ in getattr(pool, "rings", ())]  # ring blocks, per ring of the pool
         self.length = 0
         self.hashes: list[int] = []  # chained hash of each full block registered for prefix caching
         self.evicted = 0  # entries dropped by `compact`
@@ -161,6 +245,17 @@ class SeqKV:
         return not self.evicted and not self.virtual
 
     @property
+    def shares_prefixes(self) -> bool:
+        """Whether cached prompt blocks may be adopted and offered: not with rings (a ring holds one sequence's
+        window entries only, and is not shared)."""
+        return not self.rings
+
+    @property
+    def max_pass(self) -> int | None:
+        """The most entries one pass may write past `length` (None: no limit): what the pool's rings allow."""
+        return getattr(self.pool, "max_pass", None)
+
+    @property
     def capacity(self) -> int:
         return (self.virtual + len(self.blocks)) * self.pool.block_size
 
@@ -172,13 +267,26 @@ class SeqKV:
         """Blocks to add so that `n` logical entries fit."""
         return max(0, -(-n // self.pool.block_size) - self.virtual - len(self.blocks))
 
+    def ring_blocks_needed(self, r: int, n: int) -> int:
+        """Blocks of ring `r` to add so that `n` logical entries fit (a ring grows until it wraps)."""
+        ring = self.pool.rings[r]
+        return max(0, min(ring.n_blocks, -(-n // ring.block_size)) - len(self.rings[r]))
+
+    def fits(self, n: int, spare: int = 0) -> bool:
+        """Whether the free blocks (keeping `spare` of the pool's) cover `n` logical entries, rings included."""
+        return self.blocks_needed(n) + spare <= self.alloc.num_free and all(
+            self.ring_blocks_needed(r, n) <= ring.allocator.num_free for r, ring in enumerate(self.pool.rings))
+
     def ensure(self, n: int) -> None:
         """Own enough blocks for `n` logical entries (raises PoolFull, keeping what it got, if the pool runs out)."""
         for _ in range(self.blocks_needed(n)):
             self.blocks.append(self.alloc.allocate())
+        for r, ring in enumerate(self.rings):
+            for _ in range(self.ring_blocks_needed(r, n)):
+                ring.append(self.pool.rings[r].allocator.allocate())
 
     def trim(self) -> None:
-        """Give back the blocks past `length`."""
+        """Give back the blocks past `length` (a ring keeps its blocks: they hold the window)."""
         keep = max(0, -(-self.length // self.pool.block_size) - self.virtual)
         for b in self.blocks[keep:]:
             self.alloc.release(b)
@@ -191,11 +299,38 @@ class SeqKV:
             raise ValueError(f"entries from {start} lie in blocks held outside the pool")
         return [self.blocks[i // bs - v] * bs + i % bs for i in range(start, start + n)]
 
+    def entry_slots(self, entries: list[int]) -> list[int]:
+        """Slots of the given entries in the full pool."""
+        bs, v = self.pool.block_size, self.virtual
+        return [self.blocks[i // bs - v] * bs + i % bs for i in entries]
+
+    def ring_slots(self, r: int, entries) -> list[int]:
+        """Slots of the given entries (an iterable of indices) in ring `r`."""
+        ring, blocks = self.pool.rings[r], self.rings[r]
+        bs, nb = ring.block_size, ring.n_blocks
+        return [blocks[(i // bs) % nb] * bs + i % bs for i in entries]
+
     def rollback(self, length: int) -> None:
         """Forget entries from `length` on (their blocks stay until `trim`: the next pass may write there)."""
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot roll back to {length}: {self.length} entries held")
         self.length = length
+
+    def _move_ring_entries(self, src: list[int], dst: list[int], positions: torch.Tensor,
+                           source: "SeqKV | None" = None) -> None:
+        """In every ring, entry src[i] (of `source`, default this sequence) -> entry dst[i], with its true position
+        `positions[i]`. Only the destinations among this sequence's last `capacity` entries are written (the others
+        would be overwritten at once); a source entry already overwritten moves stale keys, which its (old) position
+        masks out of every later query's window."""
+        source = self if source is None else source
+        end = max(dst, default=-1) + 1
+        for r, ring in enumerate(self.pool.rings):
+            pick = [i for i, d in enumerate(dst) if d >= end - ring.capacity]
+            if not pick:
+                continue
+            to = torch.as_tensor(self.ring_slots(r, [dst[i] for i in pick]), dtype=torch.long, device=ring.k.device)
+            ring.copy_slots(source.ring_slots(r, [src[i] for i in pick]), to, source=source.pool.rings[r])
+            ring.slot_pos[to] = positions[pick].to(ring.slot_pos.device)
 
     def keep_path(self, start: int, nodes: list[int]) -> None:
         """After a tree written at entries `start...`, keep only the nodes `nodes` (in path order), moved to entries
@@ -204,12 +339,16 @@ class SeqKV:
         if list(nodes) != list(range(n)):  # decided on the host: no device work on the common chain path
             src = [self.slots(start + i, 1)[0] for i in nodes]
             self.pool.copy_slots(src, self.slots(start, n))
+            for r, ring in enumerate(self.pool.rings):  # the tree's entries were just written: all in the ring
+                ring.copy_slots(self.ring_slots(r, [start + i for i in nodes]), self.ring_slots(r, range(start,
+                                                                                                         start + n)))
         self.length = start + n
 
     def compact(self, keep: list[int] | torch.Tensor) -> None:
         """Keep only the entries `keep` (ascending), moved to entries 0, 1, ...; each keeps its position. Freed
         blocks return to the pool; blocks shared with other sequences (or offered to the prefix cache) are not
-        written: the kept entries that land there go to fresh blocks instead (copy on write)."""
+        written: the kept entries that land there go to fresh blocks instead (copy on write). Rings move their
+        entries likewise (`_move_ring_entries`)."""
         if self.virtual:
             raise ValueError("cannot evict from a sequence whose first blocks are held outside the pool")
         keep = [int(i) for i in keep]
@@ -222,6 +361,9 @@ class SeqKV:
             self.trim()
             return
         src = [self.blocks[i // bs] * bs + i % bs for i in keep]
+        if self.rings:  # positions from the full pool's slots, before they move
+            positions = self.pool.slot_pos[torch.as_tensor(src, dtype=torch.long, device=self.pool.slot_pos.device)]
+            self._move_ring_entries(keep, list(range(n)), positions)
         old = list(self.blocks)
         fresh = {}  # block index -> newly allocated block, for destinations this sequence must not write
         for j in range(-(-n // bs)):
@@ -238,9 +380,22 @@ class SeqKV:
         self.length = n
         self.trim()
 
+    def append_from(self, source: "SeqKV", entries: list[int]) -> None:
+        """Append copies of `source`'s entries `entries` (ascending; same pool layout) after this sequence's own,
+        in the full pool and every ring (a drafter's cache built from its target's)."""
+        start, n = self.length, len(entries)
+        self.ensure(start + n)
+        src = source.entry_slots(entries)
+        self.pool.copy_slots(src, self.slots(start, n), source=source.pool)
+        if self.rings:
+            positions = source.pool.slot_pos[torch.as_tensor(src, dtype=torch.long,
+                                                             device=source.pool.slot_pos.device)]
+            self._move_ring_entries(entries, list(range(start, start + n)), positions, source)
+        self.length = start + n
+
     def hand_over(self, n_blocks: int) -> None:
         """The first `n_blocks` real blocks leave the pool (their owner keeps them elsewhere): they are released and
-        read as scratch from now on."""
+        read as scratch from now on. Rings keep theirs."""
         if n_blocks > len(self.blocks) or (self.virtual + n_blocks) * self.pool.block_size > self.length:
             raise ValueError(f"cannot hand over {n_blocks} blocks: only full blocks of held entries can leave")
         for b in self.blocks[:n_blocks]:
@@ -250,21 +405,32 @@ class SeqKV:
         self.virtual += n_blocks
 
     def fork(self) -> "SeqKV":
-        """A sequence with the same entries: full blocks shared, a partial last block copied."""
+        """A sequence with the same entries: full blocks shared, a partial last block copied, rings copied."""
         child = SeqKV(self.pool)
         bs, v = self.pool.block_size, self.virtual
         full = self.length // bs - v  # full blocks held in the pool
+        try:
+            for r, blocks in enumerate(self.rings):  # first: PoolFull here leaves nothing shared to undo
+                ring = self.pool.rings[r]
+                for _ in blocks:
+                    child.rings[r].append(ring.allocator.allocate())
+                ring.copy_slots(self.ring_slots(r, range(len(blocks) * bs)), child.ring_slots(r, range(len(blocks)
+                                                                                                       * bs)))
+            if self.length % bs:
+                child.blocks.append(self.alloc.allocate())
+        except PoolFull:
+            child.free()
+            raise
+        partial = child.blocks
         for b in self.blocks[:full]:
             self.alloc.share(b)
-        child.blocks = self.blocks[:full]
+        child.blocks = self.blocks[:full] + partial
         child.hashes = list(self.hashes[:full])
         child.length, child.evicted, child.virtual = self.length, self.evicted, v
-        if self.length % bs:
-            block = self.alloc.allocate()
-            child.blocks.append(block)
+        if partial:
             n = self.length % bs
             src = [self.blocks[full] * bs + i for i in range(n)]
-            self.pool.copy_slots(src, [block * bs + i for i in range(n)])
+            self.pool.copy_slots(src, [partial[0] * bs + i for i in range(n)])
         return child
 
     def free(self) -> None:
@@ -272,12 +438,32 @@ class SeqKV:
         self.virtual = 0
         self.trim()
         self.evicted = 0
+        for r, blocks in enumerate(self.rings):
+            for b in blocks:
+                self.pool.rings[r].allocator.release(b)
+            blocks.clear()
+
+    def held_bytes(self) -> int:
+        """Bytes of the pool blocks this sequence holds (owned or shared), rings included."""
+        bs = self.pool.block_size
+        return len(self.blocks) * bs * self.pool.bytes_per_token() + sum(
+            len(blocks) * bs * ring.bytes_per_token() for blocks, ring in zip(self.rings, self.pool.rings))
+
+    def bytes_for(self, entries: int) -> int:
+        """Bytes `entries` entries take in this sequence's pool: whole blocks of the full pool, and the blocks of each
+        ring they fill (a ring stops growing at its capacity)."""
+        bs = self.pool.block_size
+        blocks = -(-entries // bs)
+        return blocks * bs * self.pool.bytes_per_token() + sum(
+            min(blocks, ring.n_blocks) * bs * ring.bytes_per_token() for ring in self.pool.rings)
 
     # ---- prefix caching ------------------------------------------------------------------------------------
     def adopt_prefix(self, tokens: list[int], limit: int) -> int:
         """Take cached blocks holding a prefix of `tokens` (at most `limit` tokens, whole blocks); returns how many
-        entries were adopted. Only for an empty sequence."""
+        entries were adopted. Only for an empty sequence (and none with rings: `shares_prefixes`)."""
         assert not self.blocks, "adopt_prefix needs an empty sequence"
+        if not self.shares_prefixes:
+            return 0
         bs, h = self.pool.block_size, 0
         for i in range(limit // bs):
             h = BlockAllocator.chain_hash(h, tokens[i * bs:(i + 1) * bs])
@@ -293,7 +479,7 @@ class SeqKV:
     def register_full_blocks(self, tokens: list[int]) -> None:
         """Offer every full block of committed `tokens` (the first `length` tokens of the text) to the cache; only
         while entry i holds token i."""
-        if not self.dense:
+        if not self.dense or not self.shares_prefixes:
             return
         bs = self.pool.block_size
         h = self.hashes[-1] if self.hashes else 0
@@ -310,6 +496,18 @@ def slot_table(block_tables: torch.Tensor, valid: torch.Tensor, length: int, blo
     blocks = block_tables.index_select(1, idx // block_size)
     slots = blocks * block_size + idx % block_size
     return torch.where(idx[None] < valid[:, None], slots, SCRATCH)
+
+
+def ring_slot_table(blocks: torch.Tensor, valid: torch.Tensor, span: int,
+                    block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ring's table for a pass: `[rows, span]` slots of the entries [first, first + span) of each row, `first` =
+    max(0, valid - span), from the ring blocks `blocks` `[rows, n_blocks]` (entries from `valid` on read the scratch
+    slot); and `first` `[rows]`."""
+    n_blocks = blocks.shape[1]
+    first = (valid - span).clamp_min(0)
+    entry = first[:, None] + torch.arange(span, device=blocks.device)[None]
+    slots = blocks.gather(1, (entry // block_size) % n_blocks) * block_size + entry % block_size
+    return torch.where(entry < valid[:, None], slots, SCRATCH), first
 
 
 def private_pool(model, max_len: int, block_size: int = 256) -> tuple[KVPool, SeqKV]:

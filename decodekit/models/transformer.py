@@ -159,15 +159,19 @@ class Block(nn.Module):
 
 
 def attention_mask(group: Rows, q_pos: torch.Tensor, kv_pos: torch.Tensor | None,
-                   window: int | None) -> torch.Tensor:
-    """Boolean `[rows, 1, width, L]`: may query t of a row read logical entry l?
+                   window: int | None, first: torch.Tensor | None = None, length: int | None = None) -> torch.Tensor:
+    """Boolean `[rows, 1, width, L]`: may query t of a row read column l (logical entry `first + l`: a ring's table
+    starts at `first` `[rows]`; the full table at 0)?
 
-    Entries committed before this pass (l < ctx) are visible to every query; inside the new block the ancestor matrix
-    decides (causal for chains); a sliding `window` then drops what lies too far back, by position. Padding queries
-    see only their own entry, which keeps every softmax row finite.
+    Entries committed before this pass (entry < ctx) are visible to every query; inside the new block the ancestor
+    matrix decides (causal for chains); a sliding `window` then drops what lies too far back, by position. Padding
+    queries see only their own entry, which keeps every softmax row finite.
     """
-    rows, width, length = group.rows, group.width, group.slot_table.shape[1]
+    rows, width = group.rows, group.width
+    length = group.slot_table.shape[1] if length is None else length
     rel = torch.arange(length, device=q_pos.device)[None] - group.ctx[:, None]  # [rows, L]: entry - ctx
+    if first is not None:
+        rel = rel + first[:, None]
     seen = (rel < 0)[:, None, :].expand(rows, width, length)
     tree = group.tree
     if tree is None:
@@ -213,6 +217,13 @@ def window_lo(kv_pos: torch.Tensor, q_pos: torch.Tensor, ctx: torch.Tensor, wind
     return outside.sum(-1)
 
 
+def ring_capacity(window: int, max_pass: int, block_size: int) -> int:
+    """Entries a sliding-window layer's ring holds per sequence: the window plus twice the widest pass, in whole
+    blocks (a pass reads `capacity - max_pass` of them: its window and its own entries, never a slot that a dropped
+    entry written past the sequence's length overwrote; `kv_cache.py`)."""
+    return -(-(window + 2 * max_pass) // block_size) * block_size
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -235,10 +246,20 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
-    def make_pool(self, num_blocks: int, block_size: int) -> KVPool:
-        """KV memory shaped for this model."""
+    def make_pool(self, num_blocks: int, block_size: int, ring_pass: int | None = None,
+                  ring_blocks: int | None = None) -> KVPool:
+        """KV memory shaped for this model. With `ring_pass`, sliding-window layers keep only their window: a ring
+        of `ring_capacity(window, ring_pass)` entries per sequence and window, `ring_blocks` blocks per ring storage
+        (default: as many as the full pool; at least one ring's)."""
         c = self.config
-        return KVPool(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, self.dtype, self.device)
+        capacity = None
+        if ring_pass is not None and self.windows:
+            capacity = [None if (w := c.layer_window(i)) is None else ring_capacity(w, ring_pass, block_size)
+                        for i in range(c.num_layers)]
+            most = max(x for x in capacity if x is not None) // block_size + 1
+            ring_blocks = max(ring_blocks or num_blocks, most)
+        return KVPool(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, self.dtype, self.device,
+                      capacity, ring_pass if capacity else None, ring_blocks)
 
     def ensure_rope(self, positions: int) -> None:
         """Rotary tables (cos and sin) covering `positions`, built once."""
@@ -274,15 +295,12 @@ class Transformer(nn.Module):
             self.ensure_rope(self.config.max_position_embeddings)
         pos = batch.positions
         pool.slot_pos.index_copy_(0, batch.write_slots, pos)
-        groups = []
-        for g in batch.groups:
-            q_pos = pos[g.start:g.start + g.rows * g.width].view(g.rows, g.width)
-            kv_pos = pool.slot_pos[g.slot_table] if self.windows else None
-            masks = {w: attention_mask(g, q_pos, kv_pos, w) for w in [None, *self.windows]}
-            lows = {None: None}
-            if g.width == 1 and kernels.available(pos):  # the decode kernel's window bounds
-                lows.update({w: window_lo(kv_pos, q_pos[:, 0], g.ctx, w) for w in self.windows})
-            groups.append((g, masks, lows))
+        rings = getattr(pool, "rings", ())
+        for ring, writes in zip(rings, batch.ring_writes):
+            ring.slot_pos.index_copy_(0, writes, pos)
+        # What each layer reads: its storage (the full pool, or its ring: `ring_of`) and its window.
+        kinds = [(pool.ring_of(i) if rings else None, block.attn.window) for i, block in enumerate(self.layers)]
+        groups = [self._group_views(g, pos, pool, set(kinds)) for g in batch.groups]
         observers = [g.observers for g in batch.groups] if any(g.observers for g in batch.groups) else None
         cos_g, sin_g = self.rope_global[0][pos][:, None].to(self.dtype), self.rope_global[1][pos][:, None].to(self.dtype)
         rope_global = (cos_g, sin_g)
@@ -298,13 +316,15 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.layers):
             if i not in skip_layers:
                 rope = rope_local if block.attn.local_rope else rope_global
-                w = block.attn.window
-                layer_groups = [(g.start, g.rows, g.width, g.slot_table, m[w], g.ctx, lo.get(w))
-                                for g, m, lo in groups]
-                if observers:
-                    x = run[i](x, rope, pool.k[i], pool.v[i], batch.write_slots, layer_groups, observers)
+                kind = kinds[i]
+                layer_groups = [views[kind] for views in groups]
+                k_store, v_store = pool.layer_store(i) if rings else (pool.k[i], pool.v[i])
+                writes = batch.write_slots if kind[0] is None else batch.ring_writes[kind[0]]
+                # Presses observe the full pool's layers only: a ring layer's columns are its ring's entries.
+                if observers and kind[0] is None:
+                    x = run[i](x, rope, k_store, v_store, writes, layer_groups, observers)
                 else:
-                    x = run[i](x, rope, pool.k[i], pool.v[i], batch.write_slots, layer_groups)
+                    x = run[i](x, rope, k_store, v_store, writes, layer_groups)
             if i in batch.hidden_layers:
                 hidden.append(x if keep is None else x[keep])
         x = x if keep is None else x[keep]
@@ -319,6 +339,25 @@ class Transformer(nn.Module):
             order = sorted(batch.hidden_layers)
             return logits, torch.cat([hidden[order.index(i)] for i in batch.hidden_layers], dim=-1)
         return logits
+
+    def _group_views(self, g: Rows, pos: torch.Tensor, pool: KVPool, kinds: set) -> dict:
+        """Per (ring or None, window) a layer may have: the tuple its attention reads for group `g`: (start, rows,
+        width, table, mask, ctx in the table's columns, window's first column for the decode kernel or None)."""
+        q_pos = pos[g.start:g.start + g.rows * g.width].view(g.rows, g.width)
+        kernel = g.width == 1 and kernels.available(pos)
+        views = {}
+        for r, w in kinds:
+            if r is None:
+                table, first, store = g.slot_table, None, pool
+            else:
+                table, first, store = g.rings[r].table, g.rings[r].first, pool.rings[r]
+            kv_pos = store.slot_pos[table] if w is not None else None
+            mask = attention_mask(g, q_pos, kv_pos, w, first, table.shape[1])
+            ctx = g.ctx if first is None else g.ctx - first  # the row's first new entry, as a column of `table`
+            # The decode kernel reads columns [lo, ctx]; the window's first one comes from the entries' positions.
+            lo = window_lo(kv_pos, q_pos[:, 0], ctx, w) if kernel and w is not None else None
+            views[(r, w)] = (g.start, g.rows, g.width, table, mask, ctx, lo)
+        return views
 
     def forward_seq(self, kv: SeqKV, tokens: list[int], positions: list[int], tree: torch.Tensor | None = None,
                     logits: str = "all", skip_layers: frozenset[int] | set[int] = frozenset(),

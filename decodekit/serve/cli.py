@@ -74,7 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     engine_options = {k: getattr(args, k) for k in ("max_running", "max_step_tokens", "kv_tokens")
                       if getattr(args, k) is not None}
     engine = decodekit.load(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context,
-                            tensor_parallel=args.tensor_parallel, **engine_options)
+                            tensor_parallel=args.tensor_parallel, window_ring=not args.no_window_ring, **engine_options)
     engine.core.max_chunks = args.fused_chunks
     # Warm up with the default method: compiles what the device compiles, and checks the method and its options.
     engine.generate("Hello", 4, method=args.method, method_options=options, verifier=args.verifier)

@@ -78,13 +78,12 @@ class CompressedDrafter(ModelDrafter):
             split = 0
         else:
             slots = torch.tensor(target.slots(0, target.length), dtype=torch.long, device=target.pool.k.device)
-            take = slots[target.pool.slot_pos[slots] < split]  # entries are in position order
-            cache.ensure(len(take))
-            cache.pool.copy_slots(take, cache.slots(0, len(take)), source=target.pool)
-            cache.length = len(take)
-            cache.evicted = split - len(take)  # tokens the target itself had evicted
-        for s in range(split, root, 2048):
-            part = list(range(s, min(s + 2048, root)))
+            n = int((target.pool.slot_pos[slots] < split).sum())  # entries are in position order
+            cache.append_from(target, list(range(n)))  # the full pool's entries, and the rings' windows
+            cache.evicted = split - n  # tokens the target itself had evicted
+        chunk = min(2048, cache.max_pass or 2048)  # a pool with sliding-window rings takes narrower passes
+        for s in range(split, root, chunk):
+            part = list(range(s, min(s + chunk, root)))
             layers = self.net.config.num_layers
             self.note_pass("target", len(part), cache.length, layers=layers, of=layers, logits=0)
             with torch.inference_mode():

@@ -71,6 +71,20 @@ class PressSpec:
         elif not isinstance(press, (TidalDecode, QuestPress)):
             raise ValueError(f"press {self.name!r} cannot run in the engine")
 
+    def check_rings(self, ring_layers: frozenset[int], num_layers: int) -> None:
+        """Refuse (ValueError) what this press cannot do when the pool keeps `ring_layers` in sliding-window rings
+        (presses act on the full pool's layers only: `state.py`)."""
+        press = make_press(self.name, **self.press_knobs)
+        fix = "load with window_ring=False to keep every entry of those layers"
+        active = self.compression_ratio > 0 or "token_budget" in self.press_knobs  # (sparse presses; R = 0: idle)
+        if isinstance(press, TidalDecode) and active and set(press.selection_layers) & ring_layers:
+            raise ValueError(f"press 'tidal' selects in layers {sorted(set(press.selection_layers) & ring_layers)}, "
+                             f"which keep only their sliding window (a ring): choose full-attention selection layers "
+                             f"or {fix}")
+        if len(ring_layers) == num_layers and not isinstance(press, (TidalDecode, QuestPress)):
+            raise ValueError(f"press {self.name!r} needs full-attention layers; every layer keeps only its sliding "
+                             f"window (a ring): {fix}")
+
     def state(self, model, prompt_len: int, max_new_tokens: int, block_size: int) -> PressState:
         """A fresh press state for one sequence of `model`."""
         press = make_press(self.name, **self.press_knobs)

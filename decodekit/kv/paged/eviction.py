@@ -172,7 +172,8 @@ class EvictionState(PressState):
         return LayerKV(keys, values, positions, queries, mass, self.prompt_len)
 
     def compress(self, kv, at_prefill: bool) -> None:
-        layers = {i: self.layer_inputs(kv, i, at_prefill) for i in self.track}
+        rings = getattr(kv.pool, "ring_layers", frozenset())  # a ring keeps its window only: no scores, no merge
+        layers = {i: self.layer_inputs(kv, i, at_prefill) for i in self.track if i not in rings}
         scoring = [layers[i] for i in self.score_layers]
         if isinstance(self.press, ScopePress):
             keep = self._scope(scoring)
@@ -187,8 +188,9 @@ class EvictionState(PressState):
             self.mass = self.mass[:, :, keep].contiguous()
         slots = torch.tensor(kv.slots(0, kv.length), dtype=torch.long, device=kv.pool.k.device)
         for layer, (k, v) in merged.items():  # after compacting: the kept entries now sit in blocks it owns alone
-            kv.pool.k[layer, slots] = k.transpose(0, 1)
-            kv.pool.v[layer, slots] = v.transpose(0, 1)
+            k_store, v_store = kv.pool.layer_store(layer)
+            k_store[slots] = k.transpose(0, 1)
+            v_store[slots] = v.transpose(0, 1)
 
     def _scope(self, layers: list[LayerKV]) -> torch.Tensor:
         """SCOPE's selection with one token set: each side among its own tokens, by its own scorer and budget."""

@@ -103,7 +103,11 @@ class QuantState(PressState):
         start = self.packed_len
         packs = []
         positions = None
+        rings = getattr(kv.pool, "ring_layers", frozenset())
         for layer, press in enumerate(self.layer_presses):
+            if layer in rings:  # its ring holds the window in full precision; nothing to pack
+                packs.append(None)
+                continue
             keys, values, positions = layer_kv(kv.pool, kv, layer, start, start + n)
             rope = self.rope(layer, positions)
             if not self.calibrated:
@@ -120,4 +124,4 @@ class QuantState(PressState):
         kv.hand_over(n // kv.pool.block_size)
 
     def held_outside(self) -> int:
-        return sum(p.nbytes() for packs, _ in self.chunks for p in packs)
+        return sum(p.nbytes() for packs, _ in self.chunks for p in packs if p is not None)

@@ -9,6 +9,10 @@ The engine's step knows three things about a sequence's press, and nothing else:
 - `held_outside()`: bytes the press holds outside the pool (packed keys and values), for the stats.
 `fork()` copies the state for another sample of the request, `reset()` forgets it when the sequence loses its KV
 memory (preemption: it prefills again).
+With sliding-window rings (`models/kv_cache.py`) presses see the full pool's layers only: ring layers are never
+observed (their attention columns are the ring's entries) nor read by `layer_kv`; eviction still compacts the rings
+(one entry set per sequence), quantization packs the full pool's layers (a ring is fixed memory, kept in full
+precision). `PressSpec.check_rings` refuses what cannot work that way.
 """
 from __future__ import annotations
 
@@ -94,6 +98,9 @@ def attention_weights(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, s
 
 def layer_kv(pool, kv, layer: int, start: int = 0, end: int | None = None) -> tuple[torch.Tensor, ...]:
     """Keys, values `[H_kv, n, D]` and positions `[n]` of entries [start, end) of a sequence, in one layer."""
+    if layer in getattr(pool, "ring_layers", ()):
+        raise ValueError(f"layer {layer} keeps only its sliding window (a ring): its entries are not all held")
     end = kv.length if end is None else end
     slots = torch.tensor(kv.slots(start, end - start), dtype=torch.long, device=pool.k.device)
-    return pool.k[layer, slots].transpose(0, 1), pool.v[layer, slots].transpose(0, 1), pool.slot_pos[slots]
+    k_store, v_store = pool.layer_store(layer)
+    return k_store[slots].transpose(0, 1), v_store[slots].transpose(0, 1), pool.slot_pos[slots]

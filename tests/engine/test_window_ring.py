@@ -1,0 +1,248 @@
+"""Sliding-window layers on rings (models/kv_cache.py): a Gemma-3-shaped model whose window layers keep only
+window + ring_pass entries per sequence gives the same tokens (and nearly the same logits) as the full allocation,
+for prompts many windows long, through every path that writes, moves or copies KV entries: plain and fused greedy
+decoding, static (graph) passes, draft trees with accepted paths compacted, beam forks, n samples forked from one
+prefill, an eviction press, a compressed self-speculation cache, the decode kernel's window bounds; and the bytes a
+sequence holds in the window layers stay at the ring's capacity however long it grows."""
+import math
+
+import pytest
+import torch
+
+import decodekit
+from decodekit.engine import Engine
+from decodekit.models import kernels
+from decodekit.models.kv_cache import SeqKV
+from drafter_options import drafter_options
+
+WINDOW = 8  # tiny-gemma3: layers 0-2 slide over 8 positions, layer 3 is global
+RING_PASS = 16
+BLOCK = 4
+CAPACITY = 40  # window + 2 ring_pass, in whole blocks of 4 (models/transformer.ring_capacity)
+SPAN = 24  # what a pass reads of it: capacity - ring_pass
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """(ring, full): two engines over one float32 model."""
+    full = decodekit.load("random:tiny-gemma3", device="cpu", dtype="float32", window_ring=False, block_size=BLOCK)
+    ring = Engine(full.model, full.tokenizer, block_size=BLOCK, ring_pass=RING_PASS)
+    assert [(r.capacity, r.span) for r in ring.core.pool.rings] == [(CAPACITY, SPAN)] and not full.core.pool.rings
+    return ring, full
+
+
+def prompt(n: int, seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    motif = torch.randint(3, 500, (11,), generator=g).tolist()  # repeats: drafters find matches
+    return (motif * 3 + torch.randint(3, 500, (n,), generator=g).tolist())[:n]
+
+
+PROMPTS = [prompt(90), prompt(61, 1), prompt(130, 2)]  # 7 to 16 windows long; the ring wraps several times
+
+
+def same(ring, full, prompts=PROMPTS, n=40, **kw):
+    a = ring.generate(prompts, n, ignore_eos=True, **kw)
+    b = full.generate(prompts, n, ignore_eos=True, **kw)
+    flat = lambda rs: [r for x in rs for r in (x if isinstance(x, list) else [x])]  # noqa: E731
+    a, b = flat(a), flat(b)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    return a, b
+
+
+def test_greedy_tokens_and_logits_match_the_full_allocation(pair):
+    ring, full = pair
+    a, b = same(ring, full, logprobs=5)
+    for x, y in zip(a, b):
+        lx = torch.tensor([lp for lp, _ in x.logprobs])
+        ly = torch.tensor([lp for lp, _ in y.logprobs])
+        assert torch.allclose(lx, ly, atol=1e-4)
+        tx = torch.tensor([[v for _, v in top] for _, top in x.logprobs])
+        ty = torch.tensor([[v for _, v in top] for _, top in y.logprobs])
+        assert torch.allclose(tx, ty, atol=1e-4)
+
+
+def test_a_single_pass_reads_exactly_what_the_full_pool_gives(pair):
+    """One sequence fed through forward_seq, chunk by chunk, then a token tree: all logits equal."""
+    ring, full = pair
+    model, p = ring.model, prompt(100, 3)
+    got, want = [], []
+    for engine, out in ((ring, got), (full, want)):
+        kv = SeqKV(engine.core.pool)
+        for s in range(0, 96, 16):
+            out.append(model.forward_seq(kv, p[s:s + 16], list(range(s, s + 16))))
+        tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
+        out.append(model.forward_seq(kv, p[96:100], [96, 97, 97, 98], tree))
+        kv.keep_path(kv.length - 4, [0, 2])
+        out.append(model.forward_seq(kv, [7], [98]))
+        kv.free()
+    for x, y in zip(got, want):
+        assert torch.allclose(x, y, atol=1e-5)
+
+
+def test_window_layers_hold_at_most_the_ring(pair):
+    """A sequence of 300 tokens (37 windows): the ring storage holds CAPACITY entries of it, read from the pool's
+    allocators; the stats count them (full layer: every entry; window layers: the ring)."""
+    ring, full = pair
+    p = prompt(240, 4)
+    req = ring.add_request(p, 60, ignore_eos=True)
+    pool = ring.core.pool
+    rings_free = pool.rings[0].allocator.num_free
+    peak = 0
+    while not req.finished:
+        ring.step()
+        if not req.finished:
+            held = rings_free - pool.rings[0].allocator.num_free
+            assert held == len(req.sequences[0].kv.rings[0])
+            peak = max(peak, held)
+    assert peak == CAPACITY // BLOCK  # it grew to the ring and stopped there
+    assert pool.rings[0].allocator.num_free == rings_free  # given back
+    got = req.sequences[0].result().stats
+    slot = 2 * 2 * 16 * 4  # keys and values, 2 KV heads x 16 dims, float32, one layer
+    written = 240 + 59
+    assert got.kv_bytes_final == math.ceil(written / BLOCK) * BLOCK * slot * 1 + CAPACITY * slot * 3
+    plain = full.generate(p, 60, ignore_eos=True).stats
+    assert plain.kv_bytes_final == math.ceil(written / BLOCK) * BLOCK * slot * 4
+    assert got.kv_bytes_uncompressed == got.kv_bytes_final
+
+
+def test_prefill_chunks_are_cut_to_the_ring(pair):
+    ring, _ = pair
+    req = ring.add_request(prompt(100, 5), 2, ignore_eos=True)
+    chunks = []
+    while not req.finished:
+        before = req.sequences[0].kv.written if req.sequences else 0
+        ring.step()
+        chunks.append(req.sequences[0].kv.written - before)
+    assert max(chunks) == RING_PASS and req.sequences[0].stats.forward_passes == math.ceil(100 / RING_PASS) + 1
+
+
+def test_fused_greedy_chunks_and_static_passes(pair):
+    """Fused greedy chunks (eager reference) and the static-buffer passes of the graph runner (on the CPU its
+    "replay" calls the captured function) over rings."""
+    ring, full = pair
+    fused = Engine(ring.model, ring.tokenizer, block_size=BLOCK, ring_pass=RING_PASS)
+    fused.core.runner.fused_sizes = (16, 4)
+    same(fused, full, n=45)
+    graphed = Engine(ring.model, ring.tokenizer, block_size=BLOCK, ring_pass=RING_PASS, cuda_graphs=True)
+    same(graphed, full, n=45)
+    same(graphed, full, n=30, method="aded", method_options={"max_nodes": 12})
+    assert any(k[3] == 16 for k in graphed.core.runner.passes)
+
+
+@pytest.mark.parametrize("method,options", [
+    ("pld", {}),
+    ("aded", {"max_nodes": 12}),
+    ("draft", {"tree_width": 3, "max_nodes": 12, "num_draft": 4}),  # the target drafts: long accepted tree paths
+    ("eagle", {"max_nodes": 12}),  # an untrained head on its features
+])
+def test_draft_trees_and_compacted_paths(pair, method, options):
+    ring, full = pair
+    opts = {**drafter_options(method, ring), **options}
+    a, _ = same(ring, full, method=method, method_options=opts, adaptive=False)  # every step drafts
+    if method == "draft":
+        assert sum(r.stats.tau for r in a) / len(a) > 2  # accepted paths were moved into place
+
+
+def test_beam_search_forks_rings(pair):
+    ring, full = pair
+    a = ring.generate(PROMPTS[:2], 24, ignore_eos=True, search="beam", search_options={"num_beams": 3},
+                      return_all=True)
+    b = full.generate(PROMPTS[:2], 24, ignore_eos=True, search="beam", search_options={"num_beams": 3},
+                      return_all=True)
+    for x, y in zip(a, b):
+        assert [c.token_ids for c in x.candidates] == [c.token_ids for c in y.candidates]
+        assert [c.stats.score for c in x.candidates] == pytest.approx([c.stats.score for c in y.candidates],
+                                                                      abs=1e-4)
+
+
+def test_n_samples_share_one_prefill(pair):
+    ring, full = pair
+    a = ring.generate(PROMPTS[0], 30, ignore_eos=True, n=3, temperature=0.8, seed=7)
+    b = full.generate(PROMPTS[0], 30, ignore_eos=True, n=3, temperature=0.8, seed=7)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert len({tuple(r.token_ids) for r in a}) == 3
+    assert sum(r.stats.forward_passes for r in a) < 3 * 30 + 3 * math.ceil(90 / RING_PASS)  # forked: one prefill
+
+
+@pytest.mark.parametrize("press,options", [("streaming_llm", {}), ("snapkv", {"window_size": 8})])
+def test_eviction_compacts_the_rings_too(pair, press, options):
+    ring, full = pair
+    a, _ = same(ring, full, press=press, compression_ratio=0.6, press_options=options)
+    assert all(r.stats.kv_bytes_final < r.stats.kv_bytes_uncompressed for r in a)
+
+
+def test_quantized_press_packs_the_full_layers_only(pair):
+    """A quantizing press over rings packs the global layer; the window layers stay in their ring, unpacked."""
+    ring, _ = pair
+    r = ring.generate(prompt(120, 6), 30, ignore_eos=True, press="kivi", residual=16, group=16)
+    assert len(r.token_ids) == 30
+    slot = 2 * 2 * 16 * 4
+    assert r.stats.kv_bytes_final < r.stats.kv_bytes_uncompressed
+    assert r.stats.kv_bytes_final > CAPACITY * slot * 3  # the rings are held in full
+
+
+@pytest.mark.parametrize("method,options", [("magicdec", {"budget": 24, "n_sink": 4, "compress_every": 8}),
+                                            ("quantspec", {"residual": 16, "group": 16})])
+def test_compressed_self_speculation_over_rings(pair, method, options):
+    """A self-speculation draft cache (a StreamingLLM or KIVI copy of the target's, in the target's pool): its own
+    rings, built from the target's entries; lossless."""
+    ring, full = pair
+    a, _ = same(ring, full, prompts=PROMPTS[:2], n=30, method=method, method_options=options, adaptive=False)
+    assert all(r.stats.tau > 1 for r in a)  # drafts were accepted
+
+
+def test_decode_kernel_bounds_in_ring_columns(pair, monkeypatch):
+    """The Triton kernel's path (on the CPU: its reference in torch) reads columns [lo, hi) of a ring's table: the
+    window's first column from positions, after the ring wrapped and after eviction."""
+    ring, full = pair
+    calls = []
+
+    def reference(q, k_store, v_store, table, lo, hi, scale):
+        calls.append(table.shape[1])
+        keys, values = k_store[table].transpose(1, 2), v_store[table].transpose(1, 2)
+        idx = torch.arange(table.shape[1])
+        mask = ((idx >= lo[:, None]) & (idx < hi[:, None]))[:, None, None, :]
+        return torch.nn.functional.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask,
+                                                                scale=scale, enable_gqa=True)[:, :, 0]
+
+    want = full.generate(PROMPTS, 30, ignore_eos=True)
+    evicted = full.generate(PROMPTS[0], 30, ignore_eos=True, press="streaming_llm", compression_ratio=0.6)
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "available", lambda q: True)
+        m.setattr(kernels, "paged_decode", reference)
+        got = ring.generate(PROMPTS, 30, ignore_eos=True)
+        got_evicted = ring.generate(PROMPTS[0], 30, ignore_eos=True, press="streaming_llm", compression_ratio=0.6)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert got_evicted.token_ids == evicted.token_ids
+    assert SPAN in calls  # ring layers went through the kernel path, over their ring's columns
+
+
+def test_requests_a_ring_cannot_take_are_refused(pair):
+    ring, _ = pair
+    with pytest.raises(ValueError, match="ring"):
+        ring.generate(PROMPTS[0], 10, method="aded", method_options={"max_nodes": 24})
+    with pytest.raises(ValueError, match="tidal"):
+        ring.generate(PROMPTS[0], 10, press="tidal", compression_ratio=0.5, selection_layers=(1,), dense_layers=1)
+    with pytest.raises(ValueError, match="ring_pass"):
+        Engine(ring.model, ring.tokenizer, ring_pass=8)
+
+
+def test_ring_sequences_do_not_use_the_prefix_cache(pair):
+    ring, full = pair
+    p = PROMPTS[2]
+    first = ring.generate(p, 5, ignore_eos=True)
+    again = ring.generate(p, 5, ignore_eos=True)
+    assert again.stats.cached_prompt_tokens == 0 and again.token_ids == first.token_ids
+    full.generate(p, 5, ignore_eos=True)
+    assert full.generate(p, 5, ignore_eos=True).stats.cached_prompt_tokens > 0
+
+
+def test_preemption_gives_rings_back(pair):
+    """A pool with room for two rings: three sequences run by turns (preempted, prefilled again), same tokens."""
+    ring, full = pair
+    small = Engine(ring.model, ring.tokenizer, block_size=BLOCK, ring_pass=RING_PASS, max_running=2)
+    assert small.core.pool.rings[0].allocator.capacity == 2 * CAPACITY // BLOCK
+    a = small.generate(PROMPTS, 30, ignore_eos=True)
+    b = full.generate(PROMPTS, 30, ignore_eos=True)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert small.core.pool.rings[0].allocator.num_free == small.core.pool.rings[0].allocator.capacity
