@@ -124,13 +124,16 @@ def test_grow_tree_keeps_the_most_likely_expanded_paths(depth, branch, max_nodes
         return cache[path]
 
     root = table(())
+    depths = []
 
-    def expand(frontier, tokens, parents):
-        def path(n):
-            return path(parents[n - 1]) + (tokens[n - 1],) if n else ()
-        return torch.stack([table(path(n)) for n in frontier])
+    def expand(front):
+        depths.append(front.depth)
+        assert front.paths.shape == (front.tokens.shape[0], front.depth)
+        assert torch.equal(front.paths[:, -1], front.tokens)
+        return torch.stack([table(tuple(p)) for p in front.paths.tolist()])
 
-    tree = grow_tree(root, expand, depth, branch, max_nodes)
+    tree = DraftTree(*grow_tree(root, expand, depth, branch, max_nodes).tolist())
+    assert depths == list(range(1, depth))
     paths = set()
     for i in range(1, len(tree) + 1):
         node, p = i, ()
