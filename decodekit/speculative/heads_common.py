@@ -366,6 +366,9 @@ class DraftPass:
         self.fill(feats, ints)
         run = lambda: drafter._pass(lane, self.feats, self.ints, length)  # noqa: E731
         self.out = run()  # its shape, in memory of its own (not the capture's)
+        # The rotary tables the capture reads (sized by the lane's `max_position`): kept alive should a later
+        # caller of the shared head grow them into new tensors.
+        self.tables = [m.table for m in drafter.head.modules() if isinstance(m, Rope)]
         self.graph = drafter.capture(lambda: self.out.copy_(run()))
 
     def fill(self, feats: torch.Tensor, ints: list[int]) -> None:
