@@ -116,3 +116,20 @@ def test_mixed_batch_of_a_head_plain_and_pld_through_the_graph_path(engines, hea
     assert all(rows[0][2] is not None and rows[1][2] is None and rows[2][2] is None for rows in mixed)
     assert any(len(rows[0][0]) > 1 for rows in mixed)  # the eagle row brought a draft tree
     assert any(key[4] and key[0] >= 3 for key in graphed.core.runner.passes)  # replayed as one captured pass
+
+
+@pytest.mark.real_model
+def test_shipped_eagle_head_on_smollm2_drafts_the_same_through_the_graph_path():
+    """SmolLM2 in float32 with its shipped EAGLE head: the static-buffer path (padded captured passes) commits what
+    plain greedy does and drafts as the eager path does (the same acceptance at every depth)."""
+    from decodekit.bench.datasets import SAMPLE, load_prompts
+
+    eager = decodekit.load("smollm2", device="cpu", dtype="float32", progress=False)
+    graphed = Engine(eager.model, eager.tokenizer, name="smollm2", cuda_graphs=True)
+    for p in load_prompts(str(SAMPLE), 1)[:2]:
+        plain = eager.generate(p.prompt, 32, chat=True)
+        a = graphed.generate(p.prompt, 32, chat=True, method="eagle", adaptive=False)
+        b = eager.generate(p.prompt, 32, chat=True, method="eagle", adaptive=False)
+        assert a.token_ids == b.token_ids == plain.token_ids, p.category
+        assert a.stats.decode_steps == b.stats.decode_steps < plain.stats.decode_steps
+        assert a.stats.accepted_by_position == b.stats.accepted_by_position
