@@ -51,7 +51,8 @@ class Split:
 
     def line(self) -> str:
         ms = lambda x: f"{x / max(self.steps, 1) * 1e3:.2f}"  # noqa: E731
-        return (f"{self.steps} steps, tau {self.tokens / max(self.steps, 1):.2f}, {self.tokens / self.total:.0f} tok/s; "
+        tau, rate = self.tokens / max(self.steps, 1), self.tokens / self.total
+        return (f"{self.steps} steps, tau {tau:.2f}, {rate:.0f} tok/s; "
                 f"per step (ms): total {ms(self.total)} = verify {ms(self.verify)} + draft {ms(self.draft)} "
                 f"(head pass + tree copy {ms(self.head)}) + host {ms(self.host)}")
 

@@ -1,4 +1,4 @@
-"""CUDA-graph replay of the engine's passes, one graph per (batch bucket, width bucket, KV-length bucket, hidden layers).
+"""CUDA-graph replay of the engine's passes: a graph per (batch bucket, width bucket, KV-length bucket, hidden layers).
 
 A small model's step is a few hundred tiny kernels; launching them from Python costs more than running them. Each
 pass shape is captured once over static buffers and replayed: the host lays the rows out (`layout_group`), copies
