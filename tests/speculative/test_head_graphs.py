@@ -1,7 +1,7 @@
 """Trained heads on the graph runner: the captured target passes return the hidden states the eager runner returns
 (same rows, same bookkeeping, eager rows of the step placed right), and a head's draft pass replayed over padded
 static buffers drafts what the tight eager pass drafts. On the CPU the graph runner's "replay" calls the captured
-function (`graphs._Eager`), so the static-buffer paths run here; on a GPU they are CUDA graphs."""
+function (`graphs._Eager`), so the static-buffer paths run here; on a GPU they are CUDA graphs (the same tests)."""
 from __future__ import annotations
 
 import pytest
@@ -15,9 +15,12 @@ from head_helpers import HEADS, saved_head
 SHORT, LONG = [9, 4, 4, 11, 2, 8, 5, 6, 1, 9, 12, 3], [5, 6, 7, 8, 9, 10] * 5  # first draft: padded / tight
 
 
-@pytest.fixture(scope="module")
-def engines():
-    eager = decodekit.load("random:tiny-llama", device="cpu", dtype="float32", cuda_graphs=False)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # cuda: real captures (blocks not compiled)
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def engines(request):
+    eager = decodekit.load("random:tiny-llama", device=request.param, dtype="float32", cuda_graphs=False)
     return Engine(eager.model, eager.tokenizer, cuda_graphs=True), eager
 
 
