@@ -1,4 +1,4 @@
-"""CUDA-graph replay of the engine's passes, one graph per (batch bucket, width bucket, KV-length bucket).
+"""CUDA-graph replay of the engine's passes: a graph per (batch bucket, width bucket, KV-length bucket, hidden layers).
 
 A small model's step is a few hundred tiny kernels; launching them from Python costs more than running them. Each
 pass shape is captured once over static buffers and replayed: the host lays the rows out (`layout_group`), copies
@@ -8,7 +8,10 @@ a row's tokens read the scratch block), so the captured set stays small and a lo
 used. Sliding-window rings add, per ring, the rows' ring blocks and write slots to the buffer; their tables (a
 ring's span wide) are computed inside the pass from the rows' lengths, as the full pool's. Greedy steps without a
 draft run as fused chunks: `steps` single-token passes in one graph, each feeding its own argmax to the next, all
-rows at once; chunks are pipelined (the next is launched before the host reads this one). Prefill chunks, drafters' own passes and passes wider than the largest bucket run eagerly.
+rows at once; chunks are pipelined (the next is launched before the host reads this one). A pass whose sequences
+read the target's features (draft heads) also copies the requested layers' states out of the graph. Prefill chunks
+that need no logits, and passes wider than the largest bucket, run eagerly; draft heads capture their own passes
+with `GraphRunner.capture` (`speculative/heads_common.py`).
 """
 from __future__ import annotations
 
@@ -36,10 +39,13 @@ def kv_bucket(n: int, block_size: int) -> int:
 
 class StaticPass:
     """One captured pass shape: `rows` sequences x `width` tokens reading `length` entries each (`steps` > 0: a
-    fused greedy chunk of `steps` single-token passes). Static buffers; `fill` copies a layout in, `replay` runs."""
+    fused greedy chunk of `steps` single-token passes), returning the states of `hidden` layers too (`hidden_layers`
+    of `Transformer.forward`). Static buffers; `fill` copies a layout in, `replay` runs."""
 
-    def __init__(self, runner: "GraphRunner", rows: int, width: int, length: int, steps: int = 0) -> None:
+    def __init__(self, runner: "GraphRunner", rows: int, width: int, length: int, steps: int = 0,
+                 hidden: tuple[int, ...] = ()) -> None:
         self.runner, self.rows, self.width, self.length, self.steps = runner, rows, width, length, steps
+        self.hidden = hidden
         dev = runner.device
         n, blocks = rows * width, length // runner.pool.block_size
         self.sizes = [n, n, n, rows * blocks, rows, rows]  # tokens, positions, write slots, tables, ctx, valid
@@ -74,8 +80,12 @@ class StaticPass:
     def _pass(self) -> None:
         batch = self._batch(self.width, self.ctx, self.valid, self.tree, self.write_slots, self.tokens,
                             self.positions)
-        logits = self.runner.graph_model(batch, self.runner.pool, compiled=self.runner.compiled)
+        batch.hidden_layers = self.hidden
+        out = self.runner.graph_model(batch, self.runner.pool, compiled=self.runner.compiled)
+        logits = out[0] if self.hidden else out
         self.runner.logits[:logits.shape[0]].copy_(logits)
+        if self.hidden:
+            self.runner.hidden_buffer(out[1].shape[1])[:logits.shape[0]].copy_(out[1])
 
     def _chunk(self) -> None:
         for i in range(self.steps):
@@ -116,9 +126,10 @@ class GraphRunner(ModelRunner):
         self.graph_model = model  # what the captured passes run (a tensor-parallel rank 0: its own shard)
         self.compiled = model.compiled_blocks is not None
         self.cuda = model.device.type == "cuda"  # elsewhere (tests on the CPU) a "replay" calls the function
-        self.passes: dict[tuple[int, int, int, int], StaticPass] = {}
+        self.passes: dict[tuple[int, int, int, int, tuple[int, ...]], StaticPass] = {}
         self.mempool = None
         self.logits = torch.empty(MAX_GRAPH_TOKENS, model.config.vocab_size, dtype=model.dtype, device=model.device)
+        self.hidden: dict[int, torch.Tensor] = {}  # features copied out of the graphs, by width (layers x hidden)
         self.events = [torch.cuda.Event() if self.cuda else _Done() for _ in range(2)]
 
     def capture(self, fn: Callable[[], None]):
@@ -138,10 +149,18 @@ class GraphRunner(ModelRunner):
         self.mempool = graph.pool()
         return graph
 
-    def _pass(self, rows: int, width: int, length: int, steps: int = 0) -> StaticPass:
-        key = (rows, width, length, steps)
+    def hidden_buffer(self, size: int) -> torch.Tensor:
+        """The static buffer the passes copy `size` columns of features into (allocated before any capture uses it)."""
+        if size not in self.hidden:
+            self.hidden[size] = torch.empty(MAX_GRAPH_TOKENS, size, dtype=self.model.dtype, device=self.device)
+        return self.hidden[size]
+
+    def _pass(self, rows: int, width: int, length: int, steps: int = 0, hidden: tuple[int, ...] = ()) -> StaticPass:
+        key = (rows, width, length, steps, hidden)
         if key not in self.passes:
-            self.passes[key] = self.pass_class(self, rows, width, length, steps)
+            if hidden:
+                self.hidden_buffer(len(hidden) * self.model.config.hidden_size)
+            self.passes[key] = self.pass_class(self, rows, width, length, steps, hidden)
         return self.passes[key]
 
     def run(self, specs: list[RowSpec], hidden_layers: tuple[int, ...] = ()):
@@ -149,23 +168,27 @@ class GraphRunner(ModelRunner):
                      and s.observer is None]  # a row a KV press observes runs eagerly
         width = bucket(max((len(s.tokens) for s in graphable), default=1), WIDTH_BUCKETS)
         rows = bucket(len(graphable), BATCH_BUCKETS)
-        if hidden_layers or not graphable or rows > BATCH_BUCKETS[-1] or rows * width > MAX_GRAPH_TOKENS:
+        if not graphable or rows > BATCH_BUCKETS[-1] or rows * width > MAX_GRAPH_TOKENS:
             return super().run(specs, hidden_layers)
         rest = [s for s in specs if s not in graphable]
-        eager = super().run(rest) if rest else None
+        eager = super().run(rest, hidden_layers) if rest else None
         length = kv_bucket(max(s.kv.length + width for s in graphable), self.pool.block_size)
-        static = self._pass(rows, width, length)
+        static = self._pass(rows, width, length, hidden=hidden_layers)
         wanted = static.fill(graphable, tree=any(s.tree is not None for s in graphable) or width > 1)
         # Before the replay: a blocking host-to-device copy after it would wait for the pass, and the host's work
         # meanwhile (grammar masks) would no longer overlap it.
         wanted = torch.tensor(wanted, device=self.device)
         static.replay()
-        logits = self.logits[wanted]
-        if eager is None:
-            return logits
-        for s in graphable:
-            s.first_logit += eager.shape[0]
-        return torch.cat([eager, logits])
+        # Indexing copies: the rows outlive the next replay, which overwrites the static buffers.
+        out = [self.logits[wanted]]
+        if hidden_layers:
+            out.append(self.hidden[len(hidden_layers) * self.model.config.hidden_size][wanted])
+        if eager is not None:  # the eager rows come first, as `first_logit` says
+            eager = eager if hidden_layers else (eager,)
+            for s in graphable:
+                s.first_logit += eager[0].shape[0]
+            out = [torch.cat([e, o]) for e, o in zip(eager, out)]
+        return tuple(out) if hidden_layers else out[0]
 
     def greedy_chunks(self, kvs: list[SeqKV], roots: list[int], positions: list[int], steps: int,
                       chunks: int) -> Iterator[list[list[int]]]:

@@ -215,12 +215,13 @@ class MirroredPass(StaticPass):
     """A static pass on rank 0: captured on every rank at once; each replay is announced (with the inputs when
     `fill` wrote new ones; a greedy chunk's later replays advance their buffers on the device by themselves)."""
 
-    def __init__(self, runner: "TPGraphRunner", rows: int, width: int, length: int, steps: int = 0) -> None:
+    def __init__(self, runner: "TPGraphRunner", rows: int, width: int, length: int, steps: int = 0,
+                 hidden: tuple[int, ...] = ()) -> None:
         self.filled = False
-        self.key = [runner.pool.pool_id, rows, width, length, steps]
+        self.key = [runner.pool.pool_id, rows, width, length, steps, len(hidden), *hidden]
         with runner.tp_group.guard():
             runner.tp_group.send(Op.PASS, pack(self.key))  # first: capture runs collectives on every rank
-            super().__init__(runner, rows, width, length, steps)
+            super().__init__(runner, rows, width, length, steps, hidden)
 
     def fill(self, specs, tree: bool) -> list[int]:
         rows = super().fill(specs, tree)
@@ -281,13 +282,15 @@ def run_worker(model: Transformer, group: TPGroup) -> None:
                 pool_id, n = r.ints(2)
                 pools[pool_id].copy_slots(r.take(n), r.take(n))
             elif op == Op.PASS:
-                pool_id, *key = payload.tolist()
+                pool_id, rows, width, length, steps, _, *hidden = payload.tolist()
                 if pool_id not in runners:
                     runners[pool_id] = GraphRunner(model, pools[pool_id])
-                runners[pool_id]._pass(*key)
+                runners[pool_id]._pass(rows, width, length, steps, tuple(hidden))
             elif op == Op.REPLAY:
                 r = Reader(payload)
-                pool_id, *key, filled = r.ints(6)
+                pool_id, *key = r.ints(6)
+                key.append(tuple(r.ints(key.pop())))  # the hidden layers: their count, then the layers
+                filled = r.int()
                 static = runners[pool_id].passes[tuple(key)]
                 if filled:
                     static.dev.copy_(r.take(static.dev.numel()).to(dev))

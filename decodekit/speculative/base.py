@@ -11,6 +11,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -56,12 +57,14 @@ class DraftTree:
     def ancestor_mask(self) -> torch.Tensor:
         """`[n+1, n+1]` bool, root included: entry (i, j) is true when j is i or an ancestor of i."""
         n = len(self.tokens) + 1
-        anc = torch.eye(n, dtype=torch.bool)
+        rows = [1]  # each node's row as the bits of a Python int: one big-int OR a node, not one torch op a node
         for i, p in enumerate(self.parents, start=1):
             if not 0 <= p < i:
                 raise ValueError(f"node {i}'s parent {p} must precede it")
-            anc[i] |= anc[p]
-        return anc
+            rows.append(rows[p] | 1 << i)
+        size = (n + 7) // 8
+        packed = np.frombuffer(b"".join(r.to_bytes(size, "little") for r in rows), dtype=np.uint8).reshape(n, size)
+        return torch.from_numpy(np.unpackbits(packed, axis=1, count=n, bitorder="little").astype(bool))
 
     def children(self) -> list[list[int]]:
         kids: list[list[int]] = [[] for _ in range(len(self.tokens) + 1)]

@@ -9,7 +9,8 @@ that output back as the next row's `g`. Two feature kinds:
   the head's own norm to the LM head, trained on tokens only, with training-time test (the head is unrolled over
   its own outputs for several steps during training, as at drafting time).
 Drafting grows EAGLE-2's dynamic tree (`heads_common.grow_tree`): each round expands the `branch` most likely nodes
-in one head pass with tree attention, and the `max_nodes` most likely nodes are verified.
+in one head pass with tree attention, and the `max_nodes` most likely nodes are verified; the whole draft is one
+device pass (captured under CUDA graphs), copied to the host once.
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.transformer import RMSNorm
-from .base import DraftTree, register
-from .heads_common import (HeadBatch, HeadBlock, HeadCache, HeadConfig, HeadDrafter, Pick, Target,
-                           ancestors, causal_mask, log_softmax, shifted)
+from .base import register
+from .heads_common import (Frontier, HeadBatch, HeadBlock, HeadConfig, HeadDrafter, HeadLane, Pick, Target,
+                           causal_mask, log_softmax, shifted, unpack_ints)
 
 
 class EagleHead(nn.Module):
@@ -63,14 +64,14 @@ class EagleHead(nn.Module):
         pos = torch.arange(n, device=dev)[None].expand(tokens.shape[0], n)
         g = self.features_in(batch.feats[:, :-1])
         x = self.inputs(target, g, tokens[:, 1:])
-        h, k, v = self.block(x, pos, None, causal_mask(n, dev))
+        h, k, v = self.block(x, pos, None, causal_mask(n, dev), n - 1)
         keys, values, outs = [k], [v], [h]
         eye = torch.eye(n, dtype=torch.bool, device=dev)
         for step in range(1, steps):
             nxt = shifted(tokens, 1 + step) if pick is None else pick(step - 1, outs[-1])
             x = self.inputs(target, outs[-1], nxt)
             mask = torch.cat([causal_mask(n, dev)[0, 0]] + [eye] * step, dim=1)[None, None]
-            h, k, v = self.block(x, pos + step, (torch.cat(keys, 2), torch.cat(values, 2)), mask)
+            h, k, v = self.block(x, pos + step, (torch.cat(keys, 2), torch.cat(values, 2)), mask, n - 1 + step)
             keys.append(k)
             values.append(v)
             outs.append(h)
@@ -106,52 +107,40 @@ class Eagle(HeadDrafter):
     name = "eagle"
     module = EagleHead
 
-    def _reset_state(self, prompt_len: int) -> None:
-        c = self.head.block.config
-        size = self.engine.max_context + self.depth * self.branch + 2
-        old = getattr(self, "cache", None)
-        fits = old is not None and old.max_len >= size and old.k.dtype == self.target.model.dtype
-        self.cache = old if fits else HeadCache(c, size, self.target.model.dtype, self.target.model.device)
-        self.cache.length = 0
+    def cache_block(self) -> HeadBlock:
+        return self.head.block
 
-    def _sync(self, context: list[int]) -> torch.Tensor:
-        """Run the head on the real rows not yet in its cache (t = length .. L-2); the root's output `[H]`."""
-        cache, head, dev = self.cache, self.head, self.target.model.device
-        start, end = cache.length, len(context) - 1
-        if start == end:  # nothing new (cannot happen after a verified step, which commits >= 1 token)
-            start -= 1
-            cache.length = start
-        # One decoder layer over the new rows, and the LM head on the root's row (`_draft`).
-        self.note_pass("head", end - start, start, layers=1, logits=1)
-        g = head.features_in(self.features[start:end][None])
-        tokens = torch.tensor([context[start + 1:end + 1]], device=dev)
-        out = cache.run(head.block, head.inputs(self.target, g, tokens), torch.arange(start, end, device=dev)[None])
-        cache.length = end
-        return out[0, -1]
+    def trace_passes(self, start: int, n: int) -> list[tuple[int, int, dict]]:
+        # One decoder layer over the new rows with the LM head on the root's, then one per round over its frontier.
+        rounds = [(self.branch, start + n + (d - 2) * self.branch, {"layers": 1, "tree": True})
+                  for d in range(2, self.depth + 1)]
+        return [(n, start, {"layers": 1, "logits": 1}), *rounds]
 
-    def _draft(self, context: list[int]) -> DraftTree:
-        head, target, cache = self.head, self.target, self.cache
-        dev = target.model.device
-        root_state = self._sync(context)
-        base = cache.length  # = L-1: the root's row is base-1
-        states: dict[int, torch.Tensor] = {0: root_state}
-        slot: dict[int, int] = {}  # draft node -> its row in the cache
+    def _pass(self, lane: HeadLane, feats: torch.Tensor, ints: torch.Tensor, length: int) -> torch.Tensor:
+        """The head's rows for the new committed tokens (into its cache), then the tree: each round runs the
+        frontier's rows in one block pass, each seeing the committed rows, its ancestors' rows and itself."""
+        head, target, cache = self.head, self.target, lane.cache
+        dev = feats.device
+        ids, start, n = unpack_ints(ints, feats.shape[0])
+        x = head.inputs(target, head.features_in(feats[None]), ids[None])
+        root = cache.append(head.block, x, start, length, lane.max_position)[0].index_select(0, n - 1)  # [1, H]
+        base = start + n  # committed rows; the root's row is base - 1, a depth-d node sits at position base - 1 + d
+        committed = torch.arange(length, device=dev) < base
+        keys, values = [cache.k[:, :, :length]], [cache.v[:, :, :length]]  # + each round's rows
+        state = {"out": root, "seen": torch.zeros(1, 0, dtype=torch.bool, device=dev)}  # the last round's rows
 
-        def expand(frontier: list[int], tokens: list[int], parents: list[int]) -> torch.Tensor:
-            start = base + len(slot)
-            self.note_pass("head", len(frontier), start, layers=1, tree=True)
-            for i, node in enumerate(frontier):
-                slot[node] = start + i
-            g = torch.stack([states[parents[n - 1]] for n in frontier])[None]
-            ids = torch.tensor([[tokens[n - 1] for n in frontier]], device=dev)
-            depth = [1 + len(ancestors(parents, n)) for n in frontier]
-            visible = torch.zeros(len(frontier), start - base + len(frontier), dtype=torch.bool, device=dev)
-            for i, n in enumerate(frontier):
-                visible[i, [slot[a] - base for a in [n, *ancestors(parents, n)]]] = True
-            pos = torch.tensor([[base - 1 + d for d in depth]], device=dev)
-            out = cache.run(head.block, head.inputs(target, g, ids), pos, visible, start)[0]
-            for i, n in enumerate(frontier):
-                states[n] = out[i]
-            return log_softmax(head.logits(target, out))
+        def expand(front: Frontier) -> torch.Tensor:
+            k = front.tokens.shape[0]
+            g = state["out"].index_select(0, front.parent)  # each node reads its parent's output
+            seen = torch.cat([state["seen"].index_select(0, front.parent),  # its ancestors' rows, and its own
+                              torch.eye(k, dtype=torch.bool, device=dev)], dim=1)
+            mask = torch.cat([committed.expand(k, length), seen], dim=1)[None, None]
+            pos = (base + front.depth - 1).expand(1, k)
+            out, kk, vv = head.block(head.inputs(target, g[None], front.tokens[None]), pos,
+                                     (torch.cat(keys, 2), torch.cat(values, 2)), mask, lane.max_position)
+            keys.append(kk)
+            values.append(vv)
+            state["out"], state["seen"] = out[0], seen
+            return log_softmax(head.logits(target, out[0]))
 
-        return self._grow(log_softmax(head.logits(target, root_state)), expand, self.depth)
+        return self._grow(log_softmax(head.logits(target, root))[0], expand, self.depth)

@@ -4,7 +4,14 @@ A head reads the target's features (hidden states of chosen layers, `Transformer
 drafts with the target's own embedding and LM head, which it shares instead of storing copies. Here: the head's
 configuration and weights on disk, the frozen target parts, a decoder block whose keys and values are passed in
 and out (drafting keeps them in a `HeadCache`; training unrolls it), EAGLE-2's dynamic tree growth, and
-`HeadDrafter`, the drafter base that collects the features the engine hands over.
+`HeadDrafter`, the drafter base that collects the features the engine hands over and runs the draft pass.
+
+A draft pass (each head's `_pass`) is device code from the features to the kept tree, with no host synchronization:
+the head's rows for the newly committed tokens, then the tree grown round by round (`grow_tree`: top-k on the
+device), so the drafter copies the tree to the host once per draft. Under CUDA graphs the pass is captured per
+(new-rows bucket, cache-length bucket) over static buffers (`DraftPass`, `GraphRunner.capture`) and replayed;
+elsewhere it runs eagerly on tight shapes. The buffers and captures live in a `HeadLane`, which a sequence takes
+when it starts and gives back when it ends, so the next sequence replays what is captured.
 
 Position convention (training and drafting alike): feature `f_t` is the target's hidden state after token `x_t`,
 the one its LM head turns into `x_{t+1}`. A head's row t reads `f_t` (and, for EAGLE and Hydra, `x_{t+1}`), and its
@@ -22,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.batch import bucket
 from ..models.config import ModelConfig
 from ..models.transformer import MLP, RMSNorm, apply_rope, rope_table
 from .base import DraftTree, Drafter
@@ -125,8 +133,10 @@ class Rope(nn.Module):
         self.config = config
         self.register_buffer("table", torch.zeros(2, 0, config.head_dim), persistent=False)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        need = int(positions.max()) + 1
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype, max_position: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`max_position`: a bound the caller knows (drafting), which spares reading `positions` on the host."""
+        need = (int(positions.max()) if max_position is None else max_position) + 1
         if need > self.table.shape[1]:
             size = max(need, 2 * self.table.shape[1], 256)
             self.table = rope_table(self.config, self.config.rope_theta, size).to(positions.device)
@@ -151,14 +161,16 @@ class HeadBlock(nn.Module):
         self.rope = Rope(c)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
-                mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`x` `[B, T, H]` at `positions` `[B, T]`; `past` keys/values `[B, Hkv, S, D]`; `mask` bool
-        `[B or 1, 1, T, S+T]` (may row t see key s). Returns (output `[B, T, H]`, new keys, new values)."""
+                mask: torch.Tensor, max_position: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`x` `[B, T, H]` at `positions` `[B, T]` (at most `max_position`, if given); `past` keys/values
+        `[B, Hkv, S, D]`; `mask` bool `[B or 1, 1, T, S+T]` (may row t see key s). Returns (output `[B, T, H]`, new
+        keys, new values)."""
         c = self.config
         b, t, _ = x.shape
         q, k, v = self.wqkv(self.attn_norm(x)).split(
             [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], dim=-1)
-        cos, sin = self.rope(positions, x.dtype)
+        cos, sin = self.rope(positions, x.dtype, max_position)
         q = apply_rope(q.view(b, t, c.num_heads, c.head_dim).transpose(1, 2), cos, sin)
         k = apply_rope(k.view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2), cos, sin)
         v = v.view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
@@ -174,8 +186,8 @@ def causal_mask(n: int, device: torch.device) -> torch.Tensor:
 
 
 class HeadCache:
-    """Keys and values of a head's block while drafting: `length` committed rows (computed from the target's real
-    features), then the rows of the draft being built, dropped when it is done."""
+    """Keys and values of a head's block while drafting: the rows computed from the target's real features (row t
+    at entry t; `length` of them are committed). The rows of a draft being built are kept beside it, never here."""
 
     def __init__(self, config: ModelConfig, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
         shape = (1, config.num_kv_heads, max_len, config.head_dim)
@@ -187,28 +199,20 @@ class HeadCache:
     def max_len(self) -> int:
         return self.k.shape[2]
 
-    def past(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[:, :, :n], self.v[:, :, :n]
-
-    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k[:, :, start:start + k.shape[2]] = k
-        self.v[:, :, start:start + v.shape[2]] = v
-
-    def run(self, block: HeadBlock, x: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor | None = None,
-            start: int | None = None) -> torch.Tensor:
-        """Run `block` on rows `x` `[1, T, H]` written at `start` (default: the committed length), each row seeing
-        every committed row plus, in the drafted part, the rows `visible` `[T, start-length+T]` marks (default:
-        causal). Returns the block's output."""
-        start = self.length if start is None else start
-        t = x.shape[1]
-        if start + t > self.max_len:
-            raise ValueError("head cache full")
-        draft = start - self.length + t
-        if visible is None:
-            visible = torch.ones(t, draft, dtype=torch.bool, device=x.device).tril_(draft - t)
-        mask = torch.cat([torch.ones(t, self.length, dtype=torch.bool, device=x.device), visible], dim=1)
-        out, k, v = block(x, positions, self.past(start), mask[None, None])
-        self.write(start, k, v)
+    def append(self, block: HeadBlock, x: torch.Tensor, start: torch.Tensor, length: int,
+               max_position: int) -> torch.Tensor:
+        """Run `block` on new rows `x` `[1, R, H]` at entries (and positions) `start`.. (`start` `[1]`, on the
+        device), each seeing the entries before `start` and the new rows up to itself; their keys and values are
+        written there. `length` entries are read (those from `start` on are masked), so the shapes do not depend
+        on `start` and the pass can be captured. Returns the block's output `[1, R, H]`."""
+        r, dev = x.shape[1], x.device
+        pos = start + torch.arange(r, device=dev)
+        before = (torch.arange(length, device=dev) < start).expand(r, length)
+        mask = torch.cat([before, torch.ones(r, r, dtype=torch.bool, device=dev).tril_()], dim=1)
+        out, k, v = block(x, pos[None], (self.k[:, :, :length], self.v[:, :, :length]), mask[None, None],
+                          max_position)
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
         return out
 
 
@@ -247,34 +251,53 @@ def shifted(x: torch.Tensor, s: int) -> torch.Tensor:
 
 
 # ---- drafting a tree ------------------------------------------------------------------------------------------
-Expand = Callable[[list[int], list[int], list[int]], torch.Tensor]
+@dataclass
+class Frontier:
+    """The nodes one round of tree growth expands (`k` of them, in node order): their `depth` (1-based, shared),
+    `tokens` `[k]`, `paths` `[k, depth]` (the tokens from depth 1 down to each node) and `parent` `[k]` (each
+    one's row in the previous round's frontier; 0 in the first round, whose parent is the root). Device tensors."""
+
+    depth: int
+    tokens: torch.Tensor
+    paths: torch.Tensor
+    parent: torch.Tensor
 
 
-def grow_tree(root_logprobs: torch.Tensor, expand: Expand, depth: int, branch: int, max_nodes: int) -> DraftTree:
+Expand = Callable[[Frontier], torch.Tensor]  # -> [k, V] log-probabilities of the frontier's children
+
+
+def grow_tree(root_logprobs: torch.Tensor, expand: Expand, depth: int, branch: int, max_nodes: int) -> torch.Tensor:
     """EAGLE-2's dynamic draft tree: expand the `branch` most likely nodes of each depth, then keep the `max_nodes`
-    nodes of highest path probability (draft confidence approximates acceptance).
+    nodes of highest path probability (draft confidence approximates acceptance; ties: the earlier node).
 
-    `root_logprobs` `[V]`: the draft's log-probabilities of depth-1 tokens. `expand(frontier, tokens, parents)` returns
-    `[len(frontier), V]` log-probabilities of the children of the (1-based) nodes `frontier` of the tree so far.
-    Children never score above their parents, so the kept nodes always include their ancestors.
+    `root_logprobs` `[V]`: the draft's log-probabilities of depth-1 tokens; `expand(frontier)` those of the
+    frontier's children. Nodes are numbered as they are made: the root's children by rank, then each round's
+    children, frontier node by frontier node. Children never score above their parents, so the kept nodes include
+    their ancestors. Device code throughout (no host synchronization: capturable); returns `[2, m]` (tokens,
+    parents, `m = min(max_nodes, nodes made)`) of the kept nodes, 1-based parents (0: the root) in node order:
+    `DraftTree(*out.tolist())`.
     """
     k = min(branch, root_logprobs.shape[-1])
-    lp, tok = root_logprobs.float().topk(k)
-    tokens, parents, scores = tok.tolist(), [0] * k, lp.tolist()
-    frontier = list(range(1, k + 1))
-    for _ in range(depth - 1):
-        lps = expand(frontier, tokens, parents).float()
-        lp, tok = lps.topk(k, dim=-1)
-        cum = torch.tensor([scores[n - 1] for n in frontier], device=lp.device)[:, None] + lp
-        best = set(cum.flatten().topk(k).indices.tolist())
-        first = len(tokens) + 1
-        tokens += tok.flatten().tolist()
-        parents += [n for n in frontier for _ in range(k)]
-        scores += cum.flatten().tolist()
-        frontier = [first + i for i in sorted(best)]
-    keep = sorted(sorted(range(len(tokens)), key=lambda i: (-scores[i], i))[:max_nodes])
-    index = {old + 1: new + 1 for new, old in enumerate(keep)}
-    return DraftTree([tokens[i] for i in keep], [index.get(parents[i], 0) for i in keep])
+    scores, tokens = root_logprobs.float().topk(k)
+    dev = tokens.device
+    ids = torch.arange(1, k + 1, device=dev)  # the frontier's node numbers
+    made = [(tokens, scores, torch.zeros_like(tokens))]  # (tokens, path scores, parents) of each round's nodes
+    front, front_scores, count = Frontier(1, tokens, tokens[:, None], torch.zeros_like(tokens)), scores, k
+    for d in range(2, depth + 1):
+        lp, tok = expand(front).float().topk(k, dim=-1)
+        cum = (front_scores[:, None] + lp).flatten()
+        made.append((tok.flatten(), cum, ids[:, None].expand(k, k).flatten()))
+        best = cum.topk(k).indices.sort().values  # the next frontier, in node order
+        ids = count + 1 + best
+        count += k * k
+        nxt = tok.flatten()[best]
+        front = Frontier(d, nxt, torch.cat([front.paths[best // k], nxt[:, None]], dim=1), best // k)
+        front_scores = cum[best]
+    tokens, scores, parents = (torch.cat(part) for part in zip(*made))
+    keep = scores.sort(descending=True, stable=True).indices[:max_nodes].sort().values
+    renumber = torch.zeros(count + 1, dtype=torch.long, device=dev)  # old node number -> kept number (0: dropped)
+    renumber[keep + 1] = torch.arange(1, keep.shape[0] + 1, device=dev)
+    return torch.stack([tokens[keep], renumber[parents[keep]]])
 
 
 # ---- weights on disk ------------------------------------------------------------------------------------------
@@ -312,13 +335,64 @@ def new_head(cls: type, config: HeadConfig, seed: int) -> nn.Module:
 
 
 # ---- the drafter ----------------------------------------------------------------------------------------------
+SYNC_ROWS = (1, 2, 4, 8, 16)  # buckets of newly committed rows a captured draft pass adds (accepted tokens + 1)
+MIN_LENGTH = 256  # cache entries a captured pass reads: a power of two >= what is committed, at least this
+
+
+class HeadLane:
+    """What one sequence drafts over: the head's cache (EAGLE's block, Hydra's prefix layer; None for Medusa) and the
+    draft passes captured over it, by (rows, length). A sequence takes an idle lane when it starts and gives it back
+    when it ends (`HeadDrafter.reset` / `finish`), so captures are paid once per lane, not once per sequence."""
+
+    def __init__(self, cache: HeadCache | None, max_position: int) -> None:
+        self.cache, self.max_position = cache, max_position
+        self.passes: dict[tuple[int, int], DraftPass] = {}
+
+
+class DraftPass:
+    """One shape of a head's draft pass on one lane: `rows` new committed rows (padded; padding rows write past the
+    committed entries, which nothing reads before a later pass overwrites them), `length` cache entries read.
+    Static inputs (one host-to-device copy of the ints), captured with the engine runner's `capture`; on the CPU a
+    replay calls the function."""
+
+    def __init__(self, drafter: "HeadDrafter", lane: HeadLane, rows: int, length: int, feats: torch.Tensor,
+                 ints: list[int]) -> None:
+        dev = feats.device
+        self.rows = rows
+        self.host = torch.zeros(rows + 2, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self.ints = torch.zeros(rows + 2, dtype=torch.long, device=dev)
+        self.feats = feats.new_zeros(rows, feats.shape[1])
+        # Filled with this step's inputs before the capture: its warm-up runs write the very rows the step writes.
+        self.fill(feats, ints)
+        run = lambda: drafter._pass(lane, self.feats, self.ints, length)  # noqa: E731
+        self.out = run()  # its shape, in memory of its own (not the capture's)
+        # The rotary tables the capture reads (sized by the lane's `max_position`): kept alive should a later
+        # caller of the shared head grow them into new tensors.
+        self.tables = [m.table for m in drafter.head.modules() if isinstance(m, Rope)]
+        self.graph = drafter.capture(lambda: self.out.copy_(run()))
+
+    def fill(self, feats: torch.Tensor, ints: list[int]) -> None:
+        n = feats.shape[0]
+        self.feats[:n].copy_(feats)
+        self.host.copy_(torch.tensor(ints[:n] + [0] * (self.rows - n) + ints[n:]))
+        self.ints.copy_(self.host, non_blocking=True)
+
+    def run(self, feats: torch.Tensor, ints: list[int]) -> torch.Tensor:
+        self.fill(feats, ints)
+        self.graph.replay()
+        return self.out
+
+
 @dataclass
 class HeadDrafter(Drafter):
     """Base of the trained-head drafters. Knobs shared by all: `path` (None: the head shipped for the target in
     `speculative/trained/<model>-<method>/`; else a folder written by `decodekit train-drafter`), `init` ("trained":
     the trained head, an error if none; "random": an untrained head, for tests; "trained-or-random": the shipped head
     where one exists, else an untrained one), `seed` (of an untrained head), `depth` (draft depth), `branch` (children
-    expanded per node; 1 = a chain), `max_nodes` (tree size, verified in one target pass)."""
+    expanded per node; 1 = a chain), `max_nodes` (tree size, verified in one target pass).
+
+    A subclass gives its `_pass` (device code: the new committed rows' features and tokens -> the kept tree) and the
+    block its cache serves (`cache_block`, or None)."""
 
     path: str | None = None
     init: str = "trained"
@@ -336,6 +410,7 @@ class HeadDrafter(Drafter):
         if self.depth < 1 or self.branch < 1 or self.max_nodes < 1:
             raise ValueError(f"{self.name}: depth, branch and max_nodes must be >= 1")
         self.head = None
+        self.lane: HeadLane | None = None
 
     def _resolve(self, engine) -> nn.Module:
         shipped = TRAINED_DIR / f"{engine.name}-{self.name}"
@@ -363,15 +438,35 @@ class HeadDrafter(Drafter):
                 loaded[key] = head.to(net.device, net.dtype).eval().requires_grad_(False)
             self.head, self.target = loaded[key], Target(net)
             self.feature_layers = self.head.config.feature_layers
+            self.idle_lanes: list[HeadLane] = []  # shared by this prototype's per-sequence copies
+            # Draft passes are captured where the engine's passes are and the shared embedding and LM head are the
+            # graphed model's own (a tensor-parallel target's run collectives on every rank: drafting stays eager).
+            runner = engine.core.runner
+            self.capture = runner.capture if getattr(runner, "graph_model", None) is net else None
         return self
 
     def reset(self, prompt_ids: list[int]) -> None:
         self.features = torch.zeros(0)
         self.num_features = 0
-        self._reset_state(len(prompt_ids))
+        if self.lane is None:
+            self.lane = self.idle_lanes.pop() if self.idle_lanes else self._new_lane()
+        if self.lane.cache is not None:
+            self.lane.cache.length = 0
 
-    def _reset_state(self, prompt_len: int) -> None:
-        """Per-generation state of the subclass (its caches)."""
+    def finish(self, tokens: list[int]) -> None:
+        if self.lane is not None:
+            self.idle_lanes.append(self.lane)
+            self.lane = None
+
+    def cache_block(self) -> HeadBlock | None:
+        """The block whose keys and values the head keeps over the committed rows (None: it keeps none)."""
+        return None
+
+    def _new_lane(self) -> HeadLane:
+        block, net = self.cache_block(), self.target.model
+        size = self.engine.max_context + SYNC_ROWS[-1] + 1  # the padding rows of a captured pass write past the end
+        cache = None if block is None else HeadCache(block.config, size, net.dtype, net.device)
+        return HeadLane(cache, size + self.depth)
 
     def _store(self, rows: torch.Tensor) -> None:
         n = self.num_features + rows.shape[0]
@@ -395,30 +490,57 @@ class HeadDrafter(Drafter):
         if self.num_features != len(context) - 1:  # features of some committed token are missing: cannot draft
             return DraftTree()
         with torch.inference_mode():
-            return self._draft(context)
+            return DraftTree(*self._draft(context).tolist())  # the one host copy of a draft
 
-    def _draft(self, context: list[int]) -> DraftTree:
+    def _draft(self, context: list[int]) -> torch.Tensor:
+        """Run the draft pass on the rows committed since the last one (the head's cache, if it keeps one, catches
+        up; at least the root's parent row, whose output drafts depth 1)."""
+        lane, end = self.lane, len(context) - 1
+        cache = lane.cache
+        start = end - 1 if cache is None else min(cache.length, end - 1)
+        n = end - start
+        feats, ints = self.features[start:end], context[start + 1:end + 1] + [start, n]
+        rows = bucket(n, SYNC_ROWS)
+        length = 0 if cache is None else min(cache.max_len, max(MIN_LENGTH, 1 << (start + rows - 1).bit_length()))
+        if self.capture is None or rows > SYNC_ROWS[-1]:  # eagerly, on tight shapes (a long prompt's first draft)
+            out = self._pass(lane, feats, torch.tensor(ints, device=feats.device), 0 if cache is None else end)
+        elif (rows, length) in lane.passes:
+            out = lane.passes[rows, length].run(feats, ints)
+        else:
+            lane.passes[rows, length] = DraftPass(self, lane, rows, length, feats, ints)
+            out = lane.passes[rows, length].out
+        if cache is not None:
+            cache.length = end
+        if self.recorder is not None:  # traced requests: the passes this draft ran, known on the host
+            for width, kv, extra in self.trace_passes(start, n):
+                self.note_pass("head", width, kv, **extra)
+        return out
+
+    def trace_passes(self, start: int, n: int) -> list[tuple[int, int, dict]]:
+        """(width, cache entries read, extra) of each head pass one draft runs, for a trace replay: `n` new
+        committed rows from row `start`; each later round expands a frontier of `branch` nodes."""
         raise NotImplementedError
 
-    def _grow(self, root_logprobs: torch.Tensor, expand: Expand, max_depth: int) -> DraftTree:
+    def _pass(self, lane: HeadLane, feats: torch.Tensor, ints: torch.Tensor, length: int) -> torch.Tensor:
+        """Device code of one draft: `feats` `[R, F]` the target's features of the rows `start`..`start+n-1` not yet
+        drafted from (rows past n: padding), `ints` `[R + 2]` their next tokens `x_{t+1}` (padded), then `start` and
+        `n`; `length` cache entries to read. Returns `grow_tree`'s `[2, m]`. No host synchronization."""
+        raise NotImplementedError
+
+    def _grow(self, root_logprobs: torch.Tensor, expand: Expand, max_depth: int) -> torch.Tensor:
         return grow_tree(root_logprobs, expand, min(self.depth, max_depth), self.branch, self.max_nodes)
 
     def max_draft_tokens(self) -> int:
         return min(self.max_nodes, self.branch + (self.depth - 1) * self.branch ** 2)
 
 
+def unpack_ints(ints: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A draft pass's ints -> (tokens `[rows]`, start `[1]`, n `[1]`)."""
+    return ints[:rows], ints[rows:rows + 1], ints[rows + 1:rows + 2]
+
+
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1)
-
-
-def ancestors(parents: list[int], node: int) -> list[int]:
-    """1-based ancestors of `node` (root excluded), nearest first."""
-    out = []
-    while node:
-        node = parents[node - 1]
-        if node:
-            out.append(node)
-    return out
 
 
 def param_count(module: nn.Module) -> int:

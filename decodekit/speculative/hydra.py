@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import DraftTree, register
-from .heads_common import (HeadBatch, HeadBlock, HeadCache, HeadConfig, HeadDrafter, Pick, Target, ancestors,
-                           causal_mask, log_softmax, shifted)
+from .base import register
+from .heads_common import (Frontier, HeadBatch, HeadBlock, HeadConfig, HeadDrafter, HeadLane, Pick, Target,
+                           causal_mask, log_softmax, shifted, unpack_ints)
 from .medusa import ResBlock
 
 
@@ -45,7 +45,7 @@ class HydraHeads(nn.Module):
             return f
         n = f.shape[1]
         pos = torch.arange(n, device=f.device)[None].expand(f.shape[0], n)
-        return self.prefix(f, pos, None, causal_mask(n, f.device))[0]
+        return self.prefix(f, pos, None, causal_mask(n, f.device), n - 1)[0]
 
     def unroll(self, target: Target, batch: HeadBatch, steps: int, pick: Pick | None = None) -> list[torch.Tensor]:
         """Outputs `[B, T-1, H]` of heads 0..steps-1; head k reads the true path, or `pick(k-1, output)`."""
@@ -75,39 +75,26 @@ class Hydra(HeadDrafter):
     branch: int = 8
     max_nodes: int = 48
 
-    def _reset_state(self, prompt_len: int) -> None:
-        self.cache = None
-        if self.head.prefix is not None:
-            size = self.engine.max_context + 2
-            self.cache = HeadCache(self.head.prefix.config, size, self.target.model.dtype, self.target.model.device)
+    def cache_block(self) -> HeadBlock | None:
+        return self.head.prefix
 
-    def _context(self, context: list[int]) -> torch.Tensor:
-        end = len(context) - 1
-        if self.cache is None:
-            return self.features[end - 1]
-        start = self.cache.length = min(self.cache.length, end - 1)
-        dev = self.target.model.device
-        self.note_pass("head", end - start, start, layers=1, logits=0)  # the prefix layer: no LM head
-        out = self.cache.run(self.head.prefix, self.features[start:end][None],
-                             torch.arange(start, end, device=dev)[None], start=start)
-        self.cache.length = end
-        return out[0, -1]
+    def trace_passes(self, start: int, n: int) -> list[tuple[int, int, dict]]:
+        prefix = [(n, start, {"layers": 1, "logits": 0})] if self.head.prefix is not None else []  # no LM head
+        rounds = [(self.branch, 0, {"layers": 0}) for _ in range(2, min(self.depth, len(self.head.heads)) + 1)]
+        return [*prefix, (1, 0, {"layers": 0}), *rounds]  # an MLP head and the LM head per row
 
-    def _draft(self, context: list[int]) -> DraftTree:
+    def _pass(self, lane: HeadLane, feats: torch.Tensor, ints: torch.Tensor, length: int) -> torch.Tensor:
         head, target = self.head, self.target
-        c = self._context(context)
-        embed = lambda ids: target.embed(torch.tensor(ids, device=c.device)).to(c.dtype)  # noqa: E731
-        root = embed([context[-1]])[0]
-        self.note_pass("head", 1, 0, layers=0)  # an MLP head and the LM head, per row
-        root_lp = log_softmax(head.logits(target, head.head(0, c, [root])))
+        ids, start, n = unpack_ints(ints, feats.shape[0])
+        c = feats if lane.cache is None else lane.cache.append(head.prefix, feats[None], start, length,
+                                                               lane.max_position)[0]
+        c = c.index_select(0, n - 1)  # the root's parent row: [1, H]
+        root = target.embed(ids.index_select(0, n - 1)).to(c.dtype)  # the root token x_{t+1}
+        root_lp = log_softmax(head.logits(target, head.head(0, c, [root])))[0]
 
-        def expand(frontier: list[int], tokens: list[int], parents: list[int]) -> torch.Tensor:
-            paths = [[tokens[a - 1] for a in reversed([n, *ancestors(parents, n)])] for n in frontier]
-            k = len(paths[0])
-            self.note_pass("head", len(frontier), 0, layers=0)
-            rows = torch.stack([embed(p) for p in paths])  # [F, k, H]
-            cs = c.expand(len(frontier), -1)
-            embeds = [root.expand(len(frontier), -1)] + [rows[:, j] for j in range(k)]
-            return log_softmax(head.logits(target, head.head(k, cs, embeds)))
+        def expand(front: Frontier) -> torch.Tensor:  # head `depth` on each path: root, then the path's tokens
+            k = front.tokens.shape[0]
+            embeds = [root.expand(k, -1)] + [target.embed(front.paths[:, j]).to(c.dtype) for j in range(front.depth)]
+            return log_softmax(head.logits(target, head.head(front.depth, c.expand(k, -1), embeds)))
 
         return self._grow(root_lp, expand, len(head.heads))

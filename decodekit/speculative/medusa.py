@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import DraftTree, register
-from .heads_common import HeadBatch, HeadBlock, HeadConfig, HeadDrafter, Target, ancestors, log_softmax
+from .base import register
+from .heads_common import Frontier, HeadBatch, HeadBlock, HeadConfig, HeadDrafter, HeadLane, Target, log_softmax, \
+    unpack_ints
 
 
 class ResBlock(nn.Module):
@@ -49,7 +50,7 @@ class MedusaHeads(nn.Module):
             k = flat.shape[1]
             pos = torch.arange(k, device=f.device)[None].expand(flat.shape[0], k)
             full = torch.ones(1, 1, k, k, dtype=torch.bool, device=f.device)
-            out = self.mix(flat, pos, None, full)[0].view(out.shape)
+            out = self.mix(flat, pos, None, full, k - 1)[0].view(out.shape)
         return out
 
     def logits(self, target: Target, h: torch.Tensor) -> torch.Tensor:
@@ -77,13 +78,15 @@ class Medusa(HeadDrafter):
     branch: int = 8
     max_nodes: int = 48
 
-    def _draft(self, context: list[int]) -> DraftTree:
-        f = self.features[len(context) - 2]
-        self.note_pass("head", len(self.head.heads), 0, layers=0)  # K MLP heads and the LM head, one row each
-        lps = log_softmax(self.head.logits(self.target, self.head.states(f)))  # [K, V]
+    def trace_passes(self, start: int, n: int) -> list[tuple[int, int, dict]]:
+        return [(len(self.head.heads), 0, {"layers": 0})]  # K MLP heads and the LM head, one row each
 
-        def expand(frontier: list[int], tokens: list[int], parents: list[int]) -> torch.Tensor:
-            depth = 1 + len(ancestors(parents, frontier[0]))  # a round's frontier shares one depth
-            return lps[depth].expand(len(frontier), -1)
+    def _pass(self, lane: HeadLane, feats: torch.Tensor, ints: torch.Tensor, length: int) -> torch.Tensor:
+        _, _, n = unpack_ints(ints, feats.shape[0])
+        states = self.head.states(feats.index_select(0, n - 1))[0]  # the root's parent row: [K, H]
+        lps = log_softmax(self.head.logits(self.target, states))  # [K, V]: head k drafts depth k + 1
+
+        def expand(front: Frontier) -> torch.Tensor:
+            return lps[front.depth].expand(front.tokens.shape[0], -1)
 
         return self._grow(lps[0], expand, lps.shape[0])

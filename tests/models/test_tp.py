@@ -149,11 +149,13 @@ class TestTinyTwoRanks:
     def test_graph_runner_passes_are_mirrored(self, tiny):
         tp, ref = tiny
         graphed = Engine(tp.model, tp.tokenizer, cuda_graphs=True)
-        for method in ("plain", "pld"):
-            a = graphed.generate(PROMPTS, 40, method=method, ignore_eos=True)
-            b = ref.generate(PROMPTS, 40, method=method, ignore_eos=True)
+        for method in ("plain", "pld", "eagle"):  # eagle: passes that return hidden states (its drafting: eager)
+            options = {"init": "random"} if method == "eagle" else {}
+            a = graphed.generate(PROMPTS, 40, method=method, ignore_eos=True, method_options=options)
+            b = ref.generate(PROMPTS, 40, method=method, ignore_eos=True, method_options=options)
             assert [r.token_ids for r in a] == [r.token_ids for r in b]
         assert graphed.core.runner.passes  # the static passes ran (captured on both ranks)
+        assert any(key[4] for key in graphed.core.runner.passes)  # some returned the head's features
 
 
 def test_dead_worker_is_a_clear_error_not_a_hang():

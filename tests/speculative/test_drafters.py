@@ -1,4 +1,5 @@
 """Unit tests of the training-free drafters' data structures and proposals."""
+import pytest
 import torch
 
 import decodekit
@@ -8,6 +9,24 @@ from decodekit.speculative.pld import NgramIndex, PromptLookup, find_continuatio
 from decodekit.speculative.recycling import TokenRecycling
 from decodekit.speculative.suffix import SuffixDecoding, SuffixTrie
 from decodekit.speculative.tree_search import best_first_tree
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 64, 65, 150])
+def test_ancestor_mask_marks_each_node_and_its_ancestors(n):
+    g = torch.Generator().manual_seed(n)
+    parents = [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, n + 1)]
+    mask = DraftTree(list(range(n)), parents).ancestor_mask()
+    want = torch.zeros(n + 1, n + 1, dtype=torch.bool)
+    for i in range(n + 1):  # walk up from each node to the root
+        node = i
+        while True:
+            want[i, node] = True
+            if node == 0:
+                break
+            node = parents[node - 1]
+    assert mask.dtype == torch.bool and torch.equal(mask, want)
+    with pytest.raises(ValueError, match="must precede"):
+        DraftTree([1, 2], [0, 2]).ancestor_mask()
 
 
 def test_pld_finds_most_recent_longest_match():

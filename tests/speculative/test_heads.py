@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from decodekit.models.kv_cache import private_pool
+from head_helpers import HEADS, perturbed_head
 from micro import spawned
 
 import decodekit
@@ -13,8 +14,6 @@ from decodekit.speculative import DRAFTERS
 from decodekit.speculative.base import Drafter, DraftTree
 from decodekit.speculative.heads_common import (HeadBatch, HeadConfig, grow_tree, new_head, read_head, save_head)
 from decodekit.train.data import feature_pass
-
-HEADS = ["eagle", "medusa", "hydra"]
 
 
 @pytest.fixture(scope="module")
@@ -124,13 +123,16 @@ def test_grow_tree_keeps_the_most_likely_expanded_paths(depth, branch, max_nodes
         return cache[path]
 
     root = table(())
+    depths = []
 
-    def expand(frontier, tokens, parents):
-        def path(n):
-            return path(parents[n - 1]) + (tokens[n - 1],) if n else ()
-        return torch.stack([table(path(n)) for n in frontier])
+    def expand(front):
+        depths.append(front.depth)
+        assert front.paths.shape == (front.tokens.shape[0], front.depth)
+        assert torch.equal(front.paths[:, -1], front.tokens)
+        return torch.stack([table(tuple(p)) for p in front.paths.tolist()])
 
-    tree = grow_tree(root, expand, depth, branch, max_nodes)
+    tree = DraftTree(*grow_tree(root, expand, depth, branch, max_nodes).tolist())
+    assert depths == list(range(1, depth))
     paths = set()
     for i in range(1, len(tree) + 1):
         node, p = i, ()
@@ -140,16 +142,6 @@ def test_grow_tree_keeps_the_most_likely_expanded_paths(depth, branch, max_nodes
         paths.add(p)
     assert all(p < i for i, p in enumerate(tree.parents, start=1))  # parents precede children
     assert paths == reference_tree(root, table, depth, branch, max_nodes)
-
-
-def perturbed_head(arch, config, seed=1):
-    """An untrained head with every weight random (zero-initialized residual layers would draft trivially)."""
-    head = new_head(DRAFTERS[arch].module, DRAFTERS[arch].module.default_config(config), seed)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in head.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return head
 
 
 @pytest.mark.parametrize("arch", HEADS)

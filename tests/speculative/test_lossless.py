@@ -33,6 +33,13 @@ def tiny_gemma():
     return decodekit.load("random:tiny-gemma3", device="cpu")
 
 
+@pytest.fixture(scope="module")
+def tiny_graphs(tiny):
+    """The graph runner's static passes (on the CPU a replay calls the captured function): fused greedy chunks,
+    captured verify passes with features, the heads' captured draft passes."""
+    return Engine(tiny.model, tiny.tokenizer, cuda_graphs=True)
+
+
 def prompts(vocab: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(0)
     motif = torch.randint(3, vocab, (6,), generator=g).tolist()
@@ -40,7 +47,7 @@ def prompts(vocab: int) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("which", ["tiny", "tiny_gemma"])
+@pytest.mark.parametrize("which", ["tiny", "tiny_gemma", "tiny_graphs"])
 def test_greedy_identical_to_plain(method, which, request):
     engine = request.getfixturevalue(which)
     for p in prompts(engine.model.config.vocab_size):
@@ -76,6 +83,18 @@ def test_sampled_distribution_matches_target(method, micro):
     probs = exact_pair_distribution(micro, sampling)
     counts = empirical_pairs(micro, method, sampling, 1200, **method_options(method, micro))
     assert chi_square_p(counts, probs) > 1e-3
+
+
+@pytest.mark.parametrize("method", ["eagle", "medusa", "hydra"])
+def test_sampled_heads_through_the_graph_runner_match_target(method, micro):
+    """The heads' captured draft passes and the verify passes that return features, sampled (batches of 128 rows:
+    inside the captured batch buckets)."""
+    graphed = Engine(micro.model, micro.tokenizer, name="micro", cuda_graphs=True, max_running=128)
+    sampling = SETTINGS[METHODS.index(method) % len(SETTINGS)]
+    probs = exact_pair_distribution(graphed, sampling)
+    counts = empirical_pairs(graphed, method, sampling, 1200, **method_options(method, graphed))
+    assert chi_square_p(counts, probs) > 1e-3
+    assert any(key[4] for key in graphed.core.runner.passes)
 
 
 @pytest.mark.parametrize("sampling", SETTINGS, ids=["t1", "t0.7-p0.9", "t1.5-k4"])
