@@ -273,6 +273,7 @@ def _write_hf_folder(
     except Exception as e:  # transformers raises many types for unsupported or damaged GGUF files
         raise ModelSourceError(f"{gguf}: transformers could not load this GGUF ({_one_line(e)})") from e
 
+    _byte_level_decoding(tokenizer)
     save_file(_state_dict_to_save(model), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     if chat_template and not tokenizer.chat_template:
         tokenizer.chat_template = chat_template
@@ -288,6 +289,30 @@ def _write_hf_folder(
         "seconds": round(time.perf_counter() - start, 1),
     }
     (out / "decodekit_source.json").write_text(json.dumps(provenance, indent=2) + "\n")
+
+
+def _byte_level_decoding(tokenizer: Any) -> None:
+    """A byte-level BPE (GPT-2 style: a ByteLevel pre-tokenizer) decodes with ByteLevel and no byte fallback.
+    transformers 5.17 converts SmolLM2's GGUF tokenizer with a SentencePiece-style decoder (ByteFallback, "▁"
+    replaced) and `byte_fallback` on: text still decodes, but grammar engines that read each token's bytes from the
+    tokenizer (llguidance) then see other bytes than the model writes, and their masks disagree with their own
+    checks. 5.23 writes ByteLevel; this makes every version's conversion the same."""
+    from tokenizers import decoders
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return
+    spec = json.loads(backend.to_str())
+    if (spec.get("pre_tokenizer") or {}).get("type") != "ByteLevel" or spec["model"].get("type") != "BPE":
+        return
+    if (spec.get("decoder") or {}).get("type") == "ByteLevel" and not spec["model"].get("byte_fallback"):
+        return
+    spec["decoder"] = json.loads(decoders.ByteLevel().__getstate__())
+    spec["model"]["byte_fallback"] = False
+    spec["normalizer"] = None
+    from tokenizers import Tokenizer
+
+    tokenizer._tokenizer = Tokenizer.from_str(json.dumps(spec))
 
 
 def _state_dict_to_save(model: Any) -> dict[str, Any]:

@@ -446,3 +446,29 @@ def test_real_smollm2(monkeypatch: pytest.MonkeyPatch) -> None:
     start = time.perf_counter()
     assert resolve("smollm2", progress=False) == folder
     assert time.perf_counter() - start < 5
+
+
+def test_byte_level_bpe_decodes_with_byte_level():
+    """transformers 5.17 converts a GPT-2-style GGUF tokenizer with a SentencePiece decoder and byte fallback; the
+    conversion puts ByteLevel back (grammar engines read each token's bytes through the decoder)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from decodekit.models.sources import _byte_level_decoding
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    vocab["Ġh"] = len(vocab)
+    raw = Tokenizer(models.BPE(vocab, [("Ġ", "h")], byte_fallback=True))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.normalizer = normalizers.Sequence([])
+    raw.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse(), decoders.Replace("▁", " ")])
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw)
+    ids = tok.encode(" hi", add_special_tokens=False)
+    assert tok.decode(ids) != " hi"  # the broken decoder: "Ġhi"
+    _byte_level_decoding(tok)
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    assert spec["decoder"]["type"] == "ByteLevel" and not spec["model"]["byte_fallback"]
+    assert tok.encode(" hi", add_special_tokens=False) == ids and tok.decode(ids) == " hi"
