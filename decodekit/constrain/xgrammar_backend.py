@@ -12,7 +12,11 @@ spell it exactly, and drops the last one (it could merge with the text that foll
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+import os
+import sys
+import tempfile
+from typing import Any, Iterator, Sequence
 
 import torch
 import xgrammar as xgr
@@ -27,6 +31,10 @@ _LOOSE_CHAR = '[^\\"\\\\\\r\\n]'
 _JSON_CHAR = '[^\\0-\\x1f\\"\\\\\\r\\n]'
 _WHAT = {"json_schema": "JSON schema", "json_object": "JSON schema", "regex": "regex", "grammar": "grammar",
          "choice": "choice"}
+
+
+class UnsupportedSchema(ValueError):
+    """A schema keyword the backend would approximate instead of enforcing."""
 
 
 class XGrammarBackend(Backend):
@@ -55,8 +63,11 @@ class XGrammarBackend(Backend):
     def compile(self, spec: ConstraintSpec) -> Grammar:
         try:
             if spec.kind in ("json_schema", "json_object"):
-                grammar = xgr.Grammar.from_json_schema(spec.source, any_whitespace=False, separators=(", ", ": "),
-                                                       strict_mode=False)
+                with _native_warnings() as warnings:
+                    grammar = xgr.Grammar.from_json_schema(spec.source, any_whitespace=False,
+                                                           separators=(", ", ": "), strict_mode=False)
+                if warnings:  # a keyword it would not enforce: outputs could break the schema, so refuse it
+                    raise UnsupportedSchema(f"unsupported JSON schema feature for xgrammar: {warnings[0]}")
                 compiled = self.compiler.compile_grammar(str(grammar).replace(_LOOSE_CHAR, _JSON_CHAR))
             elif spec.kind == "regex":
                 compiled = self.compiler.compile_regex(spec.source)
@@ -64,9 +75,35 @@ class XGrammarBackend(Backend):
                 compiled = self.compiler.compile_lark(spec.source)
             else:
                 compiled = self.compiler.compile_lark(choice_lark(spec.choices))
+        except UnsupportedSchema:
+            raise
         except (RuntimeError, ValueError) as e:  # xgrammar reports every grammar error as a RuntimeError
             raise ValueError(f"invalid {_WHAT[spec.kind]}: {one_line(e)}") from None
         return XGrammarGrammar(spec, compiled, self)
+
+
+@contextlib.contextmanager
+def _native_warnings() -> Iterator[list[str]]:
+    """xgrammar's schema converter prints what it approximates ("Warning: pattern combined with minLength is not
+    supported; ignoring minLength", "oneOf ... falling back to anyOf") from C++ to file descriptor 2 and goes on.
+    Collect those lines while the block runs (descriptor 2 is redirected for the process meanwhile: a compile is
+    short, and the engine compiles on its one thread)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    found: list[str] = []
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield found
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode(errors="replace")
+            found += [ln.split("Warning:", 1)[1].strip() for ln in text.splitlines() if "Warning:" in ln]
+            other = [ln for ln in text.splitlines() if "Warning:" not in ln]
+            if other:  # anything else it printed still reaches the user
+                print("\n".join(other), file=sys.stderr)
 
 
 class XGrammarGrammar(Grammar):

@@ -262,3 +262,16 @@ def test_pack_unpack_apply_roundtrip():
         logits = torch.randn(3, vocab, generator=g)
         masked = apply_bitmask_(logits.clone(), packed)
         assert torch.equal(masked.isinf(), ~allowed) and torch.equal(masked[allowed], logits[allowed])
+
+
+@pytest.mark.parametrize("schema, what", [
+    ({"type": "string", "pattern": "^[a-z]+$", "minLength": 3}, "pattern combined with minLength"),
+    ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "oneOf"),
+])
+def test_xgrammar_refuses_what_it_would_only_approximate(byte, capfd, schema, what):
+    """xgrammar prints a warning and approximates these (the H100 benchmark saw 2 outputs break their schema that
+    way); decodekit refuses them before decoding, as llguidance does, so every accepted schema is enforced."""
+    with pytest.raises(ValueError, match=f"unsupported JSON schema feature for xgrammar: {what}"):
+        byte["xgrammar"].compile(constraint_spec(json_schema=schema))
+    assert "Warning" not in capfd.readouterr().err  # collected into the error, not printed
+    byte["xgrammar"].compile(constraint_spec(json_schema={"type": "string", "minLength": 3}))  # alone: fine
