@@ -278,6 +278,7 @@ def _write_hf_folder(
     if chat_template and not tokenizer.chat_template:
         tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(str(out), save_jinja_files=False)  # chat template inside tokenizer_config.json
+    _check_merges(AutoTokenizer.from_pretrained(str(out)), gguf)  # what a load will read
     config = _config_to_save(model, tokenizer, extra_eos_tokens)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
@@ -289,6 +290,22 @@ def _write_hf_folder(
         "seconds": round(time.perf_counter() - start, 1),
     }
     (out / "decodekit_source.json").write_text(json.dumps(provenance, indent=2) + "\n")
+
+
+def _check_merges(tokenizer: Any, gguf: Path) -> None:
+    """Refuse a tokenizer that does not find the word " the" though its vocabulary holds it: transformers 5.17
+    converts Gemma 3's GGUF tokenizer as a Unigram model ("▁t", "he") that saves as one token per character, and
+    the model then reads garbage (nothing else fails). 5.23 converts it correctly. Checked on the saved folder."""
+    import transformers
+
+    vocab = tokenizer.get_vocab()
+    word = next((w for w in ("\u2581the", "\u0120the") if w in vocab), None)
+    if word is None:  # a small vocabulary (the tests' tiny models): nothing to check against
+        return
+    if tokenizer.convert_ids_to_tokens(tokenizer.encode(" the", add_special_tokens=False)) != [word]:
+        raise ModelSourceError(f"{gguf}: transformers {transformers.__version__} converts this GGUF's tokenizer "
+                               "wrongly (\" the\" does not encode as the word); use a newer transformers "
+                               "(5.23 converts it correctly) or a Hugging Face folder of the model")
 
 
 def _byte_level_decoding(tokenizer: Any) -> None:

@@ -472,3 +472,33 @@ def test_byte_level_bpe_decodes_with_byte_level():
     spec = json.loads(tok.backend_tokenizer.to_str())
     assert spec["decoder"]["type"] == "ByteLevel" and not spec["model"]["byte_fallback"]
     assert tok.encode(" hi", add_special_tokens=False) == ids and tok.decode(ids) == " hi"
+
+
+def test_a_tokenizer_without_merges_is_refused(tmp_path):
+    """transformers 5.17 converted Gemma 3's GGUF tokenizer into one token per character (seen on the H100): the
+    conversion refuses such a tokenizer instead of writing a model that reads characters."""
+    from decodekit.models.sources import ModelSourceError, _check_merges
+
+    class Chars:  # "▁the" is in the vocabulary, but encoding never merges
+        vocab = {"\u2581the": 0, "\u2581": 1, **{c: 2 + i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}}
+
+        def get_vocab(self):
+            return self.vocab
+
+        def encode(self, text, add_special_tokens=False):
+            return ["\u2581" if c == " " else c for c in text]
+
+        def convert_ids_to_tokens(self, ids):
+            return ids
+
+    class Words(Chars):
+        def encode(self, text, add_special_tokens=False):
+            return ["\u2581" + w for w in text.split()]
+
+    class Small(Chars):  # a character vocabulary (the tests' tiny GGUFs): nothing to merge
+        vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}
+
+    with pytest.raises(ModelSourceError, match="converts this GGUF's tokenizer wrongly"):
+        _check_merges(Chars(), tmp_path / "m.gguf")
+    _check_merges(Words(), tmp_path / "m.gguf")
+    _check_merges(Small(), tmp_path / "m.gguf")
