@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--methods", default=None, help="comma-separated: replay only these recorded methods")
     ap.add_argument("--repeats", type=int, default=3, help="timed replays per trace (median); one warm-up first")
     ap.add_argument("--json", dest="json_out", default=None, metavar="OUT.json")
+    ap.add_argument("--single-baseline", action="store_true",
+                    help="also replay plain decoding as one width-1 pass a token (doubles the baseline's time)")
     args = ap.parse_args(argv)
     try:
         lines = read_traces(args.trace)
@@ -52,8 +54,6 @@ def main(argv: list[str] | None = None) -> dict:
                     for d in s["draft_passes"])
     draft = decodekit.load(args.draft_model, device=engine.device, dtype=engine.model.dtype, prefix_caching=False,
                            progress=False, kv_tokens=need + 4096, cuda_graphs=False) if has_draft else None
-    methods = replay_traces(Replayer(engine, draft), lines, args.repeats,
-                            progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     meta = {"label": "trace replay", "replay_model": args.model, "device": str(engine.device),
             "dtype": str(engine.model.dtype).replace("torch.", ""),
             "gpu": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else None,
@@ -61,12 +61,18 @@ def main(argv: list[str] | None = None) -> dict:
             "draft_model": args.draft_model if has_draft else None, "repeats": args.repeats,
             "trace_file": args.trace, "torch": torch.__version__,
             "baseline": "plain decoding replayed on the same prompt lengths and token counts (the engine's fused "
-                        "greedy chunks where the runner has them); vs 1-pass: one width-1 pass a token"}
+                        "greedy chunks where the runner has them); vs 1-pass (--single-baseline): one width-1 pass "
+                        "a token"}
+
+    def save(methods: dict) -> None:  # after every trace: a replay cut short keeps what it measured
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps({"meta": meta, "methods": methods}, indent=1))
+
+    methods = replay_traces(Replayer(engine, draft), lines, args.repeats, single=args.single_baseline,
+                            progress=lambda msg: print(msg, file=sys.stderr, flush=True), on_trace=save)
     print(format_table(methods, meta))
-    out = {"meta": meta, "methods": methods}
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(out, indent=1))
-    return out
+    save(methods)
+    return {"meta": meta, "methods": methods}
 
 
 if __name__ == "__main__":

@@ -225,15 +225,17 @@ class Replayer:
 
 
 def replay_traces(replayer: Replayer, lines: list[dict[str, Any]], repeats: int = 3,
-                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  progress: Callable[[str], None] | None = None, single: bool = True,
+                  on_trace: Callable[[dict[str, dict[str, Any]]], None] | None = None) -> dict[str, Any]:
     """Per method: replayed seconds per generated token, speedup over plain decoding replayed on the same prompt
-    lengths and token counts (the engine's fused greedy chunks, and one width-1 pass a token), mean tau."""
+    lengths and token counts (the engine's fused greedy chunks, and with `single` one width-1 pass a token), mean
+    tau. `on_trace` gets the figures so far after every trace (a replay cut short keeps what it measured)."""
     plain: dict[tuple[int, int, str], float] = {}
     methods: dict[str, dict[str, Any]] = {}
     for line in lines:
         trace = line["trace"]
         key = (trace["prompt_tokens"], committed(trace))
-        for kind in ("fused", "single"):
+        for kind in ("fused", "single") if single else ("fused",):
             if (*key, kind) not in plain:
                 plain[(*key, kind)] = replayer.time(trace, repeats, plain=kind)
         seconds = replayer.time(trace, repeats)
@@ -244,18 +246,23 @@ def replay_traces(replayer: Replayer, lines: list[dict[str, Any]], repeats: int 
         m["steps"] += decode_steps(trace)
         m["seconds"] += seconds
         m["plain_s"] += plain[(*key, "fused")]
-        m["plain_single_s"] += plain[(*key, "single")]
+        m["plain_single_s"] += plain.get((*key, "single"), 0.0)
+        _derive(m)
         if progress is not None:
             progress(f"{line['method']} {line['prompt_id']}: {seconds * 1e3:.1f} ms for {key[1]} tokens")
-    for m in methods.values():
-        tokens = max(m["tokens"], 1)
-        m["s_per_token"] = m["seconds"] / tokens
-        m["plain_s_per_token"] = m["plain_s"] / tokens
-        m["speedup"] = m["plain_s"] / max(m["seconds"], 1e-12)
-        m["speedup_vs_single"] = m["plain_single_s"] / max(m["seconds"], 1e-12)
-        m["tau"] = m["tokens"] / max(m["steps"], 1)
+        if on_trace is not None:
+            on_trace(methods)
     replayer.release()
     return methods
+
+
+def _derive(m: dict[str, Any]) -> None:
+    tokens = max(m["tokens"], 1)
+    m["s_per_token"] = m["seconds"] / tokens
+    m["plain_s_per_token"] = m["plain_s"] / tokens
+    m["speedup"] = m["plain_s"] / max(m["seconds"], 1e-12)
+    m["speedup_vs_single"] = m["plain_single_s"] / max(m["seconds"], 1e-12) if m["plain_single_s"] else None
+    m["tau"] = m["tokens"] / max(m["steps"], 1)
 
 
 def format_table(methods: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -264,7 +271,7 @@ def format_table(methods: dict[str, dict[str, Any]], meta: dict[str, Any]) -> st
     rows = [head, f"{'method':34s} {'traces':>6s} {'tokens':>7s} {'ms/token':>9s} {'plain ms/tok':>12s} "
                   f"{'speedup':>8s} {'vs 1-pass':>9s} {'tau':>6s}"]
     for name, m in methods.items():
+        single = f"{m['speedup_vs_single']:8.2f}x" if m["speedup_vs_single"] is not None else f"{'-':>9s}"
         rows.append(f"{name:34s} {m['traces']:6d} {m['tokens']:7d} {m['s_per_token'] * 1e3:9.3f} "
-                    f"{m['plain_s_per_token'] * 1e3:12.3f} {m['speedup']:7.2f}x {m['speedup_vs_single']:8.2f}x "
-                    f"{m['tau']:6.2f}")
+                    f"{m['plain_s_per_token'] * 1e3:12.3f} {m['speedup']:7.2f}x {single} {m['tau']:6.2f}")
     return "\n".join(rows)

@@ -69,7 +69,10 @@ def test_the_replay_runs_the_recorded_passes(engine, lines, monkeypatch):
 def test_replay_on_the_cpu_reports_a_plain_baseline(engine, lines, graphs):
     target = Engine(engine.model, engine.tokenizer, cuda_graphs=True) if graphs else engine  # graphs: CPU "replays"
     draft = decodekit.load("random:tiny-llama@2", device="cpu", dtype="float32")
-    methods = replay_traces(Replayer(target, draft), lines, repeats=1)
+    seen = []  # the figures so far after every trace (a replay cut short keeps them)
+    methods = replay_traces(Replayer(target, draft), lines, repeats=1, on_trace=lambda m: seen.append(
+        sum(x["traces"] for x in m.values())))
+    assert seen == list(range(1, len(lines) + 1))
     assert list(methods) == METHODS
     for name, m in methods.items():
         traces = [ln for ln in lines if ln["method"] == name]
