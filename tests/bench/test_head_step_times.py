@@ -28,7 +28,9 @@ def test_splits_every_decode_step(head_step_times, method, capsys):
 
     args = ["--model", "random:tiny-llama", "--device", "cpu", "--dtype", "float32", "--method", method,
             "-O", "init=random", "--prompts", "2", "--new-tokens", "12", "--spec-bench", str(SAMPLE)]
-    split = head_step_times.main(args)["split"]
+    result = head_step_times.main(args)
+    split = result["split"]
+    assert len(result["median_step_ms"]) == 4 and result["median_step_ms"][0] > 0  # a warm step: captures excluded
     assert split.steps == len(split.per_step) >= 2 * 11 // 7  # each prompt's 11 tokens after the first
     assert 2 * 11 <= split.tokens <= 2 * 11 + 2 * 7  # the last step may commit past the end
     for total, verify, draft, head in split.per_step:
