@@ -11,6 +11,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 
 @dataclass
@@ -37,6 +38,18 @@ def spec_bench_path() -> Path:
     return SAMPLE
 
 
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line; ValueError naming the line for one that is not JSON."""
+    with open(path) as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+
+
 def load_prompts(dataset: str, limit_per_category: int | None = None) -> list[BenchPrompt]:
     path = spec_bench_path() if dataset == "spec-bench" else Path(dataset)
     if path == SAMPLE and (limit_per_category is None or limit_per_category > SAMPLE_PER_CATEGORY):
@@ -46,13 +59,7 @@ def load_prompts(dataset: str, limit_per_category: int | None = None) -> list[Be
         raise FileNotFoundError(f"dataset {dataset!r} not found (use spec-bench or a .jsonl path)")
     prompts: list[BenchPrompt] = []
     per_category: dict[str, int] = {}
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+    for n, row in read_jsonl(path):
         if "turns" in row:
             text = row["turns"][0]
         elif "prompt" in row:

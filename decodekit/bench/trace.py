@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..sampling import SamplingConfig
-from .datasets import BenchPrompt
+from .datasets import BenchPrompt, read_jsonl
 from .runner import _number
 
 FIELDS = ("model", "method", "prompt_id", "category", "generated", "trace")
@@ -50,18 +50,11 @@ def write_traces(path: str | Path, lines: Iterable[dict[str, Any]]) -> None:
 def read_traces(path: str | Path) -> list[dict[str, Any]]:
     """The lines of a trace file; ValueError (one line) for a file that is not one."""
     lines = []
-    with open(path) as f:
-        for i, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                line = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from None
-            missing = [k for k in FIELDS if k not in line]
-            if missing or not isinstance(line["trace"], dict) or "steps" not in line["trace"]:
-                raise ValueError(f"{path}:{i}: not a trace line (missing {', '.join(missing) or 'trace.steps'})")
-            lines.append(line)
+    for i, line in read_jsonl(path):
+        missing = [k for k in FIELDS if k not in line]
+        if missing or not isinstance(line["trace"], dict) or "steps" not in line["trace"]:
+            raise ValueError(f"{path}:{i}: not a trace line (missing {', '.join(missing) or 'trace.steps'})")
+        lines.append(line)
     if not lines:
         raise ValueError(f"{path}: no traces")
     return lines

@@ -322,14 +322,9 @@ def _byte_level_decoding(tokenizer: Any) -> None:
     spec = json.loads(backend.to_str())
     if (spec.get("pre_tokenizer") or {}).get("type") != "ByteLevel" or spec["model"].get("type") != "BPE":
         return
-    if (spec.get("decoder") or {}).get("type") == "ByteLevel" and not spec["model"].get("byte_fallback"):
-        return
-    spec["decoder"] = json.loads(decoders.ByteLevel().__getstate__())
-    spec["model"]["byte_fallback"] = False
-    spec["normalizer"] = None
-    from tokenizers import Tokenizer
-
-    tokenizer._tokenizer = Tokenizer.from_str(json.dumps(spec))
+    backend.decoder = decoders.ByteLevel()
+    backend.model.byte_fallback = False
+    backend.normalizer = None
 
 
 def _state_dict_to_save(model: Any) -> dict[str, Any]:
