@@ -32,6 +32,9 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--sweep", nargs="+", default=None, metavar="KNOB=V1,V2",
                    help="run the grid of these knob values for each method, e.g. temperature=0.2,0.7 top_p=0.9,1.0")
     e.add_argument("--batch-size", type=int, default=1, help="prompts per generate call (default 1)")
+    e.add_argument("--kv-tokens", type=int, default=None,
+                   help="KV pool size in tokens (default: half the free GPU memory, or two context windows on the "
+                        "CPU); search strategies that keep many hypotheses (best-first beam) may need more")
     e.add_argument("--prompt-style", choices=["auto", "chat", "base"], default="auto",
                    help="chat template or plain completion prompt (auto: chat if the model has a chat template)")
     e.add_argument("--data-dir", default=None, help="data folder (default: $DECODEKIT_DATA, else ../shared/data)")
@@ -64,6 +67,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    if args.kv_tokens is not None and args.kv_tokens < 1:
+        raise ValueError(f"--kv-tokens must be >= 1, got {args.kv_tokens}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     task_cls = TASKS[args.task]
@@ -79,7 +84,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     # No prefix cache: a run after another would find the prompts' KV cached and look faster than it is.
     engine = decodekit.load(args.model, device=args.device, dtype=args.dtype, prefix_caching=False,
-                            tensor_parallel=args.tensor_parallel, window_ring=not args.no_window_ring)
+                            tensor_parallel=args.tensor_parallel, window_ring=not args.no_window_ring,
+                            kv_tokens=args.kv_tokens)
     has_template = bool(getattr(engine.tokenizer, "chat_template", None))
     if args.prompt_style == "chat" and not has_template:
         raise ValueError(f"{args.model} has no chat template; use --prompt-style base")
@@ -109,3 +115,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         write_sweep_plot(args.plot, summaries, sweep, meta)
     elif args.plot:
         write_plot(args.plot, summaries, meta)
+    failed = [r.run.label for r in results if r.error is not None]
+    if failed:  # the others' results are printed and saved; the exit status still says not everything ran
+        raise ValueError(f"{len(failed)} of {len(runs)} runs failed ({', '.join(failed)}); the others' results are "
+                         f"above" + (f" and in {args.json_out}" if args.json_out else ""))

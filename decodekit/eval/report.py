@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from math import nan
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +22,27 @@ def print_table(summaries: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     from rich.table import Table
 
     head, *others = meta["metrics"]
-    corpus = list(summaries[0]["corpus"]) if summaries else []
+    done = finished(summaries)
+    corpus = list(done[0]["corpus"]) if done else []
     table = Table(title=f"{meta['task']} on {meta['model']} ({meta['device']}, {meta['prompt_style']} prompts), "
                         f"{meta['items']} items, {meta['max_new_tokens']} new tokens at most: {head} with a "
                         f"{meta['confidence']:.0%} bootstrap CI")
     for name in ["run", head, "CI", *others, *corpus, "tok/s", "tokens/answer", "truncated"]:
         table.add_column(name, justify="left" if name == "run" else "right", overflow="fold")
     for s in summaries:
+        if "error" in s:  # a run that stopped: its error, in the metric's column
+            table.add_row(s["label"], f"failed: {s['error']}", *[""] * (len(table.columns) - 2))
+            continue
         m = s["metrics"]
         table.add_row(s["label"], _fmt(m[head]["mean"]), f"[{_fmt(m[head]['ci_low'])}, {_fmt(m[head]['ci_high'])}]",
                       *(_fmt(m[o]["mean"]) for o in others), *(_fmt(s["corpus"][c]) for c in corpus),
                       f"{s['tokens_per_s']:.1f}", f"{s['tokens_per_answer']:.1f}", f"{s['truncated']}/{s['items']}")
     Console().print(table)
+
+
+def finished(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs that answered every item (a failed run has an `error` instead of figures)."""
+    return [s for s in summaries if "error" not in s]
 
 
 def write_json(path: str, meta: dict[str, Any], summaries: list[dict[str, Any]], results: list[RunResult]) -> None:
@@ -58,6 +68,7 @@ def write_plot(path: str, summaries: list[dict[str, Any]], meta: dict[str, Any])
     """The headline metric per run, with its bootstrap interval as an error bar."""
     plt = _pyplot()
     head = meta["metrics"][0]
+    summaries = finished(summaries)
     means = [s["metrics"][head]["mean"] for s in summaries]
     errors = [[m - s["metrics"][head]["ci_low"] for m, s in zip(means, summaries)],
               [s["metrics"][head]["ci_high"] - m for m, s in zip(means, summaries)]]
@@ -80,6 +91,7 @@ def write_sweep_plot(path: str, summaries: list[dict[str, Any]], sweep: dict[str
     """Quality against the swept knobs, one line (or heatmap) per method/search family."""
     plt = _pyplot()
     head = meta["metrics"][0]
+    summaries = finished(summaries)
     knobs = list(sweep)
     families = list(dict.fromkeys(_family(s) for s in summaries))
     mean = lambda s: s["metrics"][head]["mean"]  # noqa: E731
@@ -87,7 +99,7 @@ def write_sweep_plot(path: str, summaries: list[dict[str, Any]], sweep: dict[str
         a, b = knobs
         fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families) + 1, 4), squeeze=False)
         for ax, fam in zip(axes[0], families):
-            grid = [[next(mean(s) for s in summaries if _family(s) == fam and s["knobs"] == {a: va, b: vb})
+            grid = [[next((mean(s) for s in summaries if _family(s) == fam and s["knobs"] == {a: va, b: vb}), nan)
                      for vb in sweep[b]] for va in sweep[a]]
             image = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
             for i, row in enumerate(grid):
@@ -104,10 +116,10 @@ def write_sweep_plot(path: str, summaries: list[dict[str, Any]], sweep: dict[str
         for ax, knob in zip(axes[0], knobs):
             for fam in families:
                 points = [[s for s in summaries if _family(s) == fam and s["knobs"][knob] == v] for v in sweep[knob]]
-                ys = [sum(mean(s) for s in group) / len(group) for group in points]
+                ys = [sum(mean(s) for s in group) / len(group) if group else nan for group in points]
                 if len(knobs) == 1:  # exact points: each carries its own interval
-                    errors = [[y - g[0]["metrics"][head]["ci_low"] for y, g in zip(ys, points)],
-                              [g[0]["metrics"][head]["ci_high"] - y for y, g in zip(ys, points)]]
+                    errors = [[y - g[0]["metrics"][head]["ci_low"] if g else 0.0 for y, g in zip(ys, points)],
+                              [g[0]["metrics"][head]["ci_high"] - y if g else 0.0 for y, g in zip(ys, points)]]
                     ax.errorbar(range(len(ys)), ys, yerr=errors, marker="o", capsize=4, label=fam)
                 else:
                     ax.plot(range(len(ys)), ys, marker="o", label=fam)

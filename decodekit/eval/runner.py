@@ -55,6 +55,7 @@ class RunResult:
     run: Run
     records: list[ItemRecord] = field(default_factory=list)
     seconds: float = 0.0  # wall time of the generate calls
+    error: str | None = None  # why the run stopped part-way (its records are dropped: not every item was answered)
 
 
 def parse_sweep(pairs: list[str]) -> dict[str, list[Any]]:
@@ -103,7 +104,9 @@ def evaluate(engine, task: Task, items: list[Item], runs: list[Run], max_new_tok
     """Generate and score every item for every run. `options`: sampling fields (temperature, seed, ...) and
     keyword arguments of every generate call (method or search options); a run's sweep knobs override them.
     A seed S gives the k-th call of a run seed S + k (distinct draws per item, reproducible). `on_run` is called
-    with the finished runs after each one (the CLI saves them: a long evaluation cut short keeps what it did)."""
+    with the finished runs after each one (the CLI saves them: a long evaluation cut short keeps what it did).
+    A run that raises once timed generation has begun (e.g. a search that fills the KV pool on this batch) is
+    recorded with its error and the next run goes on: one strategy's failure does not lose the others' results."""
     from tqdm.auto import tqdm
 
     if not items:
@@ -121,21 +124,11 @@ def evaluate(engine, task: Task, items: list[Item], runs: list[Run], max_new_tok
         bar.set_description(run.label)
         kwargs = _call_kwargs(run, options, chat, stop)
         result = RunResult(run)
-        for k, start in enumerate(range(0, len(items), batch_size)):
-            chunk = slice(start, start + batch_size)
-            call = dict(kwargs)
-            if call["sampling"].seed is not None:
-                call["sampling"] = replace(call["sampling"], seed=call["sampling"].seed + k)
-            t0 = time.perf_counter()
-            outputs = engine.generate(prompts[chunk], max_new_tokens, **call)
-            seconds = time.perf_counter() - t0
-            if len(outputs) != len(prompts[chunk]):
-                raise RuntimeError(f"generate returned {len(outputs)} results for {len(prompts[chunk])} prompts")
-            result.seconds += seconds
-            for item, out in zip(items[chunk], outputs):
-                result.records.append(ItemRecord(item.id, out.text, out.stats.generated_tokens, out.finish_reason,
-                                                 seconds / len(outputs), task.score(item, out.text, chat)))
-            bar.update(len(outputs))
+        try:
+            _generate_run(engine, task, items, prompts, result, kwargs, max_new_tokens, chat, batch_size, bar)
+        except Exception as e:  # noqa: BLE001 - reported with the run, which stops; the evaluation goes on
+            result.records, result.error = [], f"{type(e).__name__}: {e}"
+            bar.write(f"decodekit: run {run.label!r} failed: {result.error}")
         results.append(result)
         if on_run is not None:
             on_run(results)
@@ -143,8 +136,31 @@ def evaluate(engine, task: Task, items: list[Item], runs: list[Run], max_new_tok
     return results
 
 
+def _generate_run(engine, task: Task, items: list[Item], prompts: list, result: RunResult, kwargs: dict[str, Any],
+                  max_new_tokens: int, chat: bool, batch_size: int, bar) -> None:
+    """A run's timed generate calls over every item, `batch_size` prompts a call, scored into `result`."""
+    for k, start in enumerate(range(0, len(items), batch_size)):
+        chunk = slice(start, start + batch_size)
+        call = dict(kwargs)
+        if call["sampling"].seed is not None:
+            call["sampling"] = replace(call["sampling"], seed=call["sampling"].seed + k)
+        t0 = time.perf_counter()
+        outputs = engine.generate(prompts[chunk], max_new_tokens, **call)
+        seconds = time.perf_counter() - t0
+        if len(outputs) != len(prompts[chunk]):
+            raise RuntimeError(f"generate returned {len(outputs)} results for {len(prompts[chunk])} prompts")
+        result.seconds += seconds
+        for item, out in zip(items[chunk], outputs):
+            result.records.append(ItemRecord(item.id, out.text, out.stats.generated_tokens, out.finish_reason,
+                                             seconds / len(outputs), task.score(item, out.text, chat)))
+        bar.update(len(outputs))
+
+
 def summarize(task: Task, items: list[Item], result: RunResult, confidence: float = 0.95) -> dict[str, Any]:
     """A run's figures: each metric's mean with a bootstrap interval, corpus metrics, tokens/s, tokens per answer."""
+    if result.error is not None:
+        return {"label": result.run.label, "method": result.run.method, "search": result.run.search,
+                "knobs": result.run.knobs, "items": 0, "error": result.error}
     records = result.records
     metrics = {}
     for name in task.metrics:

@@ -71,6 +71,7 @@ def test_search_strategies_run_in_eval(capsys, tmp_path, data_dir):
     (["--search", "beam", "-O", "num_beamz=2"], "unknown option 'num_beamz' for search 'beam'"),
     (["--methods", "nosuch"], "unknown method 'nosuch'"),
     (["--limit", "0"], "--limit must be >= 1"),
+    (["--kv-tokens", "0"], "--kv-tokens must be >= 1"),
     (["--sweep", "temperature"], "not KNOB=V1,V2"),
     (["--top-p", "2"], "top_p must be in (0, 1]"),
     (["--data-dir", "/no/such/folder"], "evaluation data folder not found: looked at /no/such/folder"),
@@ -80,3 +81,16 @@ def test_bad_input_is_one_line_error(capsys, data_dir, extra, message):
     code, _, err = run(capsys, *argv)
     last = err.strip().splitlines()[-1]  # the progress bar may precede it on stderr
     assert code == 1 and last.startswith("decodekit: error: ") and message in last, err
+
+
+def test_a_failing_strategy_leaves_the_other_runs(capsys, tmp_path, data_dir):
+    """Best-first beam keeps every open hypothesis's KV: in a small pool it fails part-way, and eval goes on with the
+    next run, saves every run (the failed one with its error) and exits non-zero naming it."""
+    out_json = tmp_path / "f.json"
+    code, out, err = run(capsys, *TINY, "--task", "gsm8k", "--limit", "3", "--batch-size", "3", "--kv-tokens", "1000",
+                         "--search", "none,best_first_beam,beam", "--data-dir", str(data_dir), "--json", str(out_json))
+    assert code == 1 and "1 of 3 runs failed (plain+best_first_beam)" in err.strip().splitlines()[-1], err
+    runs = json.loads(out_json.read_text())["runs"]
+    assert [r["label"] for r in runs] == ["plain", "plain+best_first_beam", "plain+beam"]
+    assert "KV pool is full" in runs[1]["error"] and runs[1]["records"] == []
+    assert runs[2]["items"] == 3 and "failed: ValueError" in out

@@ -114,3 +114,33 @@ def test_sweep_grid():
 def test_bad_sweep(pairs, message):
     with pytest.raises(ValueError, match=message):
         parse_sweep(pairs)
+
+
+class FailingSearchEngine(ScriptedEngine):
+    """Fails every timed call of one search strategy (its warm-up call passes, as a pool-full error would)."""
+
+    def generate(self, prompts, max_new_tokens, **kwargs):
+        if kwargs.get("search") == "best_first_beam" and max_new_tokens > 4:
+            raise ValueError("search 'best_first_beam': the KV pool is full")
+        return super().generate(prompts, max_new_tokens, **kwargs)
+
+
+def test_a_run_failing_midway_is_recorded_and_the_others_go_on(data_dir, tmp_path):
+    from decodekit.eval.report import print_table, write_plot
+
+    task = make_task("gsm8k")
+    items = task.load(data_dir)
+    runs = [Run("plain"), Run("plain", "best_first_beam"), Run("plain", "beam")]
+    seen = []
+    results = evaluate(FailingSearchEngine(gsm8k_replies), task, items, runs, 64, chat=True, show_progress=False,
+                       on_run=lambda done: seen.append(len(done)))
+    assert seen == [1, 2, 3] and [r.error is None for r in results] == [True, False, True]
+    assert results[1].records == [] and "KV pool is full" in results[1].error
+    summaries = [summarize(task, items, r) for r in results]
+    assert summaries[1]["error"].startswith("ValueError: ") and "metrics" not in summaries[1]
+    assert summaries[2]["metrics"]["accuracy"]["mean"] == pytest.approx(2 / 3)
+    meta = {"task": "gsm8k", "model": "m", "device": "cpu", "prompt_style": "chat", "items": 3, "max_new_tokens": 64,
+            "metrics": list(task.metrics), "confidence": 0.95}
+    print_table(summaries, meta)  # a failed row prints its error, not figures
+    write_plot(str(tmp_path / "p.png"), summaries, meta)  # the plot leaves the failed run out
+    assert (tmp_path / "p.png").stat().st_size > 0
