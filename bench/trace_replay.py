@@ -4,7 +4,7 @@ Llama 3 8B shape with seeded weights) with the acceptance measured on a real sma
 measurement of the method on that model: see decodekit/bench/replay.py and docs/benchmarks.md.
 
     python3 bench/trace_replay.py --trace traces.jsonl --model random:llama3-8b --device cuda --dtype bfloat16 \
-        --draft-model random:llama3.2-1b --repeats 3 --json replay.json
+        --draft-model random:llama3.2-1b --repeats 3 --json replay.json   # head passes: random:llama3-8b:layers=1
 """
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--draft-model", default="random:llama3.2-1b",
                     help="the shape a recorded draft model's passes run on (only loaded when a trace has them)")
+    ap.add_argument("--head-model", default=None,
+                    help="the shape head passes run on, through its runner (default: a random replay model cut to "
+                         "one layer, e.g. random:llama3-8b:layers=1); `eager`: the replay model, other layers skipped")
     ap.add_argument("--methods", default=None, help="comma-separated: replay only these recorded methods")
     ap.add_argument("--repeats", type=int, default=3, help="timed replays per trace (median); one warm-up first")
     ap.add_argument("--json", dest="json_out", default=None, metavar="OUT.json")
@@ -54,11 +57,16 @@ def main(argv: list[str] | None = None) -> dict:
                     for d in s["draft_passes"])
     draft = decodekit.load(args.draft_model, device=engine.device, dtype=engine.model.dtype, prefix_caching=False,
                            progress=False, kv_tokens=need + 4096, cuda_graphs=False) if has_draft else None
+    has_head = any(d["model"] == "head" for ln in lines for s in ln["trace"]["steps"] for d in s["draft_passes"])
+    head_model = args.head_model or (f"{args.model}:layers=1" if args.model.startswith("random:") else "eager")
+    head = decodekit.load(head_model, device=engine.device, dtype=engine.model.dtype, prefix_caching=False,
+                          progress=False, kv_tokens=need + 4096) if has_head and head_model != "eager" else None
     meta = {"label": "trace replay", "replay_model": args.model, "device": str(engine.device),
             "dtype": str(engine.model.dtype).replace("torch.", ""),
             "gpu": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else None,
             "recorded_on": ", ".join(sorted({ln["model"] for ln in lines})),
             "draft_model": args.draft_model if has_draft else None, "repeats": args.repeats,
+            "head_model": (head_model if head is not None else "eager") if has_head else None,
             "trace_file": args.trace, "torch": torch.__version__,
             "baseline": "plain decoding replayed on the same prompt lengths and token counts (the engine's fused "
                         "greedy chunks where the runner has them); vs 1-pass (--single-baseline): one width-1 pass "
@@ -68,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.json_out:
             Path(args.json_out).write_text(json.dumps({"meta": meta, "methods": methods}, indent=1))
 
-    methods = replay_traces(Replayer(engine, draft), lines, args.repeats, single=args.single_baseline,
+    methods = replay_traces(Replayer(engine, draft, head=head), lines, args.repeats, single=args.single_baseline,
                             progress=lambda msg: print(msg, file=sys.stderr, flush=True), on_trace=save)
     print(format_table(methods, meta))
     save(methods)

@@ -15,7 +15,11 @@ Draft passes on the replay shape:
 - "target" (self-drafting: layerskip, compressed-cache drafters): the replay model with the recorded fraction of
   its layers (`layers / of`), reading `kv` entries of a cache of its own;
 - "head": `layers` decoder layers of the replay shape (EAGLE 1, a Hydra prefix 1, MLP heads 0) and its LM head over
-  the pass's rows (an MLP head's own small linears are left out);
+  the pass's rows (an MLP head's own small linears are left out). Given a head engine (the replay shape cut to one
+  layer, `random:llama3-8b:layers=1`), head passes go through its runner (on a GPU captured graphs, as the engine
+  runs a head's draft) and only a step's last head pass is read on the host (the engine copies a head's draft to the
+  host once; MLP heads' passes, 0 layers, are charged the one layer too: an upper bound); without one, they run
+  eagerly on the replay model with the other layers skipped;
 - "draft_model": the whole draft model given to the replayer (e.g. `random:llama3.2-1b` for an 8B target).
 """
 from __future__ import annotations
@@ -72,10 +76,11 @@ def path_nodes(parents: list[int] | bool, accepted: int) -> list[int]:
 @dataclass
 class Replayer:
     """Replays traces on `engine`'s model (its runner and pool); `draft`: the engine of the draft model, for traces
-    with draft-model passes."""
+    with draft-model passes; `head`: a one-layer engine of the replay shape for head passes (else eager passes)."""
 
     engine: Any
     draft: Any = None
+    head: Any = None
     caches: dict[str, SeqKV] = field(default_factory=dict)  # "target" / "draft_model": the draft passes' caches
     filled: dict[str, int] = field(default_factory=dict)  # entries written in each
 
@@ -105,6 +110,8 @@ class Replayer:
             if self.draft is None:
                 raise ValueError("the trace has draft-model passes: give the draft model's shape (--draft-model)")
             net, pool = native_model(self.draft.model), self.draft.core.pool
+        elif key == "head":
+            net, pool = native_model(self.head.model), self.head.core.pool
         else:
             net, pool = self.net, self.pool
         if key not in self.caches:
@@ -122,8 +129,27 @@ class Replayer:
         self.filled.clear()
 
     # ---- passes ------------------------------------------------------------------------------------------
-    def _draft_pass(self, d: dict[str, Any], caches: dict[str, tuple[SeqKV, Any]]) -> None:
-        kv, net = caches["draft_model" if d["model"] == "draft_model" else "target"]
+    def _cache_key(self, d: dict[str, Any]) -> str:
+        """Which cache a draft pass reads: the draft model's, the head engine's, or the replay model's."""
+        if d["model"] == "head" and self.head is not None:
+            return "head"
+        return "draft_model" if d["model"] == "draft_model" else "target"
+
+    def _head_pass(self, kv: SeqKV, d: dict[str, Any], read: bool) -> None:
+        """A head pass through the head engine's runner; `read`: the step's last one, copied to the host."""
+        width, pos = d["width"], d["kv"]
+        kv.length = pos
+        kv.ensure(pos + width)
+        logits = {0: "none", 1: "last"}.get(d.get("logits"), "all")
+        out = self.head.core.runner.run([RowSpec(kv, [TOKEN] * width, list(range(pos, pos + width)), None, logits)])
+        kv.length += width
+        if read and out.shape[0]:
+            out.argmax(-1).tolist()
+
+    def _draft_pass(self, d: dict[str, Any], caches: dict[str, tuple[SeqKV, Any]], last: bool = True) -> None:
+        kv, net = caches[self._cache_key(d)]
+        if self._cache_key(d) == "head":
+            return self._head_pass(kv, d, last)
         n = net.config.num_layers
         if d["model"] == "head":
             keep = min(int(d.get("layers", 1)), n)
@@ -196,7 +222,7 @@ class Replayer:
             kinds = {}
             for s in trace["steps"] if plain is None else []:
                 for d in s["draft_passes"]:
-                    key = "draft_model" if d["model"] == "draft_model" else "target"
+                    key = self._cache_key(d)
                     kinds[key] = max(kinds.get(key, 0), d["kv"] + d["width"] * d.get("steps", 1))
             caches = {k: self._aux(k, n) for k, n in kinds.items()}
 
@@ -205,8 +231,9 @@ class Replayer:
                     self._plain_tokens(kv, committed(trace), plain == "fused")
                     return
                 for step in trace["steps"]:
-                    for d in step["draft_passes"]:
-                        self._draft_pass(d, caches)
+                    passes = step["draft_passes"]
+                    for i, d in enumerate(passes):
+                        self._draft_pass(d, caches, last=i == len(passes) - 1)
                     self._verify(kv, step)
 
             times = []

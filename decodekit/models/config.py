@@ -215,6 +215,16 @@ SHAPES: dict[str, ModelConfig] = {
 
 
 def shape(name: str) -> ModelConfig:
-    if name not in SHAPES:
-        raise ValueError(f"unknown random shape {name!r}; known: {', '.join(SHAPES)}")
-    return replace(SHAPES[name])
+    """A known shape by name; `NAME:layers=N` keeps its first N layers (e.g. `llama3-8b:layers=1`, the cost of a
+    one-layer draft head of that shape, for trace replays)."""
+    base, _, override = name.partition(":")
+    if base not in SHAPES:
+        raise ValueError(f"unknown random shape {base!r}; known: {', '.join(SHAPES)}")
+    config = replace(SHAPES[base])
+    if override:
+        key, eq, value = override.partition("=")
+        if key != "layers" or not eq or not value.isdigit() or not 1 <= int(value) <= config.num_layers:
+            raise ValueError(f"random shape {name!r}: the one override is layers=N, 1 <= N <= {config.num_layers}")
+        n = int(value)
+        config = replace(config, num_layers=n, layer_types=config.layer_types[:n])
+    return config

@@ -109,6 +109,31 @@ def test_fused_steps_and_fused_draft_passes_replay(engine):
     assert calls == recorded * 2  # the warm-up, then one timed replay
 
 
+def test_head_passes_run_on_the_head_engine_with_one_host_read_a_step(engine, lines, monkeypatch):
+    """With a head engine (the replay shape cut to one layer), every recorded head pass goes through its runner with
+    the recorded width, reading its own cache at the recorded length; only a step's last head pass reaches the host."""
+    head = decodekit.load("random:tiny-llama:layers=1", device="cpu", dtype="float32", prefix_caching=False)
+    assert head.model.config.num_layers == 1
+    passes, reads, inner = [], [], head.core.runner.run
+
+    class Out:  # the runner's logits, counting the host reads
+        def __init__(self, t):
+            self.t, self.shape = t, t.shape
+
+        def argmax(self, dim):
+            reads.append(1)
+            return self.t.argmax(dim)
+
+    monkeypatch.setattr(head.core.runner, "run", lambda specs, *a: passes.append(
+        (len(specs[0].tokens), specs[0].kv.length)) or Out(inner(specs, *a)))
+    trace = next(ln for ln in lines if ln["method"] == "eagle:init=random")["trace"]
+    Replayer(engine, head=head).time(trace, repeats=1)
+    want = [(d["width"], d["kv"]) for s in trace["steps"] for d in s["draft_passes"] if d["model"] == "head"]
+    assert want and passes == want * 2  # the warm-up, then one timed replay
+    steps_with_reads = sum(1 for s in trace["steps"] if s["draft_passes"] and s["draft_passes"][-1].get("logits") != 0)
+    assert len(reads) == 2 * steps_with_reads
+
+
 def test_a_draft_model_trace_needs_a_draft_model(engine, lines):
     line = next(ln for ln in lines if ln["method"].startswith("draft"))
     with pytest.raises(ValueError, match="--draft-model"):
@@ -135,6 +160,7 @@ def test_record_and_replay_scripts(tmp_path, capsys):
     assert "TRACE REPLAY" in table and "pld" in table and "medusa:init=random" in table
     saved = json.loads(report.read_text())
     assert saved["meta"]["label"] == "trace replay" and saved["meta"]["draft_model"] is None
+    assert saved["meta"]["head_model"] == "random:tiny-llama:layers=1"  # medusa's passes: a one-layer shape
     assert set(saved["methods"]) == {"pld", "medusa:init=random"} == set(result["methods"])
     with pytest.raises(SystemExit, match="no trace"):
         rep.main(["--trace", str(out), "--model", "random:tiny-llama", "--device", "cpu", "--methods", "eagle"])
