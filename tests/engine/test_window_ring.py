@@ -11,9 +11,9 @@ import torch
 
 import decodekit
 from decodekit.engine import Engine
-from decodekit.models import kernels
 from decodekit.models.kv_cache import SeqKV
 from drafter_options import drafter_options
+from kernel_reference import use_references
 
 WINDOW = 8  # tiny-gemma3: layers 0-2 slide over 8 positions, layer 3 is global
 RING_PASS = 16
