@@ -200,8 +200,8 @@ def tree_tiles(queries: int, head_bytes: int) -> tuple[int, int, int]:
 
 
 def tree_splits(programs: int, length: int, block_n: int) -> tuple[int, int]:
-    """How a tree pass of `programs` programs a split splits the `length` entries of its tables: `(splits, entries
-    per split)`, whole tiles of `block_n`. From static shapes only: a captured graph keeps them."""
+    """`(splits, entries a split)` of tables `length` entries long, in whole tiles of `block_n`, for a tree pass of
+    `programs` programs a split (module constants above). From static shapes only: a captured graph keeps them."""
     tiles = triton.cdiv(length, block_n)
     n = max(1, min(triton.cdiv(TREE_PROGRAMS, programs), tiles // triton.cdiv(TREE_MIN_SPLIT, block_n)))
     per = triton.cdiv(tiles, n) * block_n
