@@ -1,12 +1,16 @@
-"""Paged decode attention in Triton (flash-decoding over the KV pool's slot table), for single-token passes.
+"""Paged attention in Triton, reading keys and values in place from the KV pool through the slot table.
 
-Each row's query heads attend to the entries [lo, hi) of its slot table, read straight from the pool: no gathered
-copy of the keys and values, the query heads of one KV head together (grouped-query attention), the entries split
-into chunks scored in parallel and combined by their softmax statistics (flash-decoding), so one long row fills
-the GPU too. Registered as a custom op, so torch.compile'd blocks call it and CUDA graphs capture it.
+`paged_decode`: one query a row (decode steps), over the entries [lo, hi) of its table. `paged_tree`: `width`
+queries a row (a root token and its draft tree, or a short prefill chunk), over the committed entries [lo, ctx) plus,
+among the row's new entries [ctx, ctx + width), those its ancestor mask marks. Both: no gathered copy of the keys and
+values, the query heads of one KV head together (grouped-query attention), the entries split into chunks scored in
+parallel and combined by their softmax statistics (flash-decoding), so one long row fills the GPU too. Registered as
+custom ops, so torch.compile'd blocks call them and CUDA graphs capture them.
 The CPU (and anything without Triton) uses the masked attention of `transformer.py`.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -16,8 +20,14 @@ try:
 except ImportError:  # pragma: no cover - no Triton: the reference attention runs
     triton = None
 
-SPLIT = 128  # entries scored by one program
+SPLIT = 128  # entries scored by one decode program
 BLOCK_N = 64  # entries per tile inside a program
+TREE_MAX_WIDTH = 64  # widest row `paged_tree` serves: the widest captured verify pass (`engine/graphs.py`)
+# How `paged_tree` splits a row's entries (`tree_splits`): into enough splits for about TREE_PROGRAMS programs in all
+# (an H100's 132 SMs twice; more would only add combine work), each reading TREE_MIN_SPLIT entries at least (shorter
+# splits cost a combine kernel more than their parallelism saves: a guess, to be measured, `bench/verify_cost.py`).
+TREE_PROGRAMS = 264
+TREE_MIN_SPLIT = 256
 
 
 def available(q: torch.Tensor) -> bool:
@@ -25,6 +35,24 @@ def available(q: torch.Tensor) -> bool:
 
 
 if triton is not None:
+    @triton.jit
+    def _attend(q, k, v, live, m, total, acc, scale, PRECISION: tl.constexpr):
+        """One tile of online softmax: queries `q` `[M, D]` over entries `k`, `v` `[N, D]` where `live` `[M, N]`."""
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
+        scores = tl.where(live, scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile with nothing live adds nothing
+        p = tl.exp(scores - safe[:, None])
+        alpha = tl.exp(m - safe)
+        total = total * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
+        return m_new, total, acc
+
+    @triton.jit
+    def _out_offsets(b, h, mq, stride_ob, stride_oh, d, W: tl.constexpr, G: tl.constexpr):
+        """Where tile row `mq` of (row `b`, KV head `h`) goes: query `mq // G` of the row, head `h * G + mq % G`."""
+        return (b * W + mq // G)[:, None] * stride_ob + (h * G + mq % G)[:, None] * stride_oh + d[None, :]
+
     @triton.jit
     def _split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lo_ptr, hi_ptr, acc_ptr, stat_ptr, scale,
                       stride_qb, stride_qh, stride_ks, stride_kh, stride_tb,
@@ -45,43 +73,91 @@ if triton is not None:
             slot = tl.load(table_ptr + b * stride_tb + n, mask=live, other=0)
             k = tl.load(k_ptr + slot[:, None] * stride_ks + h * stride_kh + d[None, :], mask=live[:, None], other=0.0)
             v = tl.load(v_ptr + slot[:, None] * stride_ks + h * stride_kh + d[None, :], mask=live[:, None], other=0.0)
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
-            scores = tl.where(live[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, 1))
-            safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile with nothing live adds nothing
-            p = tl.exp(scores - safe[:, None])
-            alpha = tl.exp(m - safe)
-            total = total * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
-            m = m_new
+            m, total, acc = _attend(q, k, v, live[None, :], m, total, acc, scale, PRECISION)
         row = (b * n_kv + h) * n_splits + s
         tl.store(acc_ptr + (row * BLOCK_G + g)[:, None] * D + d[None, :], acc)
         tl.store(stat_ptr + (row * BLOCK_G + g) * 2, m)
         tl.store(stat_ptr + (row * BLOCK_G + g) * 2 + 1, total)
 
+    @triton.jit
+    def _tree_split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lo_ptr, ctx_ptr, tree_ptr, acc_ptr, stat_ptr, out_ptr,
+                           scale, stride_qb, stride_qh, stride_ks, stride_kh, stride_tb, stride_ob, stride_oh,
+                           n_splits, split, length, W: tl.constexpr, G: tl.constexpr, TILES: tl.constexpr,
+                           BLOCK_M: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LO: tl.constexpr,
+                           TREE: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr):
+        """Program (row b, KV head h x query tile, split s): tile row r is query (tile * BLOCK_M + r) // G of the
+        row, head h * G + (tile * BLOCK_M + r) % G; it reads the entries of split s that some query may see.
+        `DIRECT` (one split): writes the output itself; else partial sums and softmax statistics for `_combine_kernel`."""
+        b, t, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        h, tile = t // TILES, t % TILES
+        lo = tl.load(lo_ptr + b) if HAS_LO else 0
+        ctx = tl.load(ctx_ptr + b)
+        mq, d = tile * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, D)
+        query = mq // G  # which of the row's queries (>= W: tile padding, never stored)
+        ok = mq < W * G
+        q = tl.load(q_ptr + (b * W + query)[:, None] * stride_qb + (h * G + mq % G)[:, None] * stride_qh + d[None, :],
+                    mask=ok[:, None], other=0.0)
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        # Only the tiles of [lo, ctx + width) in this split: a split past the row's entries runs no iteration.
+        end = tl.minimum(tl.minimum(s * split + split, ctx + W), length)
+        for start in range(tl.maximum(s * split, lo // BLOCK_N * BLOCK_N), end, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            rel = n - ctx  # index among the row's new entries
+            old = (n >= lo) & (rel < 0)
+            new = (rel >= 0) & (rel < W) & (n < length)
+            slot = tl.load(table_ptr + b * stride_tb + n, mask=old | new, other=0)
+            k = tl.load(k_ptr + slot[:, None] * stride_ks + h * stride_kh + d[None, :], mask=(old | new)[:, None],
+                        other=0.0)
+            v = tl.load(v_ptr + slot[:, None] * stride_ks + h * stride_kh + d[None, :], mask=(old | new)[:, None],
+                        other=0.0)
+            if TREE:  # the row's ancestor mask (uint8 [rows, W, W])
+                seen = tl.load(tree_ptr + (b * W + query)[:, None] * W + rel[None, :],
+                               mask=ok[:, None] & new[None, :], other=0) != 0
+            else:  # a chain: causal
+                seen = new[None, :] & (rel[None, :] <= query[:, None])
+            m, total, acc = _attend(q, k, v, old[None, :] | seen, m, total, acc, scale, PRECISION)
+        if DIRECT:
+            out = acc / tl.where(total == 0.0, 1.0, total)[:, None]  # nothing seen (never: a query sees itself): 0
+            tl.store(out_ptr + _out_offsets(b, h, mq, stride_ob, stride_oh, d, W, G), out, mask=ok[:, None])
+        else:
+            row = ((b * tl.num_programs(1) + t) * n_splits + s) * BLOCK_M + tl.arange(0, BLOCK_M)
+            tl.store(acc_ptr + row[:, None] * D + d[None, :], acc)
+            tl.store(stat_ptr + row * 2, m)
+            tl.store(stat_ptr + row * 2 + 1, total)
 
     @triton.jit
-    def _combine_kernel(acc_ptr, stat_ptr, out_ptr, n_splits, G: tl.constexpr, BLOCK_G: tl.constexpr,
-                        GP: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
-        """Merge one (row, KV head)'s splits by their softmax statistics into `out` `[G, D]`."""
-        b, h = tl.program_id(0), tl.program_id(1)
-        n_kv = tl.num_programs(1)
-        s, g, d = tl.arange(0, BLOCK_S), tl.arange(0, GP), tl.arange(0, D)
-        base = (b * n_kv + h) * n_splits
-        m_all = tl.load(stat_ptr + ((base + s)[:, None] * BLOCK_G + g[None, :]) * 2,
-                        mask=(s < n_splits)[:, None] & (g < G)[None, :], other=float("-inf"))
-        best = tl.max(m_all, 0)  # [GP]
+    def _combine_kernel(acc_ptr, stat_ptr, out_ptr, n_splits, stride_ob, stride_oh, W: tl.constexpr,
+                        G: tl.constexpr, TILES: tl.constexpr, ROWS: tl.constexpr, RP: tl.constexpr, D: tl.constexpr,
+                        BLOCK_S: tl.constexpr):
+        """Merge the splits of one (row, KV head x query tile) by their softmax statistics: of the `ROWS` rows each
+        split stored, the first `RP` (a power of two), those that are queries, into `out`."""
+        b, t = tl.program_id(0), tl.program_id(1)
+        h, tile = t // TILES, t % TILES
+        r, d = tl.arange(0, RP), tl.arange(0, D)
+        mq = tile * ROWS + r
+        ok = mq < W * G
+        s = tl.arange(0, BLOCK_S)
+        base = (b * tl.num_programs(1) + t) * n_splits
+        m_all = tl.load(stat_ptr + ((base + s)[:, None] * ROWS + r[None, :]) * 2,
+                        mask=(s < n_splits)[:, None] & ok[None, :], other=float("-inf"))
+        best = tl.max(m_all, 0)  # [RP]
         best = tl.where(best == float("-inf"), 0.0, best)
-        norm = tl.zeros([GP], tl.float32)
-        out = tl.zeros([GP, D], tl.float32)
+        norm = tl.zeros([RP], tl.float32)
+        out = tl.zeros([RP, D], tl.float32)
         for i in range(0, n_splits):
-            row = (base + i) * BLOCK_G + g
-            m = tl.load(stat_ptr + row * 2, mask=g < G, other=float("-inf"))
+            row = (base + i) * ROWS + r
+            m = tl.load(stat_ptr + row * 2, mask=ok, other=float("-inf"))
             weight = tl.where(m == float("-inf"), 0.0, tl.exp(m - best))  # a split with nothing live adds 0
-            norm += tl.load(stat_ptr + row * 2 + 1, mask=g < G, other=0.0) * weight
-            out += tl.load(acc_ptr + row[:, None] * D + d[None, :], mask=(g < G)[:, None], other=0.0) * weight[:, None]
+            norm += tl.load(stat_ptr + row * 2 + 1, mask=ok, other=0.0) * weight
+            out += tl.load(acc_ptr + row[:, None] * D + d[None, :], mask=ok[:, None], other=0.0) * weight[:, None]
         out = out / tl.where(norm == 0.0, 1.0, norm)[:, None]
-        tl.store(out_ptr + ((b * n_kv + h) * G + g)[:, None] * D + d[None, :], out, mask=(g < G)[:, None])
+        tl.store(out_ptr + _out_offsets(b, h, mq, stride_ob, stride_oh, d, W, G), out, mask=ok[:, None])
+
+
+def _precision(q: torch.Tensor) -> str:
+    return "ieee" if q.dtype == torch.float32 else "tf32"  # float32: exact products
 
 
 @torch.library.custom_op("decodekit::paged_decode", mutates_args=())
@@ -101,13 +177,74 @@ def paged_decode(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, 
     _split_kernel[(rows, hkv, n_splits)](
         q, k_store, v_store, table, lo, hi, acc, stat, scale, q.stride(0), q.stride(1), k_store.stride(0),
         k_store.stride(1), table.stride(0), n_splits, length, G=groups, BLOCK_G=block_g, D=dim, SPLIT=SPLIT,
-        BLOCK_N=BLOCK_N, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # float32: exact products
+        BLOCK_N=BLOCK_N, PRECISION=_precision(q))
     out = torch.empty(rows, hq, dim, dtype=q.dtype, device=q.device)
-    _combine_kernel[(rows, hkv)](acc, stat, out, n_splits, G=groups, BLOCK_G=block_g,
-                                 GP=triton.next_power_of_2(groups), D=dim, BLOCK_S=triton.next_power_of_2(n_splits))
+    _combine_kernel[(rows, hkv)](acc, stat, out, n_splits, out.stride(0), out.stride(1), W=1, G=groups, TILES=1,
+                                 ROWS=block_g, RP=triton.next_power_of_2(groups), D=dim,
+                                 BLOCK_S=triton.next_power_of_2(n_splits))
     return out
 
 
 @paged_decode.register_fake
 def _(q, k_store, v_store, table, lo, hi, scale):
+    return torch.empty_like(q)
+
+
+def tree_tiles(queries: int, head_bytes: int) -> tuple[int, int, int]:
+    """`paged_tree`'s tiles for `queries` (query, head) pairs a KV head and heads of `head_bytes`: (pairs a tile, at
+    least 16 for tl.dot and at most 64; entries a step; warps). Heads over 256 bytes (bfloat16 256, float32 128) take
+    32 x 32 tiles, large tiles 8 warps: else the gathered loads' pointers spill registers (sm_90, as compiled)."""
+    wide = head_bytes > 256
+    block_m = min(max(16, triton.next_power_of_2(queries)), 32 if wide else 64)
+    return block_m, 32 if wide else BLOCK_N, 4 if block_m * head_bytes < 4096 else 8
+
+
+def tree_splits(programs: int, length: int, block_n: int) -> tuple[int, int]:
+    """`(splits, entries a split)` of tables `length` entries long, in whole tiles of `block_n`, for a tree pass of
+    `programs` programs a split (module constants above). From static shapes only: a captured graph keeps them."""
+    tiles = triton.cdiv(length, block_n)
+    n = max(1, min(triton.cdiv(TREE_PROGRAMS, programs), tiles // triton.cdiv(TREE_MIN_SPLIT, block_n)))
+    per = triton.cdiv(tiles, n) * block_n
+    return triton.cdiv(length, per), per
+
+
+@torch.library.custom_op("decodekit::paged_tree", mutates_args=())
+def paged_tree(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, table: torch.Tensor,
+               lo: Optional[torch.Tensor], ctx: torch.Tensor, tree: Optional[torch.Tensor],
+               scale: float) -> torch.Tensor:
+    """Attention of `width` queries per row: `q` `[rows * width, Hq, D]` (row-major) over the pool `k_store`,
+    `v_store` `[S, Hkv, D]` at the slots `table` `[rows, L]`. Query i of row b sees the entries [lo_b, ctx_b)
+    (`lo` `[rows]`, None: 0) and the new entry ctx_b + j where `tree[b, i, j]` (`[rows, width, width]` bool; None:
+    j <= i, a chain). Every query should see one entry at least (its own: padding too); one that sees none gets 0.
+    Returns `[rows * width, Hq, D]`."""
+    n, hq, dim = q.shape
+    rows, length = table.shape
+    width = n // rows
+    hkv = k_store.shape[1]
+    groups = hq // hkv
+    block_m, block_n, warps = tree_tiles(width * groups, dim * q.element_size())
+    tiles = triton.cdiv(width * groups, block_m)
+    n_splits, split = tree_splits(rows * hkv * tiles, length, block_n)
+    q, table = q.contiguous(), table.contiguous()
+    tree_u8 = tree.contiguous().view(torch.uint8) if tree is not None else ctx  # ctx: an unread placeholder
+    out = torch.empty_like(q)
+    parts = rows * hkv * tiles * n_splits * block_m if n_splits > 1 else 1
+    acc = torch.empty(parts, dim, dtype=torch.float32, device=q.device)
+    stat = torch.empty(parts, 2, dtype=torch.float32, device=q.device)
+    _tree_split_kernel[(rows, hkv * tiles, n_splits)](
+        q, k_store, v_store, table, lo if lo is not None else ctx, ctx, tree_u8, acc, stat, out, scale,
+        q.stride(0), q.stride(1), k_store.stride(0), k_store.stride(1), table.stride(0), out.stride(0),
+        out.stride(1), n_splits, split, length, W=width, G=groups, TILES=tiles, BLOCK_M=block_m, D=dim,
+        BLOCK_N=block_n, HAS_LO=lo is not None, TREE=tree is not None, DIRECT=n_splits == 1,
+        PRECISION=_precision(q), num_warps=warps)
+    if n_splits > 1:
+        _combine_kernel[(rows, hkv * tiles)](acc, stat, out, n_splits, out.stride(0), out.stride(1), W=width,
+                                             G=groups, TILES=tiles, ROWS=block_m,
+                                             RP=min(block_m, triton.next_power_of_2(width * groups)), D=dim,
+                                             BLOCK_S=triton.next_power_of_2(n_splits))
+    return out
+
+
+@paged_tree.register_fake
+def _(q, k_store, v_store, table, lo, ctx, tree, scale):
     return torch.empty_like(q)

@@ -84,8 +84,9 @@ class Attention(nn.Module):
                 observers: list | None = None) -> torch.Tensor:
         """`x` `[N, hidden]` flat tokens; `k_store`, `v_store`: this layer's `[slots, kv_heads, head_dim]` pool
         (passed in, not looked up by layer index, so that one compiled block serves every layer); `groups`: per
-        attention group `(start, rows, width, slot_table [rows, L], mask [rows, 1, width, L], ctx [rows], lo)`
-        (`lo` `[rows]`: first entry inside this layer's sliding window for a single-token row, or None);
+        attention group `(start, rows, width, slot_table [rows, L], mask [rows, 1, width, L], ctx [rows], lo, tree)`
+        (`lo` `[rows]`: first entry inside this layer's sliding window for a single-token row, or None; `mask` None:
+        the tree kernel serves the group, reading `tree`, the group's ancestor matrices or None for chains);
         `observers`: per group, the rows a KV press takes part in (`observe_rows`), or None."""
         c = self.config
         n = x.shape[0]
@@ -101,8 +102,13 @@ class Attention(nn.Module):
         k_store.index_copy_(0, write_slots, k)
         v_store.index_copy_(0, write_slots, v)
         outs = []
-        for gi, (start, rows, width, table, mask, ctx, lo) in enumerate(groups):
+        for gi, (start, rows, width, table, mask, ctx, lo, tree) in enumerate(groups):
             observed = observers[gi] if observers is not None else None
+            if mask is None:  # several tokens a row (`Transformer._group_views` chose the kernel): read in place too
+                og = kernels.paged_tree(q[start:start + rows * width], k_store, v_store, table, None, ctx, tree,
+                                        c.scale)
+                outs.append(og.reshape(rows * width, c.num_heads * c.head_dim))
+                continue
             if width == 1 and kernels.available(q) and not observed:
                 # One token a row: it sees entries [lo, ctx], read in place from the pool. The window's first entry
                 # comes from the entries' positions (a press may have evicted some: entry index != position).
@@ -342,9 +348,10 @@ class Transformer(nn.Module):
 
     def _group_views(self, g: Rows, pos: torch.Tensor, pool: KVPool, kinds: set) -> dict:
         """Per (ring or None, window) a layer may have: the tuple its attention reads for group `g`: (start, rows,
-        width, table, mask, ctx in the table's columns, window's first column for the decode kernel or None)."""
+        width, table, mask (None: the tree kernel's), ctx in the table's columns, window's first column for the decode
+        kernel or None, ancestor matrices or None)."""
         q_pos = pos[g.start:g.start + g.rows * g.width].view(g.rows, g.width)
-        kernel = g.width == 1 and kernels.available(pos)
+        kernel = kernels.available(pos)
         views = {}
         for r, w in kinds:
             if r is None:
@@ -352,11 +359,18 @@ class Transformer(nn.Module):
             else:
                 table, first, store = g.rings[r].table, g.rings[r].first, pool.rings[r]
             kv_pos = store.slot_pos[table] if w is not None else None
-            mask = attention_mask(g, q_pos, kv_pos, w, first, table.shape[1])
+            # Verify passes (root + draft tree) read the pool in place through the tree kernel, as steps do through
+            # the decode kernel: no copy of every entry per layer, no dense mask. The masked path stays for the rest:
+            # - a sliding window: each query's window starts at its own position (the kernel has one start a row);
+            # - a KV press's rows: it sees and may replace the gathered keys, values and mask (`observe_rows`);
+            # - prefill chunks wider than the widest captured verify pass: there SDPA's tensor-core kernels win (the
+            #   copy of the entries is small next to the chunk's own work; the kernel is tuned for few queries a row).
+            tree_kernel = kernel and 1 < g.width <= kernels.TREE_MAX_WIDTH and w is None and not g.observers
+            mask = None if tree_kernel else attention_mask(g, q_pos, kv_pos, w, first, table.shape[1])
             ctx = g.ctx if first is None else g.ctx - first  # the row's first new entry, as a column of `table`
             # The decode kernel reads columns [lo, ctx]; the window's first one comes from the entries' positions.
-            lo = window_lo(kv_pos, q_pos[:, 0], ctx, w) if kernel and w is not None else None
-            views[(r, w)] = (g.start, g.rows, g.width, table, mask, ctx, lo)
+            lo = window_lo(kv_pos, q_pos[:, 0], ctx, w) if kernel and g.width == 1 and w is not None else None
+            views[(r, w)] = (g.start, g.rows, g.width, table, mask, ctx, lo, g.tree)
         return views
 
     def forward_seq(self, kv: SeqKV, tokens: list[int], positions: list[int], tree: torch.Tensor | None = None,

@@ -8,6 +8,7 @@ import decodekit
 from decodekit.engine import Engine
 from decodekit.speculative import DRAFTERS
 from drafter_options import drafter_options
+from kernel_reference import use_references
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 PROMPTS = [[5, 6, 7, 8, 9, 10] * 5, list(range(3, 40)), [11, 12, 13] * 3, list(range(50, 58))]
@@ -30,6 +31,21 @@ def test_graphed_batches_equal_eager(engines, method):
     a = graphed.generate(PROMPTS, 40, method=method, ignore_eos=True, **kw)
     b = eager.generate(PROMPTS, 40, method=method, ignore_eos=True, **kw)
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
+
+
+@pytest.mark.parametrize("method", ["pld", "recycling"])  # chains and trees
+def test_verify_passes_through_the_kernels_equal_eager(engines, method, monkeypatch):
+    """The static passes with the attention kernels' path (on the CPU: their torch references, given what the
+    kernels are given): the eager masked path's tokens."""
+    graphed, eager = engines
+    if eager.model.windows:  # time: its window layers keep the masked path (tests/models/test_kernels.py has Gemma)
+        pytest.skip("Llama only")
+    want = eager.generate(PROMPTS, 40, method=method, ignore_eos=True)
+    with monkeypatch.context() as m:
+        calls = use_references(m) if graphed.device.type == "cpu" else [("tree", 0)]  # cuda: the kernels themselves
+        got = graphed.generate(PROMPTS, 40, method=method, ignore_eos=True)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert any(name == "tree" for name, _ in calls)
 
 
 def test_fused_chunks_of_a_batch_are_used_and_exact(engines):

@@ -11,9 +11,9 @@ import torch
 
 import decodekit
 from decodekit.engine import Engine
-from decodekit.models import kernels
 from decodekit.models.kv_cache import SeqKV
 from drafter_options import drafter_options
+from kernel_reference import use_references
 
 WINDOW = 8  # tiny-gemma3: layers 0-2 slide over 8 positions, layer 3 is global
 RING_PASS = 16
@@ -195,26 +195,16 @@ def test_decode_kernel_bounds_in_ring_columns(pair, monkeypatch):
     """The Triton kernel's path (on the CPU: its reference in torch) reads columns [lo, hi) of a ring's table: the
     window's first column from positions, after the ring wrapped and after eviction."""
     ring, full = pair
-    calls = []
-
-    def reference(q, k_store, v_store, table, lo, hi, scale):
-        calls.append(table.shape[1])
-        keys, values = k_store[table].transpose(1, 2), v_store[table].transpose(1, 2)
-        idx = torch.arange(table.shape[1])
-        mask = ((idx >= lo[:, None]) & (idx < hi[:, None]))[:, None, None, :]
-        return torch.nn.functional.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask,
-                                                                scale=scale, enable_gqa=True)[:, :, 0]
-
     want = full.generate(PROMPTS, 30, ignore_eos=True)
     evicted = full.generate(PROMPTS[0], 30, ignore_eos=True, press="streaming_llm", compression_ratio=0.6)
     with monkeypatch.context() as m:
-        m.setattr(kernels, "available", lambda q: True)
-        m.setattr(kernels, "paged_decode", reference)
+        calls = use_references(m)
         got = ring.generate(PROMPTS, 30, ignore_eos=True)
         got_evicted = ring.generate(PROMPTS[0], 30, ignore_eos=True, press="streaming_llm", compression_ratio=0.6)
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
     assert got_evicted.token_ids == evicted.token_ids
-    assert SPAN in calls  # ring layers went through the kernel path, over their ring's columns
+    assert ("decode", SPAN) in calls  # ring layers went through the kernel path, over their ring's columns
+    assert any(name == "tree" for name, _ in calls)  # prefill chunks of the global layer: the tree kernel's path
 
 
 def test_requests_a_ring_cannot_take_are_refused(pair):
