@@ -1,7 +1,8 @@
 """What a verify pass costs by width: one sequence's pass of a root token + draft (a chain, or with --tree a binary
 tree) of 1 to 64 tokens over a context of --context tokens, captured and replayed by the engine's runner
 (`GraphRunner`), with attention through the paged tree kernel (`kernels.paged_tree`) and through the masked SDPA path
-it replaces (--no-kernel: that one only). Width 1 is a decode step (the paged decode kernel on either path).
+it replaces (--no-kernel: that one only; the engine's default while the kernel is off, `kernels.TREE_MAX_WIDTH`).
+Width 1 is a decode step (the paged decode kernel on either path).
 
     PYTHONPATH=/root/site:$PWD DECODEKIT_CACHE=/root/dkcache python3 bench/verify_cost.py --model smollm2 \
         --device cuda --dtype bfloat16 [--tree] [--context 256] [--no-kernel] [--min-split 256,100000]
@@ -73,7 +74,6 @@ def verify_spec(kv: SeqKV, width: int, tree: bool) -> RowSpec:
 def measure(name: str, runner: GraphRunner, kv: SeqKV, tree: bool, repeats: int, replays: int) -> list[dict]:
     """Per width: ms a replay, ms a runner pass, kernels a replay (graphs captured afresh for this path)."""
     device = runner.device
-    runner.passes.clear()  # the path is chosen while a pass is captured
     rows, graphs = [], []
     for width in WIDTHS:
         spec = verify_spec(kv, width, tree)
@@ -102,21 +102,21 @@ def main() -> None:
     args = ap.parse_args()
     engine = decodekit.load(args.model, device=args.device, dtype=args.dtype, prefix_caching=False, progress=False,
                             max_context=args.context + 2 * WIDTHS[-1], kv_tokens=args.context + 4 * WIDTHS[-1])
-    runner = engine.core.runner
-    if not isinstance(runner, GraphRunner):  # the CPU: a "replay" calls the pass (the script runs; no kernels there)
-        runner = GraphRunner(native_model(engine.model), engine.core.pool)
     splits = [int(s) for s in args.min_split.split(",") if s] or [kernels.TREE_MIN_SPLIT]
     # (name, widest row the tree kernel serves: 1 = none, kernels.TREE_MIN_SPLIT)
     paths = [("sdpa", 1, kernels.TREE_MIN_SPLIT)]
     if not args.no_kernel:
-        paths += [(f"kernel/{s}" if len(splits) > 1 else "kernel", kernels.TREE_MAX_WIDTH, s) for s in splits]
-    kv = SeqKV(runner.pool)
+        paths += [(f"kernel/{s}" if len(splits) > 1 else "kernel", kernels.TREE_WIDEST, s) for s in splits]
+    kv = SeqKV(engine.core.pool)  # on the CPU a runner's "replay" calls the pass: the script runs, no kernels
     kv.ensure(args.context + WIDTHS[-1])
     results = {}
     with torch.inference_mode():
         native_model(engine.model).forward_seq(kv, [TOKEN] * args.context, list(range(args.context)), None, "none")
         for name, widest, split in paths:
             kernels.TREE_MAX_WIDTH, kernels.TREE_MIN_SPLIT = widest, split
+            # A fresh runner (its own graph memory pool) a path: the path is chosen while a pass is captured, and
+            # re-capturing into a pool whose graphs were dropped failed on the H100 (a caching-allocator assert).
+            runner = GraphRunner(native_model(engine.model), engine.core.pool)
             results[name] = measure(name, runner, kv, args.tree, args.repeats, args.replays)
     gpu = torch.cuda.get_device_name(runner.device) if runner.device.type == "cuda" else "cpu"
     print(f"verify pass cost: {args.model}, {gpu}, {str(engine.model.dtype).replace('torch.', '')}, context "

@@ -46,6 +46,7 @@ def use_references(m) -> list[tuple[str, int]]:
         return run
 
     m.setattr(kernels, "available", lambda q: True)
+    m.setattr(kernels, "TREE_MAX_WIDTH", kernels.TREE_WIDEST)  # the tree kernel's path on (off by default)
     m.setattr(kernels, "paged_decode", recorded("decode", paged_decode_reference))
     m.setattr(kernels, "paged_tree", recorded("tree", paged_tree_reference))
     return calls

@@ -22,7 +22,11 @@ except ImportError:  # pragma: no cover - no Triton: the reference attention run
 
 SPLIT = 128  # entries scored by one decode program
 BLOCK_N = 64  # entries per tile inside a program
-TREE_MAX_WIDTH = 64  # widest row `paged_tree` serves: the widest captured verify pass (`engine/graphs.py`)
+# Widest row `paged_tree` serves (64: every captured verify pass, `engine/graphs.py`). Off (1) by default: the kernel
+# is tested in Triton's interpreter and compiles for sm_90, but its first H100 run (2026-11-24) was cut short before
+# its outputs and timings were read; `bench/verify_cost.py` turns it on per path. Set 64 to use it.
+TREE_MAX_WIDTH = 1
+TREE_WIDEST = 64
 # How `paged_tree` splits a row's entries (`tree_splits`): into enough splits for about TREE_PROGRAMS programs in all
 # (an H100's 132 SMs twice; more would only add combine work), each reading TREE_MIN_SPLIT entries at least (shorter
 # splits cost a combine kernel more than their parallelism saves: a guess, to be measured, `bench/verify_cost.py`).

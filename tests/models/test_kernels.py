@@ -79,6 +79,7 @@ for name in ("paged_tree", "paged_decode"):
         return op(*a)
     setattr(kernels, name, counted)
 real = kernels.available
+kernels.TREE_MAX_WIDTH = kernels.TREE_WIDEST  # the tree kernel on (off by default)
 for shape in ("tiny-llama", "tiny-gemma3"):  # Gemma 3: window layers keep the masked path, the global one not
     model, _ = load_random(shape, dev, torch.float32)
     pool = model.make_pool(16, 16)
