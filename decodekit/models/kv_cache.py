@@ -33,7 +33,9 @@ the next pass's first new entry, which lie before `first`: no table ever shows s
 table's span may be overwritten: their positions lie a window or more behind every later query. Where entries
 are moved (keep_path, compaction, copies), each destination slot gets its entry's true position, so stale keys of
 an entry already overwritten stay masked by the window (positions in `Ring.slot_pos`, masks as today).
-What a ring cannot do: be shared. A fork copies the ring's blocks (n samples, beams); a sequence of a pool with
+A fork shares its parent's ring blocks (n samples, beams, search hypotheses), and a sequence about to write
+entries into a shared ring block first takes a copy of its own (`_own_ring_entries`, from `ensure` and every move):
+a ring wraps, so the copy happens at the write, not at the fork. What a ring cannot do: a sequence of a pool with
 rings neither adopts cached prefixes nor offers its blocks to the cache (a prefix's window entries are not kept);
 a quantizing press packs the full-attention layers only (a ring is fixed memory: it keeps its layers in full
 precision) and presses never observe ring layers (their attention columns are the ring's).
@@ -273,17 +275,41 @@ class SeqKV:
         return max(0, min(ring.n_blocks, -(-n // ring.block_size)) - len(self.rings[r]))
 
     def fits(self, n: int, spare: int = 0) -> bool:
-        """Whether the free blocks (keeping `spare` of the pool's) cover `n` logical entries, rings included."""
+        """Whether the free blocks (keeping `spare` of the pool's) cover `n` logical entries, rings included (and
+        the copies of ring blocks a fork shares that entries up to `n` would write)."""
         return self.blocks_needed(n) + spare <= self.alloc.num_free and all(
-            self.ring_blocks_needed(r, n) <= ring.allocator.num_free for r, ring in enumerate(self.pool.rings))
+            self.ring_blocks_needed(r, n) + len(self._shared_ring_blocks(r, range(self.length, n)))
+            <= ring.allocator.num_free for r, ring in enumerate(self.pool.rings))
 
     def ensure(self, n: int) -> None:
-        """Own enough blocks for `n` logical entries (raises PoolFull, keeping what it got, if the pool runs out)."""
+        """Own enough blocks for `n` logical entries, and own alone the ring blocks that entries [length, n) will
+        be written to (raises PoolFull, keeping what it got, if the pool runs out)."""
         for _ in range(self.blocks_needed(n)):
             self.blocks.append(self.alloc.allocate())
         for r, ring in enumerate(self.rings):
             for _ in range(self.ring_blocks_needed(r, n)):
                 ring.append(self.pool.rings[r].allocator.allocate())
+        self._own_ring_entries(range(self.length, n))
+
+    def _shared_ring_blocks(self, r: int, entries) -> list[int]:
+        """Indices (in this sequence's list of ring `r`'s blocks) of the blocks holding `entries` that a fork
+        shares."""
+        ring, blocks = self.pool.rings[r], self.rings[r]
+        held = {(e // ring.block_size) % ring.n_blocks for e in entries}
+        return sorted(i for i in held if i < len(blocks) and ring.allocator.refs[blocks[i]] > 1)
+
+    def _own_ring_entries(self, entries) -> None:
+        """Copy on write: before `entries` are written, each ring block holding one of them that a fork shares is
+        replaced by a copy of its own (forks share their rings until one of them writes: a ring's blocks are
+        overwritten in place as it wraps, so sharing needs the copy at the write, not at the fork)."""
+        bs = self.pool.block_size
+        for r, blocks in enumerate(self.rings):
+            ring = self.pool.rings[r]
+            for i in self._shared_ring_blocks(r, entries):
+                fresh = ring.allocator.allocate()
+                ring.copy_slots([blocks[i] * bs + j for j in range(bs)], [fresh * bs + j for j in range(bs)])
+                ring.allocator.release(blocks[i])
+                blocks[i] = fresh
 
     def trim(self) -> None:
         """Give back the blocks past `length` (a ring keeps its blocks: they hold the window)."""
@@ -328,6 +354,7 @@ class SeqKV:
             pick = [i for i, d in enumerate(dst) if d >= end - ring.capacity]
             if not pick:
                 continue
+            self._own_ring_entries([dst[i] for i in pick])
             to = torch.as_tensor(self.ring_slots(r, [dst[i] for i in pick]), dtype=torch.long, device=ring.k.device)
             ring.copy_slots(source.ring_slots(r, [src[i] for i in pick]), to, source=source.pool.rings[r])
             ring.slot_pos[to] = positions[pick].to(ring.slot_pos.device)
@@ -339,6 +366,7 @@ class SeqKV:
         if list(nodes) != list(range(n)):  # decided on the host: no device work on the common chain path
             src = [self.slots(start + i, 1)[0] for i in nodes]
             self.pool.copy_slots(src, self.slots(start, n))
+            self._own_ring_entries(range(start, start + n))  # written by the pass: already its own, normally
             for r, ring in enumerate(self.pool.rings):  # the tree's entries were just written: all in the ring
                 ring.copy_slots(self.ring_slots(r, [start + i for i in nodes]), self.ring_slots(r, range(start,
                                                                                                          start + n)))
@@ -405,22 +433,17 @@ class SeqKV:
         self.virtual += n_blocks
 
     def fork(self) -> "SeqKV":
-        """A sequence with the same entries: full blocks shared, a partial last block copied, rings copied."""
+        """A sequence with the same entries: full blocks shared, a partial last block copied, ring blocks shared
+        (copied when either sequence first writes to one: `_own_ring_entries`)."""
         child = SeqKV(self.pool)
         bs, v = self.pool.block_size, self.virtual
         full = self.length // bs - v  # full blocks held in the pool
-        try:
-            for r, blocks in enumerate(self.rings):  # first: PoolFull here leaves nothing shared to undo
-                ring = self.pool.rings[r]
-                for _ in blocks:
-                    child.rings[r].append(ring.allocator.allocate())
-                ring.copy_slots(self.ring_slots(r, range(len(blocks) * bs)), child.ring_slots(r, range(len(blocks)
-                                                                                                       * bs)))
-            if self.length % bs:
-                child.blocks.append(self.alloc.allocate())
-        except PoolFull:
-            child.free()
-            raise
+        if self.length % bs:  # first: PoolFull here leaves nothing shared to undo
+            child.blocks.append(self.alloc.allocate())
+        for r, blocks in enumerate(self.rings):
+            for b in blocks:
+                self.pool.rings[r].allocator.share(b)
+            child.rings[r] = list(blocks)
         partial = child.blocks
         for b in self.blocks[:full]:
             self.alloc.share(b)

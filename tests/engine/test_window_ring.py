@@ -236,3 +236,46 @@ def test_preemption_gives_rings_back(pair):
     b = full.generate(PROMPTS, 30, ignore_eos=True)
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
     assert small.core.pool.rings[0].allocator.num_free == small.core.pool.rings[0].allocator.capacity
+
+
+def test_forks_share_ring_blocks_until_they_write(pair):
+    """A fork takes no ring block; the first write into a shared block gives the writer a copy of its own (the
+    other sequence's entries unchanged), and freeing both returns every block."""
+    ring, _ = pair
+    pool = ring.core.pool
+    alloc = pool.rings[0].allocator
+    free0 = alloc.num_free
+    parent = SeqKV(pool)
+    parent.ensure(CAPACITY + 6)  # the ring has wrapped: every one of its blocks held
+    n = CAPACITY // BLOCK
+    parent.length = CAPACITY + 6
+    before = pool.rings[0].k[:, parent.ring_slots(0, range(6, CAPACITY + 6))].clone()
+    child = parent.fork()
+    assert child.rings[0] == parent.rings[0] and alloc.num_free == free0 - n  # shared, none taken
+    assert all(alloc.refs[b] == 2 for b in parent.rings[0])
+    child.ensure(CAPACITY + 6 + 2)  # the next 2 entries, 46 and 47: one block, (46 // 4) % 10 = 1
+    changed = [i for i in range(n) if child.rings[0][i] != parent.rings[0][i]]
+    assert changed == [(CAPACITY + 6) // BLOCK % n] and alloc.num_free == free0 - n - 1
+    slots = child.ring_slots(0, range(CAPACITY + 6, CAPACITY + 8))
+    pool.rings[0].k[:, slots] = 7.0  # the child writes its new entries (over its copies of entries 6 and 7)
+    assert torch.equal(pool.rings[0].k[:, parent.ring_slots(0, range(6, CAPACITY + 6))], before)
+    assert torch.equal(pool.rings[0].k[:, child.ring_slots(0, range(8, CAPACITY + 6))], before[:, 2:])
+    child.length = CAPACITY + 8
+    assert child.fits(CAPACITY + 8 + 2)  # block 2 still shared: its copy is counted
+    assert len(child._shared_ring_blocks(0, range(CAPACITY + 8, CAPACITY + 10))) == 1
+    child.free()
+    parent.free()
+    assert alloc.num_free == free0
+
+
+def test_best_first_beam_over_shared_rings(pair):
+    """Best-first beam keeps every open hypothesis as a forked sequence: over rings, it finds what it finds with the
+    full allocation, and leaves no ring block behind."""
+    ring, full = pair
+    options = {"search": "best_first_beam", "search_options": {"num_beams": 3}, "ignore_eos": True}
+    a = ring.generate(PROMPTS[:2], 16, **options)
+    b = full.generate(PROMPTS[:2], 16, **options)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert [r.stats.score for r in a] == pytest.approx([r.stats.score for r in b], abs=1e-4)
+    alloc = ring.core.pool.rings[0].allocator
+    assert alloc.num_free == alloc.capacity
