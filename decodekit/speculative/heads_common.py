@@ -33,6 +33,7 @@ from ..models.batch import bucket
 from ..models.config import ModelConfig
 from ..models.transformer import MLP, RMSNorm, apply_rope, rope_table
 from .base import DraftTree, Drafter
+from .token_ranks import read_token_ranks
 
 TRAINED_DIR = Path(__file__).with_name("trained")
 HEAD_FILE, CONFIG_FILE = "head.safetensors", "config.json"
@@ -108,21 +109,43 @@ class HeadConfig:
 
 
 class Target:
-    """The target's frozen parts a head shares: token embedding (with Gemma's scale) and LM head (with softcap)."""
+    """The target's frozen parts a head shares: token embedding (with Gemma's scale) and LM head (with softcap).
 
-    def __init__(self, model) -> None:
+    `vocab_ids` `[N]` (FR-Spec, Zhao et al. 2025: the most frequent tokens, `token_ranks.py`): logits come from
+    those N rows of the LM head only, gathered once here, and every other token's logit is -inf, so what reads the
+    logits (top-k, log-softmax) is unchanged and never drafts outside the subset. Target verification keeps the
+    output exact whatever the draft."""
+
+    def __init__(self, model, vocab_ids: torch.Tensor | None = None) -> None:
         self.model = model
         self.config: ModelConfig = model.config
+        self.vocab_ids = self.vocab_weight = None
+        if vocab_ids is not None:
+            head = model.lm_head
+            weight = getattr(head, "weight", None)
+            if not isinstance(head, nn.Linear) or weight is None or weight.shape[0] != self.config.vocab_size:
+                raise ValueError("draft_vocab needs the target's whole LM head on one device (a plain Linear; "
+                                 "not a tensor-parallel or quantized one)")
+            # A copy, contiguous: a draft round reads N rows of contiguous memory, not the whole head. Allocated
+            # before any draft pass is captured, and never replaced: a captured pass reads these very tensors.
+            self.vocab_ids = vocab_ids.to(weight.device, torch.long)
+            self.vocab_weight = weight.detach().index_select(0, self.vocab_ids)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.model.embed(ids)
         return x * self.config.embed_scale if self.config.embed_scale != 1.0 else x
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        out = self.model.lm_head(h.to(self.model.lm_head.weight.dtype))
-        if cap := self.config.final_logit_softcap:
+        if self.vocab_weight is None:
+            out = self.model.lm_head(h.to(self.model.lm_head.weight.dtype))
+        else:
+            out = F.linear(h.to(self.vocab_weight.dtype), self.vocab_weight)
+        if cap := self.config.final_logit_softcap:  # before the scatter: the softcap of -inf would be -cap
             out = torch.tanh(out / cap) * cap
-        return out
+        if self.vocab_ids is None:
+            return out
+        full = out.new_full((*out.shape[:-1], self.config.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.vocab_ids, out)
 
 
 class Rope(nn.Module):
@@ -389,7 +412,9 @@ class HeadDrafter(Drafter):
     `speculative/trained/<model>-<method>/`; else a folder written by `decodekit train-drafter`), `init` ("trained":
     the trained head, an error if none; "random": an untrained head, for tests; "trained-or-random": the shipped head
     where one exists, else an untrained one), `seed` (of an untrained head), `depth` (draft depth), `branch` (children
-    expanded per node; 1 = a chain), `max_nodes` (tree size, verified in one target pass).
+    expanded per node; 1 = a chain), `max_nodes` (tree size, verified in one target pass), `draft_vocab` (0: draft
+over the whole vocabulary; N: over the N most frequent tokens only, ranked by the head folder's
+`token_ranks.safetensors`, FR-Spec: a draft round reads N rows of the LM head instead of all of them).
 
     A subclass gives its `_pass` (device code: the new committed rows' features and tokens -> the kept tree) and the
     block its cache serves (`cache_block`, or None)."""
@@ -400,6 +425,7 @@ class HeadDrafter(Drafter):
     depth: int = 6
     branch: int = 8
     max_nodes: int = 60
+    draft_vocab: int = 0
 
     learns_from_steps: ClassVar[bool] = True
     module: ClassVar[type]  # the head's nn.Module class
@@ -409,20 +435,37 @@ class HeadDrafter(Drafter):
             raise ValueError(f"{self.name}: init must be trained, random or trained-or-random, got {self.init!r}")
         if self.depth < 1 or self.branch < 1 or self.max_nodes < 1:
             raise ValueError(f"{self.name}: depth, branch and max_nodes must be >= 1")
+        if self.draft_vocab < 0 or 0 < self.draft_vocab < self.branch:  # fewer tokens than a node's children
+            raise ValueError(f"{self.name}: draft_vocab must be 0 (the whole vocabulary) or at least branch "
+                             f"({self.branch}), got {self.draft_vocab}")
         self.head = None
         self.lane: HeadLane | None = None
 
-    def _resolve(self, engine) -> nn.Module:
+    def _folder(self, engine) -> Path | None:
+        """The folder the head is read from (None: an untrained head)."""
         shipped = TRAINED_DIR / f"{engine.name}-{self.name}"
         if self.path is not None:
-            return read_head(self.path, {self.name: type(self).module})[0]
+            return Path(self.path)
         if self.init != "random" and shipped.is_dir():
-            return read_head(shipped, {self.name: type(self).module})[0]
+            return shipped
         if self.init == "trained":
             raise ValueError(f"no trained {self.name} head ships for {engine.name!r}; train one with `decodekit "
                              f"train-drafter --model {engine.name} --arch {self.name} ...` and pass -O path=DIR "
                              "(or -O init=random for an untrained head)")
+        return None
+
+    def _resolve(self, engine, folder: Path | None) -> nn.Module:
+        if folder is not None:
+            return read_head(folder, {self.name: type(self).module})[0]
         return new_head(type(self).module, type(self).module.default_config(engine.model.config), self.seed)
+
+    def _target(self, net, folder: Path | None) -> Target:
+        if not self.draft_vocab:
+            return Target(net)
+        vocab = net.config.vocab_size
+        if self.draft_vocab > vocab:
+            raise ValueError(f"{self.name}: draft_vocab {self.draft_vocab} exceeds the target's {vocab} tokens")
+        return Target(net, read_token_ranks(folder, vocab)[:self.draft_vocab])
 
     def bind(self, engine) -> "HeadDrafter":
         from .draft_model import native_model
@@ -432,11 +475,14 @@ class HeadDrafter(Drafter):
             net = native_model(engine.model)
             key = (self.name, self.path, self.init, self.seed)
             loaded = engine.__dict__.setdefault("draft_heads", {})  # loaded once per engine
-            if key not in loaded:
-                head = self._resolve(engine)
-                head.config.check_target(net.config)
-                loaded[key] = head.to(net.device, net.dtype).eval().requires_grad_(False)
-            self.head, self.target = loaded[key], Target(net)
+            if key not in loaded or (key, self.draft_vocab) not in loaded:
+                folder = self._folder(engine)
+                if key not in loaded:
+                    head = self._resolve(engine, folder)
+                    head.config.check_target(net.config)
+                    loaded[key] = head.to(net.device, net.dtype).eval().requires_grad_(False)
+                loaded[key, self.draft_vocab] = self._target(net, folder)  # a draft vocabulary's rows: gathered once
+            self.head, self.target = loaded[key], loaded[key, self.draft_vocab]
             self.feature_layers = self.head.config.feature_layers
             self.idle_lanes: list[HeadLane] = []  # shared by this prototype's per-sequence copies
             # Draft passes are captured where the engine's passes are and the shared embedding and LM head are the
