@@ -413,8 +413,8 @@ class HeadDrafter(Drafter):
     the trained head, an error if none; "random": an untrained head, for tests; "trained-or-random": the shipped head
     where one exists, else an untrained one), `seed` (of an untrained head), `depth` (draft depth), `branch` (children
     expanded per node; 1 = a chain), `max_nodes` (tree size, verified in one target pass), `draft_vocab` (0: draft
-over the whole vocabulary; N: over the N most frequent tokens only, ranked by the head folder's
-`token_ranks.safetensors`, FR-Spec: a draft round reads N rows of the LM head instead of all of them).
+    over the whole vocabulary; N: over the N most frequent tokens only, ranked by the head folder's
+    `token_ranks.safetensors`, FR-Spec: a draft round reads N rows of the LM head instead of all of them).
 
     A subclass gives its `_pass` (device code: the new committed rows' features and tokens -> the kept tree) and the
     block its cache serves (`cache_block`, or None)."""
