@@ -147,8 +147,9 @@ class Replayer:
             out.argmax(-1).tolist()
 
     def _draft_pass(self, d: dict[str, Any], caches: dict[str, tuple[SeqKV, Any]], last: bool = True) -> None:
-        kv, net = caches[self._cache_key(d)]
-        if self._cache_key(d) == "head":
+        key = self._cache_key(d)
+        kv, net = caches[key]
+        if key == "head":
             return self._head_pass(kv, d, last)
         n = net.config.num_layers
         if d["model"] == "head":

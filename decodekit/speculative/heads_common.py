@@ -475,13 +475,12 @@ class HeadDrafter(Drafter):
             net = native_model(engine.model)
             key = (self.name, self.path, self.init, self.seed)
             loaded = engine.__dict__.setdefault("draft_heads", {})  # loaded once per engine
-            if key not in loaded or (key, self.draft_vocab) not in loaded:
-                folder = self._folder(engine)
-                if key not in loaded:
-                    head = self._resolve(engine, folder)
-                    head.config.check_target(net.config)
-                    loaded[key] = head.to(net.device, net.dtype).eval().requires_grad_(False)
-                loaded[key, self.draft_vocab] = self._target(net, folder)  # a draft vocabulary's rows: gathered once
+            if key not in loaded:
+                head = self._resolve(engine, self._folder(engine))
+                head.config.check_target(net.config)
+                loaded[key] = head.to(net.device, net.dtype).eval().requires_grad_(False)
+            if (key, self.draft_vocab) not in loaded:  # a draft vocabulary's rows: gathered once
+                loaded[key, self.draft_vocab] = self._target(net, self._folder(engine))
             self.head, self.target = loaded[key], loaded[key, self.draft_vocab]
             self.feature_layers = self.head.config.feature_layers
             self.idle_lanes: list[HeadLane] = []  # shared by this prototype's per-sequence copies
