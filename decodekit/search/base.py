@@ -173,6 +173,15 @@ def hypothesis_result(h: Hypothesis) -> GenerationResult:
     return GenerationResult(checker.text, list(h.tokens), h.reason, stats, base.prompt_ids, h.logprobs)
 
 
+def kept_row(seq: "Sequence", logits: torch.Tensor) -> torch.Tensor | None:
+    """The raw logits row `[1, V]` a waiting hypothesis keeps for the logprobs of the tokens that will extend it: a
+    copy, since a view of the pass's logits keeps that whole tensor alive while the hypothesis waits (best-first
+    search on Gemma 3's 262k vocabulary held tens of GB so), and nothing when the request records no logprobs."""
+    if seq.top_logprobs is None and seq.token_stat is None:
+        return None
+    return logits[:1].clone()
+
+
 def extended_logprobs(seq: "Sequence", row: torch.Tensor, token: int) -> list | None:
     """`seq`'s recorded logprobs plus `token`'s (drawn after raw logits `row` `[1, V]`), or None when not asked."""
     if seq.top_logprobs is None:

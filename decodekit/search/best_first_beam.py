@@ -25,7 +25,7 @@ import torch
 
 from ..engine.policy import Policy
 from .base import (Hypothesis, PolicySearch, SearchResult, check, extended_logprobs, finish_all, fork,
-                   hypothesis_result, keep_root, register)
+                   hypothesis_result, keep_root, kept_row, register)
 
 EXACT_BATCH = 8  # hypotheses expanded per pass by exact search (no per-length budget to bound them)
 
@@ -61,8 +61,8 @@ class Node:
     parent: "Node | None"
     ended: str | None = None  # "stop" | "length" once the hypothesis is complete
     seq: Any = None
-    row: torch.Tensor | None = None  # raw logits after its tokens `[1, V]`
-    logp: torch.Tensor | None = None  # processed next-token log-probabilities `[V]`
+    row: torch.Tensor | None = None  # raw logits after its tokens `[1, V]`, kept when logprobs are recorded
+    logp: torch.Tensor | None = None  # processed next-token log-probabilities `[V]`, until it is popped
     open: int = 0  # children that may still fork from its sequence
     popped: bool = False
 
@@ -111,8 +111,8 @@ class BestFirstPolicy(Policy):
                 self.queue.push(node)
             if node is None:  # a paused sequence that re-prefilled after a preemption: nothing new
                 continue
-            node.seq, node.row = seq, logits[:1]
-            node.logp = seq.next_logits(node.row).log_softmax(-1)[0]
+            node.seq, node.row = seq, kept_row(seq, logits)
+            node.logp = seq.next_logits(logits[:1]).log_softmax(-1)[0]
             seq.paused = True
         if self.expanding:
             return []  # a hypothesis of this round is still catching up (preempted)
@@ -164,6 +164,7 @@ class BestFirstPolicy(Policy):
             child = Node(node.tokens + [token], score, node, self._ends(node, token))
             node.open += child.ended is None
             self.queue.push(child)
+        node.logp = None  # its children hold what they need: [V] floats per popped hypothesis add up
         self._release(node)
 
     def _release(self, node: Node) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..engine.policy import Policy
 from .base import (Hypothesis, PolicySearch, SearchResult, check, extended_logprobs, finish_all, fork,
-                   hypothesis_result, keep_root, register)
+                   hypothesis_result, keep_root, kept_row, register)
 from .best_first_beam import EXACT_BATCH, Node, Queue
 
 
@@ -77,8 +77,8 @@ class ExtractPolicy(Policy):
                 self.where[node] = list(range(len(self.context)))
             if node is None:
                 continue
-            node.seq, node.row = seq, logits[:1]
-            node.logp = seq.next_logits(node.row).log_softmax(-1)[0]
+            node.seq, node.row = seq, kept_row(seq, logits)
+            node.logp = seq.next_logits(logits[:1]).log_softmax(-1)[0]
             seq.paused = True
             self._push_children(node)
         if self.expanding:
@@ -104,6 +104,7 @@ class ExtractPolicy(Policy):
                 self.where[child] = starts
                 node.open += 1
                 self.queue.push(child)
+        node.logp = None  # its children hold what they need
         self._release(node)
 
     def _release(self, node: Node) -> None:

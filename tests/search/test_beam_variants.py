@@ -173,3 +173,18 @@ def test_best_first_beam_returns_what_beam_search_returns(pair, k):
             engine.generate(prompt, 10).token_ids
         got = engine.generate(prompt, 10, search="best_first_beam", num_beams=k)
         assert got.token_ids == want
+
+
+def test_a_waiting_hypothesis_keeps_its_own_row_not_the_pass():
+    """A view of the pass's logits would keep the whole `[rows, V]` tensor alive while a hypothesis waits in the
+    queue; best-first search on Gemma 3 ran out of GPU memory so. Nothing is kept when no logprobs are recorded."""
+    from types import SimpleNamespace
+
+    from decodekit.search.base import kept_row
+
+    pass_logits = torch.randn(64, 1000)
+    quiet = SimpleNamespace(top_logprobs=None, token_stat=None)
+    assert kept_row(quiet, pass_logits[8:12]) is None
+    row = kept_row(SimpleNamespace(top_logprobs=2, token_stat=None), pass_logits[8:12])
+    assert torch.equal(row, pass_logits[8:9])
+    assert row.untyped_storage().nbytes() == row.numel() * row.element_size()
