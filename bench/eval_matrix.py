@@ -1,5 +1,6 @@
 """Eval JSON files (`decodekit eval --json`) as one markdown matrix: a row per run (greedy / sampling, then each
-search strategy), a column per task, each cell the task's headline metric with its bootstrap interval.
+search strategy), a column per task, each cell the task's headline metric with its bootstrap interval. Files of the
+same task share its column; where two files hold the same run, the later file's wins (a re-run after a failure).
 
     python3 bench/eval_matrix.py docs/results/quality-2026-11-24c/smollm2-h100-policy-*.json
 """
@@ -35,7 +36,8 @@ def matrix(paths: list[str]) -> str:
         meta = data["meta"]
         metric = meta["metrics"][0]
         head = f"{meta['task']} ({metric}{', %' if metric in PERCENT else ''}, {meta['items']} items)"
-        tasks.append(head)
+        if head not in tasks:
+            tasks.append(head)
         for run in data["runs"]:
             name = run_name(run, meta)
             if name not in order:

@@ -79,7 +79,8 @@ class EngineCore:
         self.scheduler = Scheduler(self.pool.allocator, config or SchedulerConfig())
         self.max_chunks = max_chunks  # fused greedy chunks per step at most (when no request waits)
         self.drafters: dict[Any, Drafter] = {}  # one bound prototype per method and options: learning persists
-        self.costs: dict[str, StepCosts] = {}  # measured step costs per method, shared by its sequences
+        self.costs: dict[str, StepCosts] = {}  # measured step costs per method and options ("pld",
+        # "eagle:draft_vocab=8192"), shared by its sequences: other options draft at another cost and acceptance
         self.budget_options: dict[str, Any] = {}  # DraftBudget knobs for new sequences (probe_every, decay, ...)
         self.requests: dict[int, Request] = {}
         self._ids = count()
@@ -137,6 +138,15 @@ class EngineCore:
             self.drafters[key] = make_drafter(req.method, dict(req.method_options)).bind(self.engine)
         return self.drafters[key]
 
+    @staticmethod
+    def _costs_key(req: Request, proto: Drafter) -> str:
+        """The method as the bench names it: its name, then its options (`name:k=v,...`) when it has any."""
+        if isinstance(req.method, Drafter) or not req.method_options:
+            return proto.name
+        def short(v: Any) -> str:  # a model passed as an option is named by its identity, not its repr
+            return str(v) if isinstance(v, (int, float, str, bool)) else f"{type(v).__name__}@{id(v):x}"
+        return proto.name + ":" + ",".join(f"{k}={short(v)}" for k, v in sorted(req.method_options.items()))
+
     def _sequence(self, req: Request, index: int, kv: SeqKV) -> Sequence:
         sampling = req.sampling
         if index and sampling.seed is not None:  # sample i of a seeded request: what seed + i gives alone
@@ -149,7 +159,7 @@ class EngineCore:
             adaptive = sampling.greedy or sampling.seed is None
         budget = None
         if adaptive and proto.name != "plain":
-            costs = self.costs.setdefault(proto.name, StepCosts())
+            costs = self.costs.setdefault(self._costs_key(req, proto), StepCosts())
             budget = DraftBudget(costs=costs, accept=list(costs.accept), **self.budget_options)
         stopper = StopChecker(self.tokenizer, set() if req.ignore_eos else self.eos_ids, req.stop)
         max_len = min(self.max_context, len(req.prompt_ids) + req.max_new_tokens)

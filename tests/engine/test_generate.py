@@ -157,3 +157,13 @@ def test_logprobs_are_the_models_for_every_committed_token(engine, method):
     for i, (lp, top) in enumerate(r.logprobs):
         assert lp == pytest.approx(float(want[i, r.token_ids[i]]), abs=1e-4)
         assert [t for t, _ in top] == want[i].topk(3).indices.tolist()
+
+
+def test_each_method_and_options_learns_its_own_draft_costs(engine):
+    """The draft budget's costs and acceptance are kept per method *and options*: `eagle:draft_vocab=8192` drafts at
+    another cost than `eagle`, and inheriting the other's (in a bench, whichever ran first) skewed its tau."""
+    engine.core.costs.clear()
+    engine.generate(PROMPT, 8, method="pld")
+    engine.generate(PROMPT, 8, method="pld", method_options={"num_draft": 4, "max_ngram": 2})
+    assert set(engine.core.costs) == {"pld", "pld:max_ngram=2,num_draft=4"}
+    assert engine.core.costs["pld"] is not engine.core.costs["pld:max_ngram=2,num_draft=4"]

@@ -116,14 +116,20 @@ class FrozenCosts(StepCosts):
         pass
 
 
+class AllFrozen(dict):
+    """The core's cost table, handing FrozenCosts to whatever method and options ask."""
+
+    def setdefault(self, key, default=None):
+        return super().setdefault(key, FrozenCosts())
+
+
 @pytest.mark.parametrize("method", ["pld", "draft"])
 def test_unseeded_sampling_with_the_budget_cutting_trees_keeps_the_distribution(method, micro):
     """The default sampled path: no seed, so the draft budget is on and cuts stochastic trees (draft) and
     deterministic chains (pld) differently from step to step; the output still follows the target."""
     sampling = SamplingConfig(temperature=1.0)
     probs = exact_pair_distribution(micro, sampling)
-    micro.core.costs.clear()
-    micro.core.costs[method] = FrozenCosts()
+    micro.core.costs = AllFrozen()
     # The first step is cut, the second a probe: both get tested. The samples run as one batch of 1500 rows; weighed
     # as rows of one shared pass they would never draft (tests/speculative/test_budget.py covers that rule).
     micro.core.budget_options = {"probe_every": 2, "shared_pass": False}
@@ -136,7 +142,7 @@ def test_unseeded_sampling_with_the_budget_cutting_trees_keeps_the_distribution(
         counts = empirical_pairs(micro, method, sampling, 1500, seed=None, method_options=knobs)
     finally:
         DraftBudget.trim = original
-        micro.core.costs.clear()
+        micro.core.costs = {}
         micro.core.budget_options = {}
     assert any(after < before for before, after in cut)  # the budget did cut
     assert any(after == before > 1 for before, after in cut)  # and let whole trees through (probes)
