@@ -78,9 +78,10 @@ class EngineCore:
         self.pool = runner.pool
         self.scheduler = Scheduler(self.pool.allocator, config or SchedulerConfig())
         self.max_chunks = max_chunks  # fused greedy chunks per step at most (when no request waits)
-        self.drafters: dict[Any, Drafter] = {}  # one bound prototype per method and options: learning persists
-        self.costs: dict[str, StepCosts] = {}  # measured step costs per method and options ("pld",
-        # "eagle:draft_vocab=8192"), shared by its sequences: other options draft at another cost and acceptance
+        # Per method and options (`method_key`: "pld", "eagle:draft_vocab=8192"): one bound prototype (its learning
+        # persists) and the measured step costs its sequences share.
+        self.drafters: dict[str, Drafter] = {}
+        self.costs: dict[str, StepCosts] = {}
         self.budget_options: dict[str, Any] = {}  # DraftBudget knobs for new sequences (probe_every, decay, ...)
         self.requests: dict[int, Request] = {}
         self._ids = count()
@@ -130,28 +131,32 @@ class EngineCore:
         self.requests[req.id] = req
         return req
 
-    def _prototype(self, req: Request) -> Drafter:
+    @staticmethod
+    def method_key(req: Request) -> str:
+        """The method as the bench names it, `name` or `name:k=v,...`: each key has its own bound drafter and its own
+        step costs (other options draft at another cost and acceptance). An option that is an object (a draft model)
+        is named by its identity: its repr would be long, and two models may print alike."""
+        if isinstance(req.method, Drafter):
+            return req.method.name
+
+        def short(v: Any) -> str:
+            return str(v) if isinstance(v, (int, float, str, bool)) else f"{type(v).__name__}@{id(v):x}"
+        options = ",".join(f"{k}={short(v)}" for k, v in sorted(req.method_options.items()))
+        return f"{req.method}:{options}" if options else req.method
+
+    def _prototype(self, req: Request, key: str) -> Drafter:
         if isinstance(req.method, Drafter):  # the caller's own instance is the prototype
             return req.method.bind(self.engine)
-        key = (req.method, tuple(sorted((k, repr(v)) for k, v in req.method_options.items())))
         if key not in self.drafters:
             self.drafters[key] = make_drafter(req.method, dict(req.method_options)).bind(self.engine)
         return self.drafters[key]
-
-    @staticmethod
-    def _costs_key(req: Request, proto: Drafter) -> str:
-        """The method as the bench names it: its name, then its options (`name:k=v,...`) when it has any."""
-        if isinstance(req.method, Drafter) or not req.method_options:
-            return proto.name
-        def short(v: Any) -> str:  # a model passed as an option is named by its identity, not its repr
-            return str(v) if isinstance(v, (int, float, str, bool)) else f"{type(v).__name__}@{id(v):x}"
-        return proto.name + ":" + ",".join(f"{k}={short(v)}" for k, v in sorted(req.method_options.items()))
 
     def _sequence(self, req: Request, index: int, kv: SeqKV) -> Sequence:
         sampling = req.sampling
         if index and sampling.seed is not None:  # sample i of a seeded request: what seed + i gives alone
             sampling = SamplingConfig(**{**sampling.__dict__, "seed": sampling.seed + index})
-        proto = self._prototype(req)
+        key = self.method_key(req)
+        proto = self._prototype(req, key)
         adaptive = req.adaptive
         if adaptive is None:
             # The budget decides from wall-clock times, and a different draft consumes the random stream
@@ -159,7 +164,7 @@ class EngineCore:
             adaptive = sampling.greedy or sampling.seed is None
         budget = None
         if adaptive and proto.name != "plain":
-            costs = self.costs.setdefault(self._costs_key(req, proto), StepCosts())
+            costs = self.costs.setdefault(key, StepCosts())
             budget = DraftBudget(costs=costs, accept=list(costs.accept), **self.budget_options)
         stopper = StopChecker(self.tokenizer, set() if req.ignore_eos else self.eos_ids, req.stop)
         max_len = min(self.max_context, len(req.prompt_ids) + req.max_new_tokens)

@@ -9,7 +9,7 @@ import torch
 
 import decodekit
 from decodekit.engine import Engine
-from decodekit.engine.core import EngineCore
+from decodekit.engine.core import EngineCore, Request
 from head_helpers import HEADS, saved_head
 
 SHORT, LONG = [9, 4, 4, 11, 2, 8, 5, 6, 1, 9, 12, 3], [5, 6, 7, 8, 9, 10] * 5  # first draft: padded / tight
@@ -53,7 +53,7 @@ def record(engine, monkeypatch) -> list:
 
 def prototype(engine, arch: str, **options):
     """The engine's bound drafter for `arch` with these options (the key `EngineCore._prototype` files it under)."""
-    return engine.core.drafters[(arch, tuple(sorted((k, repr(v)) for k, v in options.items())))]
+    return engine.core.drafters[EngineCore.method_key(Request([], 1, method=arch, method_options=options))]
 
 
 def assert_same_passes(got: list, want: list) -> None:
