@@ -13,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import decodekit  # noqa: E402
 from decodekit.bench.datasets import load_prompts  # noqa: E402
+from decodekit.bench.runner import split_methods  # noqa: E402
 from decodekit.bench.trace import parse_method, record, write_traces  # noqa: E402
 from decodekit.sampling import SamplingConfig  # noqa: E402
 from decodekit.speculative import DRAFTERS  # noqa: E402
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--adaptive", action="store_true",
                     help="keep the draft budget on (default off: it weighs the recording model's step costs)")
     args = ap.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(";" if ";" in args.methods else ",") if m.strip()]
+    methods = split_methods(args.methods)
     for m in methods:
         if parse_method(m)[0] not in DRAFTERS:
             sys.exit(f"error: unknown method {m!r}; available: {', '.join(sorted(DRAFTERS))}")

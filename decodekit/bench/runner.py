@@ -7,6 +7,7 @@ in the same run; `identical` counts prompts whose token ids equal plain decoding
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -57,12 +58,11 @@ def run_method(engine, method: str, prompts: list[BenchPrompt], max_new_tokens: 
                repeats: int, progress=None, batch_size: int = 1) -> MethodRun:
     """Each prompt decoded alone, or `batch_size` prompts at a time as one batch on the core (then every prompt of
     a batch is charged the batch's time divided by its size: the tokens/s of a method are those of its batches)."""
-    name, _, opts = method.partition(":")
-    options = dict(kv.split("=", 1) for kv in opts.split(",")) if opts else {}
-    options = {k: _number(v) for k, v in options.items()}
+    name, options = parse_method(method)
+    adaptive = options.pop("adaptive", None)  # "name:adaptive=false": full drafts, no draft budget
     chat = bool(getattr(engine.tokenizer, "chat_template", None))  # a base model gets the raw prompt text
     gen = lambda ps: engine.generate([p.prompt for p in ps], max_new_tokens, method=name,  # noqa: E731
-                                     sampling=sampling, chat=chat, method_options=options)
+                                     sampling=sampling, chat=chat, method_options=options, adaptive=adaptive)
     result = MethodRun(method)
     acc_sum: list[float] = []
     for b in range(0, len(prompts), batch_size):
@@ -99,13 +99,33 @@ def run_hf_baseline(engine, kind: str, prompts: list[BenchPrompt], max_new_token
     return result
 
 
-def _number(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+def _value(text: str) -> Any:
+    """A method option's value as the CLI's `-O` reads it: JSON (numbers, true / false), else the text."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """"name:k=v,k=v" (the bench's method spec) -> (name, options)."""
+    name, _, opts = spec.partition(":")
+    options = dict(kv.split("=", 1) for kv in opts.split(",")) if opts else {}
+    return name, {k: _value(v) for k, v in options.items()}
+
+
+def split_methods(text: str) -> list[str]:
+    """A list of method specs: separated by ";" if there is one, else by commas, where a part "k=v" without a
+    method name continues the spec before it ("plain,pld:num_draft=4,on_device=true,eagle": three specs)."""
+    if ";" in text:
+        return [m.strip() for m in text.split(";") if m.strip()]
+    specs: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if specs and "=" in part and ":" not in part:
+            specs[-1] += "," + part
+        elif part:
+            specs.append(part)
+    return specs
 
 
 def run_bench(engine, methods: list[str], prompts: list[BenchPrompt], max_new_tokens: int,
@@ -135,7 +155,7 @@ def run_bench_cli(args: argparse.Namespace) -> None:
     from ..cli import sampling_from
 
     sampling = sampling_from(args)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = split_methods(args.methods)
     from ..speculative import DRAFTERS
 
     for m in methods:

@@ -12,16 +12,9 @@ from typing import Any, Iterable
 
 from ..sampling import SamplingConfig
 from .datasets import BenchPrompt, read_jsonl
-from .runner import _number
+from .runner import parse_method
 
 FIELDS = ("model", "method", "prompt_id", "category", "generated", "trace")
-
-
-def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """"name:k=v,k=v" (the bench's method spec) -> (name, options)."""
-    name, _, opts = spec.partition(":")
-    options = dict(kv.split("=", 1) for kv in opts.split(",")) if opts else {}
-    return name, {k: _number(v) for k, v in options.items()}
 
 
 def record(engine, model: str, methods: list[str], prompts: list[BenchPrompt], max_new_tokens: int,

@@ -23,7 +23,7 @@ from ..models.batch import RowSpec
 from ..kv.paged import PressSpec
 from ..models.kv_cache import PoolFull, SeqKV
 from ..sampling import SamplingConfig
-from ..speculative.base import Drafter, make_drafter
+from ..speculative.base import Drafter, DraftTree, make_drafter
 from ..speculative.budget import DraftBudget, StepCosts
 from .runner import ModelRunner
 from .scheduler import Scheduler, SchedulerConfig
@@ -225,7 +225,7 @@ class EngineCore:
         for seq in plan.decodes:
             if seq.budget is not None:
                 seq.budget.batch = batch
-            fusable.append(seq.plan(self.runner.fused_sizes))
+            fusable.append(seq.plan(self.runner.fused_sizes, self.runner.drafts_on_device))
         updated: list[Sequence] = []
         if plan.decodes and not plan.prefills and self.runner.fused_sizes and min(fusable) >= self.runner.fused_sizes[-1]:
             updated = self._fused_step(plan.decodes, min(fusable), t0)
@@ -330,6 +330,72 @@ class EngineCore:
         cols = [hidden[start:start + n, layers.index(i) * size:(layers.index(i) + 1) * size] for i in want]
         return torch.cat(cols, dim=-1) if len(cols) > 1 else cols[0]
 
+    def _round_depth(self, seqs: list[Sequence]) -> int:
+        """How deep fused draft rounds draft now (0: plain chunks). Rounds need every sequence on one device
+        drafter (one method with one set of options); the first sequence's budget decides for the batch (each one
+        still learns its own acceptance). A budget's no marks them `refused`."""
+        lead = seqs[0]
+        if not self.runner.drafts_on_device or not lead.drafter.drafts_on_device or \
+                len({self.method_key(s.request) for s in seqs}) > 1:
+            return 0
+        depth = lead.drafter.max_draft_tokens()
+        if lead.budget is not None:
+            depth = lead.budget.chain_depth(depth)
+            for s in seqs:
+                s.refused = not depth
+        if not depth or any(s.kv.max_pass is not None and self.runner.draft_width(depth) > s.kv.max_pass
+                            for s in seqs):  # a sliding-window ring takes passes up to its max_pass wide
+            return 0
+        return depth
+
+    def _draft_rounds(self, seqs: list[Sequence], depth: int, t0: float) -> list[Sequence]:
+        """Fused draft rounds (`GraphRunner.draft_rounds`: draft, verify and commit on the device, several rounds per
+        replay) for greedy sequences whose drafter drafts on the device; [] when there is no room for one replay."""
+        rounds, width = self.runner.rounds_per_replay, self.runner.draft_width(depth)
+        limit = min(self.max_context - len(s.tokens) for s in seqs)  # positions stay inside the context window
+        want = max(s.room for s in seqs)  # a round commits at least one token
+        # Entries reserved ahead (every round may keep its whole width) set the KV length the captured pass reads:
+        # no more than plain chunks reserve, so the rounds' attention spans what plain decoding's does.
+        ahead = max(1, self.runner.fused_sizes[0] * self.max_chunks // (rounds * width))
+        chunks = max(1, min(want // rounds, limit // (rounds * width), ahead,
+                            1 if self.scheduler.waiting else self.max_chunks))
+        if limit < rounds * width:
+            return []
+        while chunks:
+            try:
+                for s in seqs:
+                    s.kv.ensure(s.kv.length + rounds * width * chunks)
+                break
+            except PoolFull:
+                chunks //= 2
+        if not chunks:
+            return []
+        run = self.runner.draft_rounds([s.kv for s in seqs], [s.tokens for s in seqs], seqs[0].drafter, depth,
+                                       rounds, chunks)
+        done = 0
+        try:
+            for rows in run:
+                done += 1
+                for seq, row in zip(seqs, rows):
+                    for draft, new in row:
+                        if seq.finished:
+                            break
+                        seq.tree = DraftTree.chain(draft)
+                        kept = seq.commit(new)
+                        seq.stats.forward_passes += 1
+                        seq.stats.decode_steps += 1
+                        seq.after_verify(list(range(1, len(new))), new[-1], None, None, len(kept))
+                if all(s.finished for s in seqs) or (self.scheduler.waiting and any(s.finished for s in seqs)):
+                    break
+        finally:
+            run.close()
+        elapsed = time.perf_counter() - t0
+        for s in seqs:
+            s.stats.verify_time_s += elapsed
+        for costs in {id(s.budget.costs): s.budget.costs for s in seqs if s.budget is not None}.values():
+            costs.record(len(seqs), width, elapsed / (done * rounds))  # a round's cost: draft, verify, accept
+        return list(seqs)
+
     def fork_sequence(self, seq: Sequence) -> Sequence:
         """A running copy of `seq`: the same tokens, its KV memory shared (full blocks) or copied (a partial last
         block), its own stop rules and random stream from here on. Raises PoolFull when no block is free."""
@@ -371,9 +437,15 @@ class EngineCore:
         return children
 
     def _fused_step(self, seqs: list[Sequence], fusable: int, t0: float) -> list[Sequence]:
-        """Plain greedy tokens for every sequence in fused chunks (several steps per replay, argmax on the device),
-        back to back up to what every sequence can take; [] when there is no room for even one chunk."""
+        """Greedy tokens for every sequence in fused chunks, back to back up to what every sequence can take: draft
+        rounds when they all draft on the device with one method, else plain chunks (several steps per replay,
+        argmax on the device); [] when there is no room for even one chunk."""
         sizes = self.runner.fused_sizes
+        depth = self._round_depth(seqs)
+        if depth:
+            return self._draft_rounds(seqs, depth, t0)
+        if seqs[0].refused:  # the budget said no to drafting: plain chunks up to its next probe
+            fusable = min(fusable, sizes[0] * (1 + seqs[0].budget.quiet_steps()))
         steps = next(s for s in sizes if s <= fusable)
         limit = min(self.max_context - len(s.tokens) for s in seqs)  # positions stay inside the context window
         want = max(s.room for s in seqs)

@@ -8,13 +8,17 @@ a row's tokens read the scratch block), so the captured set stays small and a lo
 used. Sliding-window rings add, per ring, the rows' ring blocks and write slots to the buffer; their tables (a
 ring's span wide) are computed inside the pass from the rows' lengths, as the full pool's. Greedy steps without a
 draft run as fused chunks: `steps` single-token passes in one graph, each feeding its own argmax to the next, all
-rows at once; chunks are pipelined (the next is launched before the host reads this one). A pass whose sequences
+rows at once; chunks are pipelined (the next is launched before the host reads this one). Greedy sequences whose
+drafter drafts on the device (`Drafter.propose_on_device`) run fused draft rounds the same way: several
+draft -> verify -> commit rounds per replay (`StaticDraftRounds`, `speculative/device.py`). A pass whose sequences
 read the target's features (draft heads) also copies the requested layers' states out of the graph. Prefill chunks
 that need no logits, and passes wider than the largest bucket, run eagerly; draft heads capture their own passes
 with `GraphRunner.capture` (`speculative/heads_common.py`).
 """
 from __future__ import annotations
 
+from contextlib import closing
+from dataclasses import astuple
 from typing import Callable, Iterator
 
 import torch
@@ -22,11 +26,14 @@ import torch
 from ..models.batch import ForwardBatch, RingRows, RowSpec, Rows, bucket, layout_group
 from ..models.kv_cache import KVPool, SeqKV, ring_slot_table, slot_table
 from ..models.transformer import Transformer
+from ..speculative.base import Drafter
+from ..speculative.device import accept_chain, committed_tokens
 from .runner import ModelRunner
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 WIDTH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 GREEDY_SIZES = (16, 4)  # decode steps per fused greedy chunk: long for plain decoding, short after an empty draft
+DRAFT_ROUNDS = 4  # draft -> verify -> commit rounds per replay of fused draft rounds
 MAX_GRAPH_TOKENS = 2048  # rows x width of the largest captured pass (its logits are copied out of the graph)
 MIN_KV = 256
 
@@ -62,8 +69,14 @@ class StaticPass:
         self.ring_tables = [t.view(rows, ring.n_blocks) for t, ring in zip(parts[7::2], self.rings)]
         self.tree = torch.eye(width, dtype=torch.bool, device=dev).repeat(rows, 1, 1)
         self.chain = torch.ones(width, width, dtype=torch.bool, device=dev).tril_().repeat(rows, 1, 1)
-        self.out = torch.zeros(rows, max(steps, 1), dtype=torch.long, device=dev)  # greedy chunk tokens
-        self.graph = runner.capture(self._chunk if steps else self._pass)
+        self.out = self._output()  # what a replay hands the host (a greedy chunk's tokens)
+        self.graph = runner.capture(self._body())
+
+    def _output(self) -> torch.Tensor:
+        return torch.zeros(self.rows, max(self.steps, 1), dtype=torch.long, device=self.runner.device)
+
+    def _body(self) -> Callable[[], None]:
+        return self._chunk if self.steps else self._pass
 
     def _batch(self, width: int, ctx: torch.Tensor, valid: torch.Tensor, tree, write_slots, tokens, positions):
         bs = self.runner.pool.block_size
@@ -71,9 +84,10 @@ class StaticPass:
         rings = [RingRows(*ring_slot_table(t, valid, ring.span, bs)) for t, ring in zip(self.ring_tables,
                                                                                                self.rings)]
         ring_writes = self.ring_writes
-        if write_slots is None:  # a chunk step: each row writes its entry `ctx`
-            write_slots = table.gather(1, ctx[:, None])[:, 0]
-            ring_writes = [rr.table.gather(1, (ctx - rr.first)[:, None])[:, 0] for rr in rings]
+        if write_slots is None:  # a chunk step: each row writes its entries [ctx, ctx + width)
+            entries = ctx[:, None] + torch.arange(width, device=ctx.device)
+            write_slots = table.gather(1, entries).flatten()
+            ring_writes = [rr.table.gather(1, entries - rr.first[:, None]).flatten() for rr in rings]
         return ForwardBatch(tokens, positions, write_slots, [Rows(0, self.rows, width, table, ctx, tree, None, rings)],
                             ring_writes=ring_writes)
 
@@ -116,10 +130,69 @@ class StaticPass:
         self.graph.replay()
 
 
+class StaticDraftRounds(StaticPass):
+    """`rounds` draft -> verify -> commit rounds of `rows` greedy sequences in one graph. Each round, every row's
+    drafter proposes a chain of up to `depth` (a device scalar, at most `width - 1`) tokens from the row's token
+    history (`Drafter.propose_on_device`), root + chain is scored in one pass, and the prefix the target's argmax
+    agrees with is committed with the next token, on the device (`speculative/device.py`): history, positions and
+    entry counts advance by what each row kept; rejected entries lie past the row's count and the next round
+    overwrites them. `out` holds per row and round: the draft (width - 1), the committed tokens (width, the first
+    `kept` of them count), `kept` and the draft's length."""
+
+    def __init__(self, runner: "GraphRunner", rows: int, width: int, length: int, history: int, rounds: int,
+                 drafter: Drafter) -> None:
+        self.drafter, self.rounds = drafter, rounds
+        self.history = torch.zeros(rows, history, dtype=torch.long, device=runner.device)
+        self.history_len = torch.ones(rows, dtype=torch.long, device=runner.device)  # padding rows: one token
+        self.depth = torch.zeros((), dtype=torch.long, device=runner.device)
+        super().__init__(runner, rows, width, length)
+
+    def _output(self) -> torch.Tensor:
+        return torch.zeros(self.rows, self.rounds, 2 * self.width + 1, dtype=torch.long, device=self.runner.device)
+
+    def _body(self) -> Callable[[], None]:
+        return self._rounds
+
+    def _rounds(self) -> None:
+        rows, w = self.rows, self.width
+        cols = torch.arange(w, device=self.ctx.device)
+        root_pos = self.positions.view(rows, w)[:, :1]  # the state carried from round to round (and replay to replay)
+        for i in range(self.rounds):
+            root = self.history.gather(1, self.history_len[:, None] - 1)
+            draft, n_draft = self.drafter.propose_on_device(self.history, self.history_len, w - 1)
+            n_draft = torch.minimum(n_draft, self.depth)
+            batch = self._batch(w, self.ctx, self.ctx + w, self.chain, None, torch.cat([root, draft], 1).flatten(),
+                                (root_pos + cols).flatten())
+            batch.groups[0].tree_kernel = True  # measured: rounds gain from the kernel where host-drafted steps lost
+            logits = self.runner.graph_model(batch, self.runner.pool, compiled=self.runner.compiled)
+            accepted, nxt = accept_chain(draft, n_draft, logits.argmax(-1).view(rows, w))
+            new = committed_tokens(draft, accepted, nxt)
+            kept = accepted + 1
+            self.history.scatter_(1, self.history_len[:, None] + cols, new)
+            self.out[:, i].copy_(torch.cat([draft, new, kept[:, None], n_draft[:, None]], dim=1))
+            self.history_len.add_(kept)
+            self.ctx.add_(kept)
+            root_pos.add_(kept[:, None])
+
+    def fill_rounds(self, specs: list[RowSpec], contexts: list[list[int]], depth: int) -> None:
+        """The rows' layout (each spec: its root alone), their token histories and the draft depth."""
+        self.fill(specs, tree=False)
+        history = torch.zeros(self.history.shape, dtype=torch.long)
+        length = torch.ones(self.rows, dtype=torch.long)
+        for r, context in enumerate(contexts):
+            history[r, :len(context)] = torch.tensor(context, dtype=torch.long)
+            length[r] = len(context)
+        self.history.copy_(history)
+        self.history_len.copy_(length)
+        self.depth.fill_(depth)
+
+
 class GraphRunner(ModelRunner):
     """The engine's runner on a GPU: captured passes where shapes allow, the eager runner elsewhere."""
 
     pass_class = StaticPass  # what `_pass` builds (tensor parallelism: one that every rank captures and replays)
+    drafts_on_device = True
+    rounds_per_replay = DRAFT_ROUNDS
 
     def __init__(self, model: Transformer, pool: KVPool) -> None:
         super().__init__(model, pool, GREEDY_SIZES)
@@ -127,6 +200,7 @@ class GraphRunner(ModelRunner):
         self.compiled = model.compiled_blocks is not None
         self.cuda = model.device.type == "cuda"  # elsewhere (tests on the CPU) a "replay" calls the function
         self.passes: dict[tuple[int, int, int, int, tuple[int, ...]], StaticPass] = {}
+        self.round_passes: dict[tuple, StaticDraftRounds] = {}
         self.mempool = None
         self.logits = torch.empty(MAX_GRAPH_TOKENS, model.config.vocab_size, dtype=model.dtype, device=model.device)
         self.hidden: dict[int, torch.Tensor] = {}  # features copied out of the graphs, by width (layers x hidden)
@@ -200,7 +274,52 @@ class GraphRunner(ModelRunner):
         length = kv_bucket(max(kv.length for kv in kvs) + steps * chunks, self.pool.block_size)
         static = self._pass(rows, 1, length, steps)
         static.fill([RowSpec(kv, [t], [p], None, "none") for kv, t, p in zip(kvs, roots, positions)], tree=False)
-        host = [torch.empty(rows, steps, dtype=torch.long, pin_memory=self.cuda) for _ in range(2)]
+        with closing(self._pipelined(static, chunks, ahead=2)) as run:
+            for out in run:
+                for kv in kvs:
+                    kv.length += steps
+                yield out[:n].tolist()
+
+    def draft_rounds(self, kvs: list[SeqKV], contexts: list[list[int]], drafter: Drafter, depth: int, rounds: int,
+                     chunks: int) -> Iterator[list[list[tuple[list[int], list[int]]]]]:
+        """Fused draft rounds (`StaticDraftRounds`) for greedy rows whose committed tokens are `contexts` (the last
+        one each row's root), drafting up to `depth` tokens with `drafter`'s knobs: yields up to `chunks` times, per
+        row, `rounds` pairs (draft, committed tokens). Each row's KV memory must have room for `rounds * chunks *
+        draft_width(depth)` more entries; `kv.length` advances with what is yielded."""
+        n, width = len(kvs), self.draft_width(depth)
+        rows, ahead = bucket(n, BATCH_BUCKETS), rounds * chunks * width
+        bs = self.pool.block_size
+        length = kv_bucket(max(kv.length for kv in kvs) + ahead, bs)
+        history = kv_bucket(max(len(c) for c in contexts) + ahead + width, bs)
+        key = (rows, width, length, history, rounds, type(drafter), astuple(drafter))
+        if key not in self.round_passes:
+            self.round_passes[key] = StaticDraftRounds(self, rows, width, length, history, rounds, drafter)
+        static = self.round_passes[key]
+        static.fill_rounds([RowSpec(kv, [c[-1]], [len(c) - 1], None, "none") for kv, c in zip(kvs, contexts)],
+                           contexts, depth)
+        # Launched ahead, a chunk writes up to rounds x width entries past what the host keeps: a sliding-window
+        # ring only tolerates a pass's width of that (`kv_cache.py`), so with rings each chunk waits for the last.
+        with closing(self._pipelined(static, chunks, ahead=1 if self.pool.rings else 2)) as run:
+            for out in run:
+                rows_out = []
+                for kv, record in zip(kvs, out[:n].tolist()):
+                    row = []
+                    for r in record:
+                        kept, n_draft = r[-2], r[-1]
+                        row.append((r[:n_draft], r[width - 1:width - 1 + kept]))
+                        kv.length += kept
+                    rows_out.append(row)
+                yield rows_out
+
+    @staticmethod
+    def draft_width(depth: int) -> int:
+        """The width of the pass that verifies a chain of `depth` drafts (a captured width bucket)."""
+        return bucket(depth + 1, WIDTH_BUCKETS)
+
+    def _pipelined(self, static: StaticPass, chunks: int, ahead: int) -> Iterator[torch.Tensor]:
+        """Replay `static` `chunks` times, `ahead` replays in flight (2: the next runs while the host reads this
+        one's output); yields each replay's `out`, on the host."""
+        host = [torch.empty(static.out.shape, dtype=torch.long, pin_memory=self.cuda) for _ in range(2)]
 
         def launch(i: int) -> None:
             static.replay()
@@ -210,16 +329,14 @@ class GraphRunner(ModelRunner):
         launched = 0
         try:
             for i in range(chunks):
-                while launched < min(i + 2, chunks):  # pipelined: the next chunk runs while the host reads this one
+                while launched < min(i + ahead, chunks):
                     launch(launched)
                     launched += 1
                 self.events[i % 2].synchronize()
-                for kv in kvs:
-                    kv.length += steps
-                yield host[i % 2][:n].tolist()
+                yield host[i % 2]
         finally:
-            self.events[(launched - 1) % 2].synchronize()  # a chunk launched ahead and not consumed: written past
-            # each row's length, so nothing reads it; the next pass overwrites it
+            if launched:  # a replay launched ahead and not consumed: written past each row's length, so nothing
+                self.events[(launched - 1) % 2].synchronize()  # reads it; the next pass overwrites it
 
 
 class _Eager:

@@ -18,6 +18,9 @@ WIDTH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 class ModelRunner:
+    # Whether it runs fused draft rounds (`draft_rounds`: drafting and greedy acceptance on the device, `graphs.py`).
+    drafts_on_device = False
+
     def __init__(self, model, pool: KVPool, fused_sizes: tuple[int, ...] = ()) -> None:
         self.model, self.pool = model, pool
         # Steps per fused greedy chunk, longest first; () = none (eagerly, a chunk costs what its steps cost: the

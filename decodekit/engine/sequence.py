@@ -224,9 +224,10 @@ class Sequence:
             self.policy is not None
 
     # ---- the step --------------------------------------------------------------------------------------------
-    def plan(self, fused_sizes: tuple[int, ...]) -> int:
-        """Decide this step's draft (`self.tree`); return how many plain greedy tokens the sequence can take in fused
-        chunks instead (0: it needs a verified step, with `self.tree`, possibly empty)."""
+    def plan(self, fused_sizes: tuple[int, ...], draft_rounds: bool = False) -> int:
+        """Decide this step's draft (`self.tree`); return how many greedy tokens the sequence can take in fused chunks
+        instead (0: it needs a verified step, with `self.tree`, possibly empty). `draft_rounds`: the runner drafts on
+        the device, so a drafter that can (`drafts_on_device`) leaves its drafts to the fused step."""
         self.tree = self.proposed = DraftTree()
         self.refused = self.jumped = False
         if self.policy is not None:  # the policy's candidates to score beside the root (contrastive search ...)
@@ -234,7 +235,7 @@ class Sequence:
             return 0
         fusable = bool(fused_sizes) and not self.needs_host_logits and self.top_logprobs is None and \
             self.token_stat is None and not self.hidden_layers and not self.observed
-        if self.drafter.name == "plain":
+        if self.drafter.name == "plain" or draft_rounds and fusable and self.drafter.drafts_on_device:
             self._constrain_draft()
             return self.room if fusable else 0
         budget = self.budget

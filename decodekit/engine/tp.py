@@ -242,6 +242,7 @@ class TPGraphRunner(GraphRunner):
     go through the `TPModel` (and so are mirrored as forward messages)."""
 
     pass_class = MirroredPass
+    drafts_on_device = False  # fused draft rounds are not mirrored to the other ranks: drafts go through the host
 
     def __init__(self, model: TPModel, pool: MirroredPool) -> None:
         super().__init__(model, pool)

@@ -39,6 +39,9 @@ class Rows:
     tree: torch.Tensor | None = None  # [rows, width, width] ancestors (incl. self) inside the new block; None: causal
     observers: list[tuple[int, Any]] | None = None  # (row, observer): rows whose attention a KV press takes part in
     rings: list[RingRows] = field(default_factory=list)  # per ring of the pool
+    # Attention through the paged tree kernel up to `kernels.TREE_WIDEST` wide, whatever `kernels.TREE_MAX_WIDTH`
+    # says (fused draft rounds: measured faster there, `docs/benchmarks.md`)
+    tree_kernel: bool = False
 
 
 @dataclass

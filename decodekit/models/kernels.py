@@ -24,7 +24,8 @@ SPLIT = 128  # entries scored by one decode program
 BLOCK_N = 64  # entries per tile inside a program
 # Widest row `paged_tree` serves (64: every captured verify pass, `engine/graphs.py`). Off (1) by default: on the H100
 # (2026-11-24) it passes its tests and makes a verify replay 8-15% cheaper, but Spec-Bench end to end got no faster
-# with it (docs/benchmarks.md); `bench/verify_cost.py` turns it on per path. Set 64 to use it.
+# with it (docs/benchmarks.md); `bench/verify_cost.py` turns it on per path. Set 64 to use it. Fused draft rounds
+# (`engine/graphs.py: StaticDraftRounds`) use it whatever this says (`Rows.tree_kernel`): there it pays.
 TREE_MAX_WIDTH = 1
 TREE_WIDEST = 64
 # How `paged_tree` splits a row's entries (`tree_splits`): into enough splits for about TREE_PROGRAMS programs in all

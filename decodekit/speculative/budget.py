@@ -134,6 +134,17 @@ class DraftBudget:
         depth = max(len(self.accept), 1)
         return self._best_depth([1 + k for k in range(depth + 1)]) > 0  # as a chain: the cheapest shape
 
+    def chain_depth(self, max_depth: int) -> int:
+        """Before a step that drafts a chain of up to `max_depth` tokens without showing it to the host first (fused
+        draft rounds): how deep to draft now, 0 for a plain step (`should_draft`, then `trim`'s choice for a chain)."""
+        if not self.should_draft():
+            return 0
+        if self.probing:
+            return max_depth
+        if 1 not in self.step_time:
+            return 0
+        return self._best_depth(list(range(1, max_depth + 2)))
+
     def quiet_steps(self) -> int:
         """After `should_draft` said no: how many more steps it will also say no to, up to its next probe (what it
         decides from changes only when a draft is recorded). The engine runs them back to back."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .base import DraftTree, Drafter, register
 
 
@@ -56,15 +58,39 @@ def find_continuation(context: list[int], min_ngram: int, max_ngram: int, length
     return []
 
 
+def continuation_on_device(history: torch.Tensor, length: torch.Tensor, min_ngram: int, max_ngram: int,
+                           depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`find_continuation` for every row at once, in tensor ops (no host synchronization: it runs inside a captured
+    graph). `history` `[R, T]`, row r's context at `[:length[r]]`. Returns `(draft [R, depth], n_draft [R])`."""
+    rows, t = history.shape
+    dev = history.device
+    found = torch.zeros(rows, dtype=torch.bool, device=dev)
+    follow = torch.zeros(rows, dtype=torch.long, device=dev)  # where the continuation starts
+    for n in range(min(max_ngram, t - 1), min_ngram - 1, -1):  # the longest suffix with an earlier match wins
+        suffix = history.gather(1, (length[:, None] - n + torch.arange(n, device=dev)).clamp_min(0))  # [R, n]
+        match = (history.unfold(1, n, 1) == suffix[:, None, :]).all(dim=-1)  # [R, T - n + 1]: window at each start
+        starts = torch.arange(match.shape[1], device=dev)
+        match &= starts[None] <= (length - n - 1)[:, None]  # earlier than the suffix, with a token after it
+        last = torch.where(match, starts[None], -1).amax(dim=1)  # most recent match
+        hit = ~found & (last >= 0)
+        follow = torch.where(hit, last + n, follow)
+        found |= hit
+    draft = history.gather(1, (follow[:, None] + torch.arange(depth, device=dev)).clamp_max(t - 1))
+    return draft, torch.where(found, (length - follow).clamp(0, depth), 0)
+
+
 @register
 @dataclass
 class PromptLookup(Drafter):
-    """Knobs: `num_draft` tokens proposed per step (10), n-gram sizes tried from `max_ngram` (3) to `min_ngram` (1)."""
+    """Knobs: `num_draft` tokens proposed per step (10), n-gram sizes tried from `max_ngram` (3) to `min_ngram` (1);
+    `on_device`: greedy sequences on a GPU draft, verify and commit on the device in fused rounds
+    (`speculative/device.py`), several rounds per host synchronization."""
 
     name = "pld"
     num_draft: int = 10
     max_ngram: int = 3
     min_ngram: int = 1
+    on_device: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_ngram <= self.max_ngram:
@@ -81,3 +107,12 @@ class PromptLookup(Drafter):
 
     def max_draft_tokens(self) -> int:
         return self.num_draft
+
+    @property
+    def drafts_on_device(self) -> bool:
+        return self.on_device
+
+    def propose_on_device(self, history: torch.Tensor, length: torch.Tensor,
+                          depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+        draft, n = continuation_on_device(history, length, self.min_ngram, self.max_ngram, depth)
+        return draft, n.clamp_max(self.num_draft)

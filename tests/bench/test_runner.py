@@ -27,3 +27,13 @@ def test_bench_runs_methods_side_by_side(tmp_path, capsys, batch):
 def test_bench_rejects_a_bad_batch_size(capsys):
     assert main(["bench", "--model", "random:tiny-llama", "--device", "cpu", "--batch-size", "0"]) == 1
     assert "--batch-size must be >= 1" in capsys.readouterr().err
+
+
+def test_method_specs_split_and_parse_like_the_cli():
+    from decodekit.bench.runner import parse_method, split_methods
+
+    assert split_methods("plain,pld:on_device=false,adaptive=false,eagle:draft_vocab=8192,hydra") == [
+        "plain", "pld:on_device=false,adaptive=false", "eagle:draft_vocab=8192", "hydra"]
+    assert split_methods("pld:num_draft=4;eagle") == ["pld:num_draft=4", "eagle"]
+    assert parse_method("pld:on_device=false,num_draft=4,x=1.5,y=text") == (
+        "pld", {"on_device": False, "num_draft": 4, "x": 1.5, "y": "text"})

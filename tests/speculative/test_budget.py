@@ -92,3 +92,19 @@ def test_rows_of_a_batch_probe_as_rarely_as_one_sequence():
         return count
 
     assert probes(1) == 1024 // 8 and probes(32) == 1024 // (8 * 32)
+
+
+def test_chain_depth_measures_plain_first_then_drafts_what_pays():
+    """Fused draft rounds ask `chain_depth` instead of trimming a tree they never show the host: 0 until a plain
+    step is measured, then the depth that maximizes tokens per second, 0 again once drafts keep missing."""
+    b = DraftBudget(probe_every=1000)
+    assert b.chain_depth(8) == 0  # nothing measured: a plain step first
+    b.costs.record(1, 1, 1.0)
+    assert b.chain_depth(8) == 8  # widths > 1 unmeasured: optimistic
+    b.costs.record(1, 16, 1.5)
+    for _ in range(30):
+        b.record(DraftTree.chain([0] * 8), 8, 9)  # every draft accepted: deep drafts pay
+    assert b.chain_depth(8) >= 7  # (7 fits a width-8 pass, interpolated cheaper than width 16)
+    for _ in range(30):
+        b.record(DraftTree.chain([0] * 8), 0, 9)  # none accepted: a wide pass buys nothing
+    assert b.chain_depth(8) == 0

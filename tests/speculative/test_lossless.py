@@ -238,3 +238,9 @@ def test_every_drafter_greedy_identical_on_the_real_model():
             got = engine.generate(p.prompt, 32, chat=True, method=method, adaptive=False,
                                   **method_options(method, engine))
             assert got.token_ids == want, (method, p.category)
+    # Prompt lookup drafting, verifying and committing on the device (fused draft rounds of the graph runner; on the
+    # CPU a replay calls the captured function)
+    graphed = Engine(engine.model, engine.tokenizer, cuda_graphs=True)
+    for p, want in zip(prompts, plain):
+        assert graphed.generate(p.prompt, 32, chat=True, method="pld", adaptive=False).token_ids == want, p.category
+    assert graphed.core.runner.round_passes
