@@ -89,6 +89,7 @@ class DraftBudget:
     steps: int = 0
     probe_interval: int = 0  # current interval: probe_every, doubled after each probe that lost to plain
     probing: bool = False  # this step is a probe: the whole draft goes through
+    sampled_shape: list[int] | None = None  # forward width at each depth of the last sampled tree (see `trim`)
 
     @property
     def step_time(self) -> dict[int, float]:
@@ -164,14 +165,28 @@ class DraftBudget:
         self.steps += steps
 
     def trim(self, tree: DraftTree) -> DraftTree:
-        if not len(tree) or self.probing:
+        """Cut `tree` to the depth that maximizes expected tokens per second.
+
+        A sampled tree (`draft_probs` set) is cut by the shape of the previous sampled tree, never its own: past depth
+        1 its shape depends on the tokens it drew (a dynamic tree grows under likely tokens), so a cut chosen from it
+        would keep or drop drawn siblings by their values, and the verifier's output would no longer follow the
+        target. A cut decided before the draws keeps, under every node, all of its children or none: lossless."""
+        if not len(tree):
+            return tree
+        width_at = self._width_at(tree)
+        if tree.draft_probs is not None:
+            width_at, self.sampled_shape = self.sampled_shape, width_at
+        if self.probing:
             return tree
         if 1 not in self.step_time:  # the plain step is the baseline every draft is weighed against: measure it
             return cut_tree(tree, 0)
+        return tree if width_at is None else cut_tree(tree, self._best_depth(width_at))
+
+    def _width_at(self, tree: DraftTree) -> list[int]:
+        """The forward width of `tree` cut at depth 0, 1, 2, ... (ride-along nodes go wherever a draft goes)."""
         depths = self._verified_depths(tree)
         ride_along = len(tree) - len(depths)
-        width_at = [1] + [1 + ride_along + sum(1 for d in depths if d <= k) for k in range(1, max(depths, default=0) + 1)]
-        return cut_tree(tree, self._best_depth(width_at))
+        return [1] + [1 + ride_along + sum(1 for d in depths if d <= k) for k in range(1, max(depths, default=0) + 1)]
 
     @staticmethod
     def _verified_depths(tree: DraftTree) -> list[int]:

@@ -108,3 +108,31 @@ def test_chain_depth_measures_plain_first_then_drafts_what_pays():
     for _ in range(30):
         b.record(DraftTree.chain([0] * 8), 0, 9)  # none accepted: a wide pass buys nothing
     assert b.chain_depth(8) == 0
+
+
+def test_a_sampled_tree_is_cut_by_the_last_sampled_trees_shape_never_its_own():
+    """A dynamic sampled tree grows deeper under likely tokens, so its shape past depth 1 tells what it drew; a cut
+    chosen from that shape would keep or drop drawn siblings by their values (lossy). Two sampled trees that differ
+    only in what grew under their draws get the same cut; the cut follows the previous sampled tree instead."""
+    def budget() -> DraftBudget:
+        b = DraftBudget(probe_every=1000, accept=[0.9, 0.9, 0.9])
+        for width, seconds in [(1, 1.0), (2, 1.05), (4, 2.0), (8, 4.0)]:
+            b.costs.record(1, width, seconds)
+        return b
+
+    q = torch.full((6, 4), 0.25)
+    shallow = DraftTree([1, 2], [0, 0], q[:2])  # two depth-1 siblings, nothing grew under them
+    deep = DraftTree([1, 2, 3, 3, 3, 3], [0, 0, 1, 3, 4, 5], q)  # the same siblings; a chain grew under the first
+    first = {}
+    for name, tree in [("shallow", shallow), ("deep", deep)]:
+        b = budget()
+        b.should_draft()
+        first[name] = b.trim(tree)
+        assert first[name] is tree  # no sampled tree before it: nothing drawn-independent to cut by
+        b.should_draft()
+        first[name + " next"] = b.trim(deep)  # the same next tree, cut by the shape of the tree before
+    assert len(first["shallow next"]) < len(first["deep next"])
+    # A deterministic draft is a function of the context: cutting it by its own shape is lossless, and done.
+    b = budget()
+    b.should_draft()
+    assert len(b.trim(DraftTree([1, 2, 3, 3, 3, 3], [0, 0, 1, 3, 4, 5]))) < 6
