@@ -59,6 +59,7 @@ class StepCosts:
     decay: float = 0.8
     times: dict[tuple[int, int], float] = field(default_factory=dict)
     accept: list[float] = field(default_factory=list)
+    sampled_shape: list[int] | None = None  # forward width at each depth of the method's last sampled tree (`trim`)
 
     def record(self, batch: int, width: int, seconds: float) -> None:
         key = (width_bucket(batch), width_bucket(width))
@@ -89,7 +90,6 @@ class DraftBudget:
     steps: int = 0
     probe_interval: int = 0  # current interval: probe_every, doubled after each probe that lost to plain
     probing: bool = False  # this step is a probe: the whole draft goes through
-    sampled_shape: list[int] | None = None  # forward width at each depth of the last sampled tree (see `trim`)
 
     @property
     def step_time(self) -> dict[int, float]:
@@ -167,15 +167,16 @@ class DraftBudget:
     def trim(self, tree: DraftTree) -> DraftTree:
         """Cut `tree` to the depth that maximizes expected tokens per second.
 
-        A sampled tree (`draft_probs` set) is cut by the shape of the previous sampled tree, never its own: past depth
-        1 its shape depends on the tokens it drew (a dynamic tree grows under likely tokens), so a cut chosen from it
-        would keep or drop drawn siblings by their values, and the verifier's output would no longer follow the
-        target. A cut decided before the draws keeps, under every node, all of its children or none: lossless."""
+        A sampled tree (`draft_probs` set) is cut by the shape of the method's previous sampled tree (this sequence's
+        or another's), never its own: past depth 1 its shape depends on the tokens it drew (a dynamic tree grows under
+        likely tokens), so a cut chosen from it would keep or drop drawn siblings by their values, and the verifier's
+        output would no longer follow the target. A cut decided without this tree's draws keeps, under every node,
+        all of its children or none: lossless."""
         if not len(tree):
             return tree
         width_at = self._width_at(tree)
         if tree.draft_probs is not None:
-            width_at, self.sampled_shape = self.sampled_shape, width_at
+            width_at, self.costs.sampled_shape = self.costs.sampled_shape, width_at
         if self.probing:
             return tree
         if 1 not in self.step_time:  # the plain step is the baseline every draft is weighed against: measure it
