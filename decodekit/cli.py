@@ -45,7 +45,7 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_press_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--press", default=None, help="a KV-cache press (see `decodekit presses`)")
+    p.add_argument("--press", default=None, help="a KV-cache press (see `decodekit presses`), or EVICT+QUANT (snapkv+kivi)")
     p.add_argument("--compression-ratio", type=float, default=0.0,
                    help="fraction of the KV cache the press removes (0.75 keeps a quarter)")
     p.add_argument("--press-option", "-P", action="append", default=[], metavar="KEY=VALUE",
@@ -276,6 +276,8 @@ def cmd_presses(args: argparse.Namespace) -> None:
     for name, cls in sorted(PRESSES.items()):
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
         print(f"{name:14s} {doc[0] if doc else ''}")
+    print("\nAn eviction press and a quantization press compose as EVICT+QUANT, e.g. --press snapkv+kivi "
+          "--compression-ratio 0.75 (eviction keeps a quarter of the prompt, KIVI packs what it kept).")
 
 
 def cmd_eval_long(args: argparse.Namespace) -> None:

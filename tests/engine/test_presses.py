@@ -189,6 +189,58 @@ def test_quantized_bytes_drop_by_the_ratio_the_format_claims(llama):
     assert s.kv_bytes_uncompressed == math.ceil(written / 16) * 16 * per_token
 
 
+@pytest.mark.parametrize("which", ["llama", "gemma"])
+def test_eviction_then_quantization_packs_exactly_the_entries_eviction_kept(which, request):
+    """snapkv+test_exact (a lossless "quantizer"): the same tokens as SnapKV alone, while the kept entries leave the
+    pool chunk by chunk as they age."""
+    engine = request.getfixturevalue(which)
+    p = prompt(90)
+    evicted = engine.generate(p, 40, ignore_eos=True, press="snapkv", compression_ratio=0.5, window_size=8)
+    req = engine.add_request(p, 40, ignore_eos=True, press="snapkv+test_exact", compression_ratio=0.5,
+                             window_size=8, residual=16)
+    handed_over = 0
+    while not req.finished:
+        engine.step()
+        handed_over = max(handed_over, req.sequences[0].kv.virtual)
+    assert req.sequences[0].output == evicted.token_ids
+    assert handed_over >= 2 and req.sequences[0].stats.press == "snapkv+test_exact"
+    assert engine.core.pool.allocator.num_free == engine.core.pool.allocator.capacity
+
+
+def test_eviction_then_quantization_holds_the_product_of_the_two(llama):
+    """snapkv 50% then KIVI 2-bit (float32 cache: a packed entry costs 1/8): the entries SnapKV kept, packed as KIVI
+    packs a sequence that was never evicted."""
+    p = prompt(90)
+    r = llama.generate(p, 40, ignore_eos=True, press="snapkv+kivi", compression_ratio=0.5, window_size=8, bits=2,
+                       group=16, residual=16)
+    per_token = llama.core.pool.bytes_per_token()
+    held = kept_count(90, 0.5) + 39
+    packed = (held - 16) // 16 * 16
+    assert r.stats.kv_bytes_final == math.ceil((held - packed) / 16) * 16 * per_token + packed * per_token // 8
+    alone = llama.generate(p, 40, ignore_eos=True, press="snapkv", compression_ratio=0.5, window_size=8)
+    assert r.stats.kv_bytes_final < alone.stats.kv_bytes_final / 2
+    samples = llama.generate(p, 12, ignore_eos=True, press="snapkv+kivi", compression_ratio=0.5, window_size=8,
+                             residual=16, n=2, temperature=1.0, seed=0)  # forks: each sample its own packs
+    assert [len(s.token_ids) for s in samples] == [12, 12]
+
+
+def test_composed_press_arguments_are_checked(llama):
+    r = llama.make_request("hi", press="snapkv+kivi", compression_ratio=0.75, kernel_size=3, residual=32, bits=4)
+    evict, quant = r.press.parts
+    assert (evict.name, evict.compression_ratio, evict.press_knobs) == ("snapkv", 0.75, {"kernel_size": 3})
+    assert (quant.name, quant.compression_ratio, quant.residual, quant.press_knobs) == ("kivi", 0.0, 32, {"bits": 4,
+                                                                                                         "residual": 32})
+    with pytest.raises(ValueError, match="compose as EVICT\\+QUANT"):
+        llama.make_request("hi", press="kivi+snapkv")
+    with pytest.raises(ValueError, match="compose as EVICT\\+QUANT"):
+        llama.make_request("hi", press="snapkv+knorm+kivi")
+    with pytest.raises(ValueError, match="compress_every=0"):
+        llama.make_request("hi", press="streaming_llm+kivi", compression_ratio=0.5)
+    assert llama.make_request("hi", press="streaming_llm+kivi", compression_ratio=0.5, compress_every=0).press.parts
+    with pytest.raises(ValueError, match="no knob|unknown knob"):
+        llama.make_request("hi", press="snapkv+kivi", press_options={"nope": 1})
+
+
 @pytest.mark.parametrize("name", QUANT)
 def test_every_quantizer_runs_and_holds_fewer_bytes(name, gemma):
     r = gemma.generate(prompt(90), 30, ignore_eos=True, press=name, press_options=small(name))

@@ -11,6 +11,11 @@ ratio R (the fraction of the KV cache removed, kvpress's convention), the press'
 What R means per kind: eviction keeps `kept_count(tokens, R)` entries (SCOPE: its budgets, derived from R unless
 given: the prompt's and max_new_tokens' kept counts); sparse attention reads `kept_count(entries, R)` per head (an
 explicit `token_budget` wins); quantization presses take no R (their bits set the size: R must be 0).
+
+Two presses compose as "EVICT+QUANT" (e.g. `snapkv+kivi`): the eviction press keeps `kept_count(prompt, R)` of the
+prompt's entries once, at prefill, then the quantization press packs what was kept as it ages (`ComposedState`).
+Each knob goes to the press that has it (the engine's: `compress_every` to the eviction press, which must press
+the prompt only, `compress_every=0`; `residual` and `chunk` to the quantization press).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from ..base import PRESSES, QuantPress, ScorerPress, check_ratio, kept_count, ma
 from ..presses.quest import QuestPress
 from ..presses.scope import ScopePress
 from ..presses.tidal import TidalDecode
+from .composed import ComposedState
 from .eviction import DECODE_PRESSES, DEFAULT_EVERY, EvictionState
 from .quantized import DEFAULT_RESIDUAL, QuantState
 from .sparse import SparseState
@@ -31,6 +37,8 @@ ENGINE_KNOBS = ("compress_every", "residual", "chunk")
 
 def press_knobs(name: str) -> set[str]:
     """Every knob a press accepts through the engine: its dataclass fields and the engine's own."""
+    if "+" in name:
+        return set().union(*(press_knobs(part) for part in name.split("+")))
     cls = PRESSES.get(name)
     own = {f.name for f in fields(cls)} if cls is not None and is_dataclass(cls) else set()
     return own | set(ENGINE_KNOBS)
@@ -44,6 +52,10 @@ class PressSpec:
 
     def __post_init__(self) -> None:
         check_ratio(self.compression_ratio)
+        self.parts: list[PressSpec] = []
+        if "+" in self.name:
+            self.parts = composed_parts(self.name, self.compression_ratio, self.knobs)
+            return
         knobs = dict(self.knobs)
         self.every = knobs.pop("compress_every", None)
         self.chunk = knobs.pop("chunk", None)
@@ -74,6 +86,10 @@ class PressSpec:
     def check_rings(self, ring_layers: frozenset[int], num_layers: int) -> None:
         """Refuse (ValueError) what this press cannot do when the pool keeps `ring_layers` in sliding-window rings
         (presses act on the full pool's layers only: `state.py`)."""
+        if self.parts:
+            for part in self.parts:
+                part.check_rings(ring_layers, num_layers)
+            return
         press = make_press(self.name, **self.press_knobs)
         fix = "load with window_ring=False to keep every entry of those layers"
         active = self.compression_ratio > 0 or "token_budget" in self.press_knobs  # (sparse presses; R = 0: idle)
@@ -87,6 +103,8 @@ class PressSpec:
 
     def state(self, model, prompt_len: int, max_new_tokens: int, block_size: int) -> PressState:
         """A fresh press state for one sequence of `model`."""
+        if self.parts:
+            return ComposedState(*(part.state(model, prompt_len, max_new_tokens, block_size) for part in self.parts))
         press = make_press(self.name, **self.press_knobs)
         if hasattr(press, "scale") and press.scale is None:  # the model's own attention scale (Gemma's differs)
             press.scale = model.config.scale
@@ -109,6 +127,29 @@ class PressSpec:
             if not r and not {"prefill_budget", "decode_budget"} & set(self.press_knobs):
                 budgets = None  # R = 0 and no budget given: keep everything
         return EvictionState(press, model, prompt_len, r, self.every, budgets)
+
+
+def composed_parts(name: str, ratio: float, knobs: dict[str, Any]) -> list[PressSpec]:
+    """The two specs of "EVICT+QUANT": each knob to the press that takes it, R to the eviction press."""
+    names = name.split("+")
+    if len(names) != 2 or not all(n in PRESSES for n in names) or not issubclass(PRESSES[names[0]], ScorerPress) \
+            or not issubclass(PRESSES[names[1]], QuantPress):
+        raise ValueError(f"press {name!r}: presses compose as EVICT+QUANT, an eviction press that scores tokens "
+                         f"({', '.join(sorted(n for n, c in PRESSES.items() if issubclass(c, ScorerPress)))}) then a "
+                         f"quantization press ({', '.join(sorted(n for n, c in PRESSES.items() if issubclass(c, QuantPress)))})")
+    own = [press_knobs(n) - set(ENGINE_KNOBS) | ({"compress_every"}, {"residual", "chunk"})[i]
+           for i, n in enumerate(names)]
+    both = sorted(set(knobs) & own[0] & own[1])
+    if both:
+        raise ValueError(f"press {name!r}: knob {both[0]!r} belongs to both presses; compose presses whose knobs differ")
+    unknown = sorted(set(knobs) - own[0] - own[1])
+    if unknown:
+        raise ValueError(f"press {name!r}: unknown knob {unknown[0]!r}")
+    evict = PressSpec(names[0], ratio, {k: v for k, v in knobs.items() if k in own[0]})
+    if evict.every:
+        raise ValueError(f"press {name!r}: the eviction press must press the prompt only (compress_every=0, "
+                         f"{names[0]!r} defaults to {evict.every}): entries already packed cannot be evicted")
+    return [evict, PressSpec(names[1], 0.0, {k: v for k, v in knobs.items() if k in own[1]})]
 
 
 __all__ = ["ENGINE_KNOBS", "PressSpec", "PressState", "RowObserver", "press_knobs"]
