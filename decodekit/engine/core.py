@@ -171,7 +171,7 @@ class EngineCore:
         seq = Sequence(next(self._seq_ids), req.prompt_ids, req.max_new_tokens, max_len, sampling,
                        proto.spawn(kv, sampling, req.prompt_ids), budget, stopper, kv, req.verifier, proto.name,
                        self.model.config.vocab_size)
-        seq.request, seq.index = req, index
+        seq.request, seq.index, seq.method_key = req, index, key
         seq.top_logprobs = req.logprobs
         if req.press is not None:
             seq.press = req.press.state(self.model, len(req.prompt_ids), req.max_new_tokens, self.pool.block_size)
@@ -336,7 +336,7 @@ class EngineCore:
         still learns its own acceptance). A budget's no marks them `refused`."""
         lead = seqs[0]
         if not self.runner.drafts_on_device or not lead.drafter.drafts_on_device or \
-                len({self.method_key(s.request) for s in seqs}) > 1:
+                len({s.method_key for s in seqs}) > 1:
             return 0
         depth = lead.drafter.max_draft_tokens()
         if lead.budget is not None:
@@ -361,13 +361,7 @@ class EngineCore:
                             1 if self.scheduler.waiting else self.max_chunks))
         if limit < rounds * width:
             return []
-        while chunks:
-            try:
-                for s in seqs:
-                    s.kv.ensure(s.kv.length + rounds * width * chunks)
-                break
-            except PoolFull:
-                chunks //= 2
+        chunks = self._reserve(seqs, rounds * width, chunks)
         if not chunks:
             return []
         run = self.runner.draft_rounds([s.kv for s in seqs], [s.tokens for s in seqs], seqs[0].drafter, depth,
@@ -385,15 +379,14 @@ class EngineCore:
                         seq.stats.forward_passes += 1
                         seq.stats.decode_steps += 1
                         seq.after_verify(list(range(1, len(new))), new[-1], None, None, len(kept))
-                if all(s.finished for s in seqs) or (self.scheduler.waiting and any(s.finished for s in seqs)):
+                if self._stop_early(seqs):
                     break
         finally:
             run.close()
         elapsed = time.perf_counter() - t0
         for s in seqs:
             s.stats.verify_time_s += elapsed
-        for costs in {id(s.budget.costs): s.budget.costs for s in seqs if s.budget is not None}.values():
-            costs.record(len(seqs), width, elapsed / (done * rounds))  # a round's cost: draft, verify, accept
+        self._record_cost(seqs, width, elapsed / (done * rounds))  # a round's cost: draft, verify, accept
         return list(seqs)
 
     def fork_sequence(self, seq: Sequence) -> Sequence:
@@ -436,6 +429,28 @@ class EngineCore:
             children.append(child)
         return children
 
+    def _reserve(self, seqs: list[Sequence], per_chunk: int, chunks: int) -> int:
+        """Reserve KV entries for `chunks` fused chunks of `per_chunk` entries in every sequence, halving the chunks
+        while the pool is full; returns how many were reserved for (0: not even one)."""
+        while chunks:
+            try:
+                for s in seqs:
+                    s.kv.ensure(s.kv.length + per_chunk * chunks)
+                return chunks
+            except PoolFull:
+                chunks //= 2
+        return 0
+
+    def _stop_early(self, seqs: list[Sequence]) -> bool:
+        """Between fused chunks: stop once every sequence is done, or one is and a request waits for its memory."""
+        return all(s.finished for s in seqs) or bool(self.scheduler.waiting) and any(s.finished for s in seqs)
+
+    @staticmethod
+    def _record_cost(seqs: list[Sequence], width: int, seconds: float) -> None:
+        """What a pass of `width` tokens per row cost, once per method's step costs in the batch."""
+        for costs in {id(s.budget.costs): s.budget.costs for s in seqs if s.budget is not None}.values():
+            costs.record(len(seqs), width, seconds)
+
     def _fused_step(self, seqs: list[Sequence], fusable: int, t0: float) -> list[Sequence]:
         """Greedy tokens for every sequence in fused chunks, back to back up to what every sequence can take: draft
         rounds when they all draft on the device with one method, else plain chunks (several steps per replay,
@@ -453,13 +468,7 @@ class EngineCore:
                             1 if self.scheduler.waiting else self.max_chunks))
         if limit < steps:
             return []
-        while chunks:
-            try:
-                for s in seqs:
-                    s.kv.ensure(s.kv.length + steps * chunks)
-                break
-            except PoolFull:
-                chunks //= 2
+        chunks = self._reserve(seqs, steps, chunks)
         if not chunks:
             return []
         run = self.runner.greedy_chunks([s.kv for s in seqs], [s.tokens[-1] for s in seqs],
@@ -478,13 +487,12 @@ class EngineCore:
                     kept_by[seq.id] += len(kept)
                     seq.stats.decode_steps += len(kept)
                     seq.stats.forward_passes += steps
-                if all(s.finished for s in seqs) or (self.scheduler.waiting and any(s.finished for s in seqs)):
+                if self._stop_early(seqs):
                     break
         finally:
             run.close()  # a chunk launched ahead and not consumed is rolled back by the runner
         elapsed = time.perf_counter() - t0
-        for costs in {id(s.budget.costs): s.budget.costs for s in seqs if s.budget is not None}.values():
-            costs.record(len(seqs), 1, elapsed / (done * steps))  # the plain rate a draft must beat: per token
+        self._record_cost(seqs, 1, elapsed / (done * steps))  # the plain rate a draft must beat: per token
         for seq in seqs:
             seq.fused_done(steps, done, kept_by[seq.id])
             if seq.budget is not None:

@@ -119,6 +119,7 @@ class Sequence:
         self.proposed_at: list[int] = []
         self.request: Any = None  # the engine's request this sequence belongs to
         self.index = 0  # which of the request's samples
+        self.method_key = ""  # the request's method and options (`EngineCore.method_key`), set by the core
         self.top_logprobs: int | None = None  # record logprobs of committed tokens (and this many alternatives)
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []  # per output token: its logprob, top-k
         self.press: Any = None  # a KV press's state (`kv.paged.PressState`), or None
