@@ -5,10 +5,12 @@
         --out $OUT
 
 The prompt is a needle-in-a-haystack sample (`decodekit.eval.long_context`, depth 0.5) of --length tokens, so each
-run also says whether the needle was found. Every configuration generates exactly --new-tokens tokens
+run also says whether the needle was found. `--batch B` decodes B such prompts together (needles at depths spread
+over 0-100%): at batch 1 a small model's step is mostly its weights, in a batch the KV reads grow with B while the
+weights are read once, which is where a press can save time. Every configuration generates exactly --new-tokens tokens
 (`ignore_eos`) after one warm-up generation of the same prompt (graph capture, compilation); the median of
 --repeats timed runs is reported: `decode` = tokens after the first / time after the first token (the engine's
-`tokens_per_s`), `ttft`, `tau` (tokens per target step), KV bytes held at the end and uncompressed, and the speedup
+`tokens_per_s`, summed over the batch's sequences: they decode concurrently), `ttft`, `tau` (tokens per target step), KV bytes held at the end and uncompressed, and the speedup
 of decode tok/s over `plain`.
 """
 from __future__ import annotations
@@ -51,6 +53,7 @@ def main() -> None:
     p.add_argument("--configs", default="plain,press:streaming_llm:0.75,press:snapkv:0.75,method:magicdec,"
                    "method:triforce,method:quantspec")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=int, default=1, help="prompts decoded together (needles at spread depths)")
     p.add_argument("--device", default=None)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None, help="folder for long_context_bench.json")
@@ -60,25 +63,29 @@ def main() -> None:
     engine = decodekit.load(args.model, device=args.device, progress=False, prefix_caching=False)
     haystack = Haystack.load(engine.tokenizer, data_dir(args.data_dir))
     length = min(args.length, engine.max_context - args.new_tokens - 8)
-    sample = make_sample("niah", haystack, engine.tokenizer, length, 0.5, random.Random(0), vocabulary(haystack))
+    depths = [0.5] if args.batch == 1 else [i / (args.batch - 1) for i in range(args.batch)]
+    samples = [make_sample("niah", haystack, engine.tokenizer, length, d, random.Random(i), vocabulary(haystack))
+               for i, d in enumerate(depths)]
+    prompts = [s.prompt for s in samples]
     greedy = SamplingConfig(temperature=0.0)
     rows = []
     for config in args.configs.split(","):
         kw = config_kwargs(config)
-        engine.generate(sample.prompt, args.new_tokens, sampling=greedy, ignore_eos=True, **kw)  # warm-up
+        engine.generate(prompts, args.new_tokens, sampling=greedy, ignore_eos=True, **kw)  # warm-up
         runs = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            r = engine.generate(sample.prompt, args.new_tokens, sampling=greedy, ignore_eos=True, **kw)
+            r = engine.generate(prompts, args.new_tokens, sampling=greedy, ignore_eos=True, **kw)
             runs.append((time.perf_counter() - t0, r))
-        s = [r.stats for _, r in runs]
         last = runs[-1][1]
-        row = {"config": config, "prompt_tokens": len(last.prompt_ids),
-               "decode_tok_s": statistics.median(x.tokens_per_s for x in s),
-               "ttft_s": statistics.median(x.time_to_first_token_s for x in s), "tau": s[-1].tau,
-               "wall_s": statistics.median(t for t, _ in runs), "kv_bytes_final": s[-1].kv_bytes_final,
-               "kv_bytes_peak": s[-1].kv_bytes_peak, "kv_bytes_uncompressed": s[-1].kv_bytes_uncompressed,
-               "needle_found": sample.answers[0] in last.text[:64], "answer": last.text[:40]}
+        row = {"config": config, "batch": args.batch, "prompt_tokens": len(last[0].prompt_ids),
+               "decode_tok_s": statistics.median(sum(x.stats.tokens_per_s for x in rs) for _, rs in runs),
+               "ttft_s": statistics.median(max(x.stats.time_to_first_token_s for x in rs) for _, rs in runs),
+               "tau": last[0].stats.tau, "wall_s": statistics.median(t for t, _ in runs),
+               **{k: sum(getattr(x.stats, k) for x in last)
+                  for k in ("kv_bytes_final", "kv_bytes_peak", "kv_bytes_uncompressed")},
+               "needle_found": sum(s.answers[0] in x.text[:64] for s, x in zip(samples, last)),
+               "answer": last[0].text[:40]}
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = next((r["decode_tok_s"] for r in rows if r["config"] == "plain"), None)
@@ -87,12 +94,12 @@ def main() -> None:
         speed = r["decode_tok_s"] / base if base else float("nan")
         held = r["kv_bytes_final"] / r["kv_bytes_uncompressed"]
         print(f"{r['config']:34s} {r['decode_tok_s']:12.1f} {speed:8.2f} {r['tau']:5.2f} {r['ttft_s']:7.2f} "
-              f"{held:8.3f} {r['needle_found']}")
+              f"{held:8.3f} {r['needle_found']}/{r['batch']}")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         meta = {"model": args.model, "device": str(engine.device), "length": args.length,
-                "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
+                "batch": args.batch, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
         (out / "long_context_bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 
