@@ -219,6 +219,12 @@ def test_eviction_then_quantization_holds_the_product_of_the_two(llama):
     assert r.stats.kv_bytes_final == math.ceil((held - packed) / 16) * 16 * per_token + packed * per_token // 8
     alone = llama.generate(p, 40, ignore_eos=True, press="snapkv", compression_ratio=0.5, window_size=8)
     assert r.stats.kv_bytes_final < alone.stats.kv_bytes_final / 2
+    # With R = 0 the eviction press keeps everything: the quantizer still packs, as KIVI alone does.
+    kept_all = llama.generate(p, 40, ignore_eos=True, press="snapkv+kivi", window_size=8, bits=2, group=16,
+                              residual=16)
+    kivi = llama.generate(p, 40, ignore_eos=True, press="kivi", bits=2, group=16, residual=16)
+    assert (kept_all.token_ids, kept_all.stats.kv_bytes_final) == (kivi.token_ids, kivi.stats.kv_bytes_final)
+    assert kivi.stats.kv_bytes_final < kivi.stats.kv_bytes_uncompressed / 2
     samples = llama.generate(p, 12, ignore_eos=True, press="snapkv+kivi", compression_ratio=0.5, window_size=8,
                              residual=16, n=2, temperature=1.0, seed=0)  # forks: each sample its own packs
     assert [len(s.token_ids) for s in samples] == [12, 12]

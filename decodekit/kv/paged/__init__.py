@@ -134,11 +134,12 @@ def composed_parts(name: str, ratio: float, knobs: dict[str, Any]) -> list[Press
     names = name.split("+")
     if len(names) != 2 or not all(n in PRESSES for n in names) or not issubclass(PRESSES[names[0]], ScorerPress) \
             or not issubclass(PRESSES[names[1]], QuantPress):
+        evicting = ", ".join(sorted(n for n, c in PRESSES.items() if issubclass(c, ScorerPress)))
+        quantizing = ", ".join(sorted(n for n, c in PRESSES.items() if issubclass(c, QuantPress)))
         raise ValueError(f"press {name!r}: presses compose as EVICT+QUANT, an eviction press that scores tokens "
-                         f"({', '.join(sorted(n for n, c in PRESSES.items() if issubclass(c, ScorerPress)))}) then a "
-                         f"quantization press ({', '.join(sorted(n for n, c in PRESSES.items() if issubclass(c, QuantPress)))})")
-    own = [press_knobs(n) - set(ENGINE_KNOBS) | ({"compress_every"}, {"residual", "chunk"})[i]
-           for i, n in enumerate(names)]
+                         f"({evicting}) then a quantization press ({quantizing})")
+    engine_knobs = ({"compress_every"}, {"residual", "chunk"})  # of the eviction press, of the quantization press
+    own = [(press_knobs(n) - set(ENGINE_KNOBS)) | engine_knobs[i] for i, n in enumerate(names)]
     both = sorted(set(knobs) & own[0] & own[1])
     if both:
         raise ValueError(f"press {name!r}: knob {both[0]!r} belongs to both presses; compose presses whose knobs differ")

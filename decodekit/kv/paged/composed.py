@@ -17,8 +17,12 @@ class ComposedState(PressState):
         self.evict, self.quant = evict, quant
         self.observes_prefill = evict.observes_prefill
 
+    def _evicted(self) -> bool:
+        """The eviction press is done: it pressed the prompt, or keeps everything (R = 0: it never presses)."""
+        return self.evict.pressed_prompt or self.evict.inactive
+
     def _active(self) -> PressState:
-        return self.quant if self.evict.pressed_prompt else self.evict
+        return self.quant if self._evicted() else self.evict
 
     def observer(self, kv, positions: list[int], prefill: bool) -> RowObserver | None:
         return self._active().observer(kv, positions, prefill)
@@ -28,7 +32,7 @@ class ComposedState(PressState):
 
     def after_step(self, kv) -> None:
         self.evict.after_step(kv)
-        if self.evict.pressed_prompt:
+        if self._evicted():
             self.quant.after_step(kv)
 
     def held_outside(self) -> int:
