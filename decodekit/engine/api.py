@@ -69,9 +69,9 @@ class Engine:
     `max_running` caps the sequences of one pass, `max_step_tokens` its tokens (the prefill chunk budget);
     `cuda_graphs` replays passes as CUDA graphs (native models on a GPU).
     `window_ring` (default on): sliding-window layers (Gemma 3's local layers) keep only their window, in a ring of
-    window + 2 x `ring_pass` entries per sequence (`models/kv_cache.py`): prefill chunks are at most `ring_pass` tokens
-    and a decode pass (root + draft) must fit in it; such sequences do not use the prefix cache. Off: every layer
-    keeps every entry (as models without window layers always do).
+    window + 2 x `ring_pass` entries per sequence (`models/kv_cache.py`): a decode pass (root + draft) must fit in
+    `ring_pass` (prefill chunks need not: their ring layers read through); such sequences do not use the prefix
+    cache. Off: every layer keeps every entry (as models without window layers always do).
     """
 
     def __init__(self, model, tokenizer, name: str = "model", max_context: int | None = None,

@@ -88,7 +88,7 @@ class Scheduler:
             if seq.status != Status.RUNNING or seq.paused:  # preempted while reserving, or held back by a policy
                 continue
             if seq.prefilling:
-                n = min(seq.prefill_end - seq.kv.written, budget, seq.kv.max_pass or budget)
+                n = min(seq.prefill_end - seq.kv.written, budget)
                 if n > 0 and self._reserve(seq, seq.kv.length + n):
                     plan.prefills.append((seq, n))
                     budget -= n
@@ -101,7 +101,7 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.kv.length == 0 and self.config.prefix_caching and seq.adopts_prefix:
                 seq.stats.cached_prompt_tokens = seq.kv.adopt_prefix(seq.tokens, seq.prefill_end - 1)
-            n = min(seq.prefill_end - seq.kv.written, budget, seq.kv.max_pass or budget)
+            n = min(seq.prefill_end - seq.kv.written, budget)
             # Admit only with a block to spare: a fresh admission must not immediately preempt the running ones.
             if not seq.kv.fits(seq.kv.length + n, spare=1):
                 if not self.running and not plan.prefills:

@@ -24,6 +24,9 @@ class RingRows:
 
     table: torch.Tensor
     first: torch.Tensor  # [rows]
+    # A pass wider than the ring's `max_pass` (a prefill chunk): the entries before it, [first, first + span) with
+    # first = max(0, ctx - span), which its ring layers read before its own keys overwrite them; None otherwise.
+    before: torch.Tensor | None = None
 
 
 @dataclass
@@ -111,11 +114,15 @@ def layout_group(specs: list[RowSpec], width: int, rows: int, length: int, block
         tokens += s.tokens + [0] * (width - w)
         positions += s.positions + [0] * (width - w)
         slots += s.kv.slots(s.kv.length, w) + [SCRATCH] * (width - w)
-        if rings and w > s.kv.max_pass:
-            raise ValueError(f"a pass of {w} tokens is wider than the sliding-window ring allows ({s.kv.max_pass}: "
+        if rings and w > s.kv.max_pass and s.tree is not None:
+            raise ValueError(f"a tree of {w} tokens is wider than the sliding-window ring allows ({s.kv.max_pass}: "
                              "load with a larger ring_pass, or window_ring=False)")
         for g, ring in enumerate(rings):
-            ring_writes[g] += s.kv.ring_slots(g, range(s.kv.length, s.kv.length + w)) + [SCRATCH] * (width - w)
+            # A pass wider than the ring keeps only its last `capacity` entries there (earlier ones: scratch); its
+            # ring layers read its own keys from the pass itself (`Transformer._ring_views`).
+            end = s.kv.length + w
+            kept = range(max(s.kv.length, end - ring.capacity), end)
+            ring_writes[g] += [SCRATCH] * (w - len(kept)) + s.kv.ring_slots(g, kept) + [SCRATCH] * (width - w)
             ring_tables[g][r, :len(s.kv.rings[g])] = torch.tensor(s.kv.rings[g], dtype=torch.long)
         table = s.kv.table()[:n_blocks]
         tables[r, :len(table)] = torch.tensor(table, dtype=torch.long)
@@ -154,7 +161,9 @@ def build_batch(groups: list[list[RowSpec]], device: torch.device, widths: list[
         valid = g.valid.to(device)
         table = slot_table(g.tables.to(device), valid, length, bs)
         observers = [(r, s.observer) for r, s in enumerate(specs) if s.observer is not None] or None
-        ring_rows = [RingRows(*ring_slot_table(t.to(device), valid, ring.span, bs))
+        wide = rings and width > specs[0].kv.max_pass  # (a prefill chunk: only chains may be, `layout_group`)
+        ring_rows = [RingRows(*ring_slot_table(t.to(device), valid, ring.span, bs),
+                              ring_slot_table(t.to(device), g.ctx.to(device), ring.span, bs)[0] if wide else None)
                      for t, ring in zip(g.ring_tables, rings)]
         for r, w in enumerate(g.ring_writes):
             ring_writes[r] += w

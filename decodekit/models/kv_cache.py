@@ -21,8 +21,10 @@ wraps). Entry e of a sequence lives in ring slot `ring_blocks[(e // block_size) 
 e % block_size`: rings are indexed by ENTRIES, not positions, so draft trees (several entries at one position),
 rolled-back drafts and compacted paths (`keep_path`, a press's `compact`) work as in the full pool. The invariant:
 a ring of R entries holds the last R entries written; a pass writes at most `max_pass` entries past a sequence's
-committed ones (a prefill chunk is cut to it; a decode row, root + draft, is checked when the request is added;
-fused greedy chunks write at most a chunk ahead). A pass reads a ring through a table of `span` = R - max_pass
+committed ones (a decode row, root + draft, is checked when the request is added; fused greedy chunks write at
+most a chunk ahead). A wider pass is a chain whose entries are all kept (a prefill chunk): it writes only its last
+R entries into the ring (the others to scratch), and its ring layers read the `span` entries before it (gathered
+before its writes land) and then its own keys, from the pass itself (`transformer._ring_view`). A pass reads a ring through a table of `span` = R - max_pass
 columns, the entries [first, first + span) of each row, first = max(0, valid - span) (`ring_slot_table`), so
 attention in ring layers costs `span`, not the sequence's length; the decode kernel gets its [lo, hi) in those
 columns (`transformer.py`). Why R = window + 2 max_pass (`transformer.ring_capacity`): span >= window + max_pass

@@ -84,9 +84,11 @@ class Attention(nn.Module):
                 observers: list | None = None) -> torch.Tensor:
         """`x` `[N, hidden]` flat tokens; `k_store`, `v_store`: this layer's `[slots, kv_heads, head_dim]` pool
         (passed in, not looked up by layer index, so that one compiled block serves every layer); `groups`: per
-        attention group `(start, rows, width, slot_table [rows, L], mask [rows, 1, width, L], ctx [rows], lo, tree)`
-        (`lo` `[rows]`: first entry inside this layer's sliding window for a single-token row, or None; `mask` None:
-        the tree kernel serves the group, reading `tree`, the group's ancestor matrices or None for chains);
+        attention group `(start, rows, width, slot_table [rows, L], mask [rows, 1, width, L], ctx [rows], lo, tree,
+        through)` (`lo` `[rows]`: first entry inside this layer's sliding window for a single-token row, or None;
+        `mask` None: the tree kernel serves the group, reading `tree`, the group's ancestor matrices or None for
+        chains; `through`: a pass wider than its ring, whose rows read the entries before them at `slot_table`, read
+        before this pass writes, then the pass's own keys and values, `mask` covering both: `_ring_views`);
         `observers`: per group, the rows a KV press takes part in (`observe_rows`), or None."""
         c = self.config
         n = x.shape[0]
@@ -99,10 +101,12 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # Rows wider than their ring read its entries before them first: this pass's writes may overwrite those.
+        before = {gi: (k_store[g[3]], v_store[g[3]]) for gi, g in enumerate(groups) if g[8]}
         k_store.index_copy_(0, write_slots, k)
         v_store.index_copy_(0, write_slots, v)
         outs = []
-        for gi, (start, rows, width, table, mask, ctx, lo, tree) in enumerate(groups):
+        for gi, (start, rows, width, table, mask, ctx, lo, tree, through) in enumerate(groups):
             observed = observers[gi] if observers is not None else None
             if mask is None:  # several tokens a row (`Transformer._group_views` chose the kernel): read in place too
                 og = kernels.paged_tree(q[start:start + rows * width], k_store, v_store, table, None, ctx, tree,
@@ -118,7 +122,11 @@ class Attention(nn.Module):
                 outs.append(og.reshape(rows, c.num_heads * c.head_dim))
                 continue
             qg = q[start:start + rows * width].view(rows, width, c.num_heads, c.head_dim).transpose(1, 2)
-            keys, values = k_store[table].transpose(1, 2), v_store[table].transpose(1, 2)  # [rows, Hkv, L, D]
+            if through:
+                own = (t[start:start + rows * width].view(rows, width, *t.shape[1:]) for t in (k, v))
+                keys, values = (torch.cat([old, new], dim=1).transpose(1, 2) for old, new in zip(before[gi], own))
+            else:
+                keys, values = k_store[table].transpose(1, 2), v_store[table].transpose(1, 2)  # [rows, Hkv, L, D]
             if observed:
                 keys, values, mask = observe_rows(self.layer, observed, qg, keys, values, mask, c.scale)
             if torch.compiler.is_compiling() and width == 1:
@@ -300,13 +308,16 @@ class Transformer(nn.Module):
         if not self.rope_len:  # an engine builds them for its context window (`ensure_rope`)
             self.ensure_rope(self.config.max_position_embeddings)
         pos = batch.positions
-        pool.slot_pos.index_copy_(0, batch.write_slots, pos)
         rings = getattr(pool, "rings", ())
+        # Positions of the ring entries before a pass wider than its ring, read before its writes land.
+        before_pos = [[ring.slot_pos[rr.before] if rr.before is not None else None for rr, ring in zip(g.rings, rings)]
+                      for g in batch.groups]
+        pool.slot_pos.index_copy_(0, batch.write_slots, pos)
         for ring, writes in zip(rings, batch.ring_writes):
             ring.slot_pos.index_copy_(0, writes, pos)
         # What each layer reads: its storage (the full pool, or its ring: `ring_of`) and its window.
         kinds = [(pool.ring_of(i) if rings else None, block.attn.window) for i, block in enumerate(self.layers)]
-        groups = [self._group_views(g, pos, pool, set(kinds)) for g in batch.groups]
+        groups = [self._group_views(g, pos, pool, set(kinds), old) for g, old in zip(batch.groups, before_pos)]
         observers = [g.observers for g in batch.groups] if any(g.observers for g in batch.groups) else None
         cos_g, sin_g = self.rope_global[0][pos][:, None].to(self.dtype), self.rope_global[1][pos][:, None].to(self.dtype)
         rope_global = (cos_g, sin_g)
@@ -346,14 +357,18 @@ class Transformer(nn.Module):
             return logits, torch.cat([hidden[order.index(i)] for i in batch.hidden_layers], dim=-1)
         return logits
 
-    def _group_views(self, g: Rows, pos: torch.Tensor, pool: KVPool, kinds: set) -> dict:
+    def _group_views(self, g: Rows, pos: torch.Tensor, pool: KVPool, kinds: set,
+                     before_pos: list[torch.Tensor | None]) -> dict:
         """Per (ring or None, window) a layer may have: the tuple its attention reads for group `g`: (start, rows,
         width, table, mask (None: the tree kernel's), ctx in the table's columns, window's first column for the decode
-        kernel or None, ancestor matrices or None)."""
+        kernel or None, ancestor matrices or None, whether the rows read through their ring: `_ring_view`)."""
         q_pos = pos[g.start:g.start + g.rows * g.width].view(g.rows, g.width)
         kernel = kernels.available(pos)
         views = {}
         for r, w in kinds:
+            if r is not None and g.rings[r].before is not None:
+                views[(r, w)] = self._ring_view(g, q_pos, g.rings[r].before, before_pos[r], w)
+                continue
             if r is None:
                 table, first, store = g.slot_table, None, pool
             else:
@@ -371,8 +386,21 @@ class Transformer(nn.Module):
             ctx = g.ctx if first is None else g.ctx - first  # the row's first new entry, as a column of `table`
             # The decode kernel reads columns [lo, ctx]; the window's first one comes from the entries' positions.
             lo = window_lo(kv_pos, q_pos[:, 0], ctx, w) if kernel and g.width == 1 and w is not None else None
-            views[(r, w)] = (g.start, g.rows, g.width, table, mask, ctx, lo, g.tree)
+            views[(r, w)] = (g.start, g.rows, g.width, table, mask, ctx, lo, g.tree, False)
         return views
+
+    @staticmethod
+    def _ring_view(g: Rows, q_pos: torch.Tensor, before: torch.Tensor, before_pos: torch.Tensor, window: int):
+        """A chain of rows wider than its ring (a prefill chunk; `batch.layout_group` keeps only its last entries in
+        the ring): each query reads the ring's entries before the pass (`before`, `[rows, span]`: those from `ctx`
+        on are scratch) that lie inside its window, then the pass's own keys causally, inside its window."""
+        span = before.shape[1]
+        entry = (g.ctx - span).clamp_min(0)[:, None] + torch.arange(span, device=before.device)[None]
+        seen = (entry < g.ctx[:, None])[:, None, :] & (before_pos[:, None, :] > q_pos[:, :, None] - window)
+        own = torch.ones(g.width, g.width, dtype=torch.bool, device=before.device).tril_()[None] & \
+            (q_pos[:, None, :] > q_pos[:, :, None] - window)
+        mask = torch.cat([seen, own], dim=2)[:, None]  # [rows, 1, width, span + width]
+        return (g.start, g.rows, g.width, before, mask, g.ctx, None, None, True)
 
     def forward_seq(self, kv: SeqKV, tokens: list[int], positions: list[int], tree: torch.Tensor | None = None,
                     logits: str = "all", skip_layers: frozenset[int] | set[int] = frozenset(),

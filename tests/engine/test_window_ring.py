@@ -105,15 +105,34 @@ def test_window_layers_hold_at_most_the_ring(pair):
     assert got.kv_bytes_uncompressed == got.kv_bytes_final
 
 
-def test_prefill_chunks_are_cut_to_the_ring(pair):
-    ring, _ = pair
-    req = ring.add_request(prompt(100, 5), 2, ignore_eos=True)
-    chunks = []
+def test_prefill_chunks_are_not_cut_to_the_ring(pair):
+    """A prompt wider than the ring prefills in one pass (its ring layers read through: `_ring_view`)."""
+    ring, full = pair
+    p = prompt(100, 5)
+    req = ring.add_request(p, 2, ignore_eos=True)
     while not req.finished:
-        before = req.sequences[0].kv.written if req.sequences else 0
         ring.step()
-        chunks.append(req.sequences[0].kv.written - before)
-    assert max(chunks) == RING_PASS and req.sequences[0].stats.forward_passes == math.ceil(100 / RING_PASS) + 1
+    assert req.sequences[0].stats.forward_passes == 2
+    assert req.sequences[0].result().token_ids == full.generate(p, 2, ignore_eos=True).token_ids
+
+
+@pytest.mark.parametrize("chunk", [20, 40, 60, 97])  # past max_pass (16); the ring's capacity (40); wrapping it
+def test_passes_wider_than_the_ring_read_what_the_full_pool_gives(pair, chunk):
+    """Prefill chunks wider than the ring, then narrow passes that read what the wide ones left in the ring: every
+    logit equals the full allocation's."""
+    ring, full = pair
+    model, p = ring.model, prompt(200, 6)
+    got, want = [], []
+    for engine, out in ((ring, got), (full, want)):
+        kv = SeqKV(engine.core.pool)
+        for s in range(0, 194, chunk):
+            e = min(s + chunk, 194)
+            out.append(model.forward_seq(kv, p[s:e], list(range(s, e))))
+        for t in range(194, 200):
+            out.append(model.forward_seq(kv, p[t:t + 1], [t]))
+        kv.free()
+    for x, y in zip(got, want):
+        assert torch.allclose(x, y, atol=1e-5)
 
 
 def test_fused_greedy_chunks_and_static_passes(pair):
