@@ -31,7 +31,8 @@ def top_kernels(prof, n: int = 12) -> list[dict]:
 
 def host_ops(prof, n: int = 8) -> list[dict]:
     events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
-    return [{"name": e.key[:90], "calls": e.count, "self_ms": round(e.self_cpu_time_total / 1e3, 3)} for e in events[:n]]
+    return [{"name": e.key[:90], "calls": e.count, "self_ms": round(e.self_cpu_time_total / 1e3, 3)}
+            for e in events[:n]]
 
 
 def device_ms(prof) -> float:
@@ -77,7 +78,8 @@ def main() -> None:
         engine.generate(prompts[0], 1, sampling=greedy, ignore_eos=True)
         sync()
         wall = time.perf_counter() - t0
-    report["prefill_profiled"] = {"wall_s": wall, "device_ms": device_ms(prof), "top": top_kernels(prof), "host": host_ops(prof)}
+    report["prefill_profiled"] = {"wall_s": wall, "device_ms": device_ms(prof), "top": top_kernels(prof),
+                                  "host": host_ops(prof)}
     print(json.dumps({k: report[k] for k in ("prefill_wall_s", "prefill_profiled")}, indent=1), flush=True)
 
     report["decode"] = []
@@ -86,13 +88,18 @@ def main() -> None:
         options = {} if parts[0] == "plain" else {"press": parts[1], "compression_ratio": float(parts[2])}
 
         def run(profiled: bool) -> dict:
-            """B prompts prefilled, then `--new-tokens` decoded together; only the decode phase is timed."""
+            """B prompts prefilled (a sequence whose prompt is in waits for the others), then `--new-tokens` decoded
+            by the B sequences together; only the decode phase is timed."""
             requests = [engine.add_request(p, args.new_tokens, sampling=greedy, ignore_eos=True, **options)
                         for p in prompts]
             seqs = [s for r in requests for s in r.sequences]
             t0 = time.perf_counter()
             while any(not s.output for s in seqs):
                 engine.step()
+                for s in seqs:  # held back until every prompt is in: the batch then decodes all B together
+                    s.paused = bool(s.output)
+            for s in seqs:
+                s.paused = False
             sync()
             prefill_s, made0 = time.perf_counter() - t0, sum(len(s.output) for s in seqs)
             with profile(activities=acts) if profiled else contextlib.nullcontext() as prof:
@@ -114,7 +121,8 @@ def main() -> None:
         report["decode"].append(row)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"profile_long_{args.shape}_{length}_b{args.batch}_c{args.max_step_tokens}.json").write_text(json.dumps(report, indent=1))
+    name = f"profile_long_{args.shape}_{length}_b{args.batch}_c{args.max_step_tokens}.json"
+    (out / name).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

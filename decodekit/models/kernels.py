@@ -20,7 +20,6 @@ try:
 except ImportError:  # pragma: no cover - no Triton: the reference attention runs
     triton = None
 
-SPLIT = 128  # entries scored by one decode program
 BLOCK_N = 64  # entries per tile inside a program
 # Widest row `paged_tree` serves (64: every captured verify pass, `engine/graphs.py`). Off (1) by default: on the H100
 # (2026-11-24) it passes its tests and makes a verify replay 8-15% cheaper, but Spec-Bench end to end got no faster
@@ -28,9 +27,11 @@ BLOCK_N = 64  # entries per tile inside a program
 # (`engine/graphs.py: StaticDraftRounds`) use it whatever this says (`Rows.tree_kernel`): there it pays.
 TREE_MAX_WIDTH = 1
 TREE_WIDEST = 64
-# How `paged_tree` splits a row's entries (`tree_splits`): into enough splits for about TREE_PROGRAMS programs in all
-# (an H100's 132 SMs twice; more would only add combine work), each reading TREE_MIN_SPLIT entries at least (shorter
-# splits cost a combine kernel more than their parallelism saves: a guess, to be measured, `bench/verify_cost.py`).
+# How `paged_tree` and `paged_decode` split a row's entries (`tree_splits`): into enough splits for about
+# TREE_PROGRAMS programs in all (an H100's 132 SMs twice; more only add combine work: the combine kernel runs one
+# program per row and KV head, looping over the splits), each reading TREE_MIN_SPLIT entries at least. The decode
+# kernel once used fixed splits of 128 entries: a batch of 8 at 32k gave 256 splits a row, and its combine cost as
+# much as the attention itself (H100, `bench/profile_long.py`, docs/benchmarks.md).
 TREE_PROGRAMS = 264
 TREE_MIN_SPLIT = 256
 
@@ -61,8 +62,8 @@ if triton is not None:
     @triton.jit
     def _split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lo_ptr, hi_ptr, acc_ptr, stat_ptr, scale,
                       stride_qb, stride_qh, stride_ks, stride_kh, stride_tb,
-                      n_splits, length, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-                      SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                      n_splits, split, length, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
         b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n_kv = tl.num_programs(1)
         lo, hi = tl.load(lo_ptr + b), tl.load(hi_ptr + b)
@@ -72,7 +73,9 @@ if triton is not None:
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
         total = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, D], tl.float32)
-        for start in range(s * SPLIT, s * SPLIT + SPLIT, BLOCK_N):
+        # Only the tiles of [lo, hi) in this split: the table is as wide as the batch's longest row (or its bucket).
+        end = tl.minimum(tl.minimum(s * split + split, hi), length)
+        for start in range(tl.maximum(s * split, lo // BLOCK_N * BLOCK_N), end, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             live = (n >= lo) & (n < hi) & (n < length)
             slot = tl.load(table_ptr + b * stride_tb + n, mask=live, other=0)
@@ -174,14 +177,14 @@ def paged_decode(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, 
     hkv, length = k_store.shape[1], table.shape[1]
     groups = hq // hkv
     block_g = max(16, triton.next_power_of_2(groups))  # tl.dot needs 16 rows
-    n_splits = triton.cdiv(length, SPLIT)
+    n_splits, split = tree_splits(rows * hkv, length, BLOCK_N)
     q = q.contiguous()
     table = table.contiguous()
     acc = torch.empty(rows * hkv * n_splits * block_g, dim, dtype=torch.float32, device=q.device)
     stat = torch.empty(rows * hkv * n_splits * block_g, 2, dtype=torch.float32, device=q.device)
     _split_kernel[(rows, hkv, n_splits)](
         q, k_store, v_store, table, lo, hi, acc, stat, scale, q.stride(0), q.stride(1), k_store.stride(0),
-        k_store.stride(1), table.stride(0), n_splits, length, G=groups, BLOCK_G=block_g, D=dim, SPLIT=SPLIT,
+        k_store.stride(1), table.stride(0), n_splits, split, length, G=groups, BLOCK_G=block_g, D=dim,
         BLOCK_N=BLOCK_N, PRECISION=_precision(q))
     out = torch.empty(rows, hq, dim, dtype=q.dtype, device=q.device)
     _combine_kernel[(rows, hkv)](acc, stat, out, n_splits, out.stride(0), out.stride(1), W=1, G=groups, TILES=1,
@@ -205,7 +208,7 @@ def tree_tiles(queries: int, head_bytes: int) -> tuple[int, int, int]:
 
 
 def tree_splits(programs: int, length: int, block_n: int) -> tuple[int, int]:
-    """`(splits, entries a split)` of tables `length` entries long, in whole tiles of `block_n`, for a tree pass of
+    """`(splits, entries a split)` of tables `length` entries long, in whole tiles of `block_n`, for a pass of
     `programs` programs a split (module constants above). From static shapes only: a captured graph keeps them."""
     tiles = triton.cdiv(length, block_n)
     n = max(1, min(triton.cdiv(TREE_PROGRAMS, programs), tiles // triton.cdiv(TREE_MIN_SPLIT, block_n)))

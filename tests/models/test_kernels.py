@@ -30,7 +30,12 @@ def on(*ts):
     return [t.to(dev) if t is not None else None for t in ts]
 
 
-for hq, hkv, dim, rows, length, slots in [(9, 3, 64, 3, 256, 600), (4, 1, 32, 2, 384, 500), (2, 2, 16, 1, 256, 300)]:
+# (query heads, KV heads, head dim, rows, table length, pool slots, (programs, entries a split at least)): one split;
+# then several, with windows starting and rows ending inside them (splits with nothing live).
+DECODE = [(9, 3, 64, 3, 256, 600, (264, 256)), (4, 1, 32, 2, 384, 500, (264, 256)), (2, 2, 16, 1, 256, 300, (264, 256)),
+          (4, 1, 32, 3, 400, 600, (12, 64)), (8, 2, 64, 2, 700, 900, (16, 128))]
+for hq, hkv, dim, rows, length, slots, splits in DECODE:
+    kernels.TREE_PROGRAMS, kernels.TREE_MIN_SPLIT = splits
     q, k, v, table = inputs(hq, hkv, dim, rows, rows, length, slots)
     hi = torch.randint(1, length + 1, (rows,), generator=g)
     hi[0] = length  # a full row
