@@ -8,10 +8,11 @@ The prompt is a needle-in-a-haystack sample (`decodekit.eval.long_context`, dept
 run also says whether the needle was found. `--batch B` decodes B such prompts together (needles at depths spread
 over 0-100%): at batch 1 a small model's step is mostly its weights, in a batch the KV reads grow with B while the
 weights are read once, which is where a press can save time. Every configuration generates exactly --new-tokens tokens
-(`ignore_eos`) after one warm-up generation of the same prompt (graph capture, compilation); the median of
---repeats timed runs is reported: `decode` = tokens after the first / time after the first token (the engine's
-`tokens_per_s`, summed over the batch's sequences: they decode concurrently), `ttft`, `tau` (tokens per target step), KV bytes held at the end and uncompressed, and the speedup
-of decode tok/s over `plain`.
+(`ignore_eos`) after one warm-up run of the same prompts (graph capture, compilation); the B prompts are prefilled
+first and then decode together (`decodekit.bench.together`: a sequence whose prompt is in waits for the others), and
+the median of --repeats timed runs is reported: `decode` = tokens after each sequence's first / the time from the
+batch's first tokens to its end (summed over the batch), `ttft` = the time until every prompt's first token, `tau`
+(tokens per target step), KV bytes held at the end and uncompressed, and the speedup of decode tok/s over `plain`.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import decodekit  # noqa: E402
+from decodekit.bench.together import decode_together  # noqa: E402
 from decodekit.eval.long_context import Haystack, data_dir, make_sample, vocabulary  # noqa: E402
 from decodekit.sampling import SamplingConfig  # noqa: E402
 
@@ -55,12 +57,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, default=1, help="prompts decoded together (needles at spread depths)")
     p.add_argument("--device", default=None)
+    p.add_argument("--kv-tokens", type=int, default=None, help="KV pool size (default: the engine's, at most 1M)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None, help="folder for long_context_bench.json")
     args = p.parse_args()
 
     # No prefix caching: every run prefills its prompt (a press that reads the prompt's passes must anyway).
-    engine = decodekit.load(args.model, device=args.device, progress=False, prefix_caching=False)
+    pool = {"kv_tokens": args.kv_tokens} if args.kv_tokens else {}
+    engine = decodekit.load(args.model, device=args.device, progress=False, prefix_caching=False, **pool)
     haystack = Haystack.load(engine.tokenizer, data_dir(args.data_dir))
     length = min(args.length, engine.max_context - args.new_tokens - 8)
     depths = [0.5] if args.batch == 1 else [i / (args.batch - 1) for i in range(args.batch)]
@@ -71,17 +75,14 @@ def main() -> None:
     rows = []
     for config in args.configs.split(","):
         kw = config_kwargs(config)
-        engine.generate(prompts, args.new_tokens, sampling=greedy, ignore_eos=True, **kw)  # warm-up
-        runs = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            r = engine.generate(prompts, args.new_tokens, sampling=greedy, ignore_eos=True, **kw)
-            runs.append((time.perf_counter() - t0, r))
-        last = runs[-1][1]
+        decode_together(engine, prompts, args.new_tokens, sampling=greedy, ignore_eos=True, **kw)  # warm-up
+        runs = [decode_together(engine, prompts, args.new_tokens, sampling=greedy, ignore_eos=True, **kw)
+                for _ in range(args.repeats)]
+        last = runs[-1].results
         row = {"config": config, "batch": args.batch, "prompt_tokens": len(last[0].prompt_ids),
-               "decode_tok_s": statistics.median(sum(x.stats.tokens_per_s for x in rs) for _, rs in runs),
-               "ttft_s": statistics.median(max(x.stats.time_to_first_token_s for x in rs) for _, rs in runs),
-               "tau": last[0].stats.tau, "wall_s": statistics.median(t for t, _ in runs),
+               "decode_tok_s": statistics.median(r.decode_tok_s for r in runs),
+               "ttft_s": statistics.median(r.prefill_s for r in runs), "tau": last[0].stats.tau,
+               "wall_s": statistics.median(r.prefill_s + r.decode_s for r in runs),
                **{k: sum(getattr(x.stats, k) for x in last)
                   for k in ("kv_bytes_final", "kv_bytes_peak", "kv_bytes_uncompressed")},
                "needle_found": sum(s.answers[0] in x.text[:64] for s, x in zip(samples, last)),

@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import decodekit  # noqa: E402
+from decodekit.bench.together import decode_together  # noqa: E402
 from decodekit.sampling import SamplingConfig  # noqa: E402
 
 
@@ -88,29 +89,11 @@ def main() -> None:
         options = {} if parts[0] == "plain" else {"press": parts[1], "compression_ratio": float(parts[2])}
 
         def run(profiled: bool) -> dict:
-            """B prompts prefilled (a sequence whose prompt is in waits for the others), then `--new-tokens` decoded
-            by the B sequences together; only the decode phase is timed."""
-            requests = [engine.add_request(p, args.new_tokens, sampling=greedy, ignore_eos=True, **options)
-                        for p in prompts]
-            seqs = [s for r in requests for s in r.sequences]
-            t0 = time.perf_counter()
-            while any(not s.output for s in seqs):
-                engine.step()
-                for s in seqs:  # held back until every prompt is in: the batch then decodes all B together
-                    s.paused = bool(s.output)
-            for s in seqs:
-                s.paused = False
-            sync()
-            prefill_s, made0 = time.perf_counter() - t0, sum(len(s.output) for s in seqs)
-            with profile(activities=acts) if profiled else contextlib.nullcontext() as prof:
-                t0 = time.perf_counter()
-                while not all(r.finished for r in requests):
-                    engine.step()
-                sync()
-                wall = time.perf_counter() - t0
-            made = sum(len(s.output) for s in seqs) - made0
-            row = {"prefill_s": prefill_s, "decode_s": wall, "decode_tok_s": made / wall,
-                   "kv_bytes_final": sum(s.stats.kv_bytes_final for s in seqs)}
+            prof = profile(activities=acts) if profiled else contextlib.nullcontext()
+            got = decode_together(engine, prompts, args.new_tokens, lambda: prof, sampling=greedy, ignore_eos=True,
+                                  **options)
+            row = {"prefill_s": got.prefill_s, "decode_s": got.decode_s, "decode_tok_s": got.decode_tok_s,
+                   "kv_bytes_final": sum(r.stats.kv_bytes_final for r in got.results)}
             if profiled:
                 row.update(device_ms=device_ms(prof), top=top_kernels(prof), host=host_ops(prof))
             return row
