@@ -119,7 +119,7 @@ def layout_group(specs: list[RowSpec], width: int, rows: int, length: int, block
                              "load with a larger ring_pass, or window_ring=False)")
         for g, ring in enumerate(rings):
             # A pass wider than the ring keeps only its last `capacity` entries there (earlier ones: scratch); its
-            # ring layers read its own keys from the pass itself (`Transformer._ring_views`).
+            # ring layers read its own keys from the pass itself (`Transformer._ring_view`).
             end = s.kv.length + w
             kept = range(max(s.kv.length, end - ring.capacity), end)
             ring_writes[g] += [SCRATCH] * (w - len(kept)) + s.kv.ring_slots(g, kept) + [SCRATCH] * (width - w)

@@ -88,7 +88,7 @@ class Attention(nn.Module):
         through)` (`lo` `[rows]`: first entry inside this layer's sliding window for a single-token row, or None;
         `mask` None: the tree kernel serves the group, reading `tree`, the group's ancestor matrices or None for
         chains; `through`: a pass wider than its ring, whose rows read the entries before them at `slot_table`, read
-        before this pass writes, then the pass's own keys and values, `mask` covering both: `_ring_views`);
+        before this pass writes, then the pass's own keys and values, `mask` covering both: `_ring_view`);
         `observers`: per group, the rows a KV press takes part in (`observe_rows`), or None."""
         c = self.config
         n = x.shape[0]
@@ -102,7 +102,8 @@ class Attention(nn.Module):
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # Rows wider than their ring read its entries before them first: this pass's writes may overwrite those.
-        before = {gi: (k_store[g[3]], v_store[g[3]]) for gi, g in enumerate(groups) if g[8]}
+        before = {gi: (k_store[table], v_store[table])
+                  for gi, (_, _, _, table, *_, through) in enumerate(groups) if through}
         k_store.index_copy_(0, write_slots, k)
         v_store.index_copy_(0, write_slots, v)
         outs = []
