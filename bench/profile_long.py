@@ -19,9 +19,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import decodekit  # noqa: E402
 from decodekit.bench.together import decode_together  # noqa: E402
 from decodekit.sampling import SamplingConfig  # noqa: E402
+from long_context_bench import config_kwargs  # noqa: E402  (plain, press:NAME:RATIO[:k=v;...], method:NAME[...])
 
 
 def top_kernels(prof, n: int = 12) -> list[dict]:
@@ -85,8 +87,7 @@ def main() -> None:
 
     report["decode"] = []
     for config in args.configs.split(","):
-        parts = config.split(":")
-        options = {} if parts[0] == "plain" else {"press": parts[1], "compression_ratio": float(parts[2])}
+        options = config_kwargs(config)
 
         def run(profiled: bool) -> dict:
             prof = profile(activities=acts) if profiled else contextlib.nullcontext()
