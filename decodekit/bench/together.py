@@ -33,26 +33,25 @@ def decode_together(engine, prompts: list, max_new_tokens: int, around_decode=co
     sync = torch.cuda.synchronize if engine.model.device.type == "cuda" else (lambda: None)
     requests = [engine.add_request(p, max_new_tokens, **options) for p in prompts]
     seqs = [s for r in requests for s in r.sequences]
+    t0 = time.perf_counter()
     try:
-        t0 = time.perf_counter()
         while any(not s.output and not s.finished for s in seqs):
             engine.step()
             for s in seqs:
                 s.paused = bool(s.output) and not s.finished
-        for s in seqs:
-            s.paused = False
-        sync()
-        prefill_s, made = time.perf_counter() - t0, sum(len(s.output) for s in seqs)
-        with around_decode():
-            t0 = time.perf_counter()
-            while not all(r.finished for r in requests):
-                engine.step()
-            sync()
-            decode_s = time.perf_counter() - t0
     except BaseException:
         for r in requests:
             engine.core.abort(r)
         raise
+    for s in seqs:
+        s.paused = False
+    sync()
+    prefill_s, made = time.perf_counter() - t0, sum(len(s.output) for s in seqs)
+    with around_decode():
+        t0 = time.perf_counter()
+        engine._run_until(requests)  # generate's own loop (aborts the requests if a step fails)
+        sync()
+        decode_s = time.perf_counter() - t0
     results = [r.sequences[0].result() for r in requests]
     for r in requests:
         engine.core.requests.pop(r.id, None)

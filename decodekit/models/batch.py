@@ -162,9 +162,11 @@ def build_batch(groups: list[list[RowSpec]], device: torch.device, widths: list[
         table = slot_table(g.tables.to(device), valid, length, bs)
         observers = [(r, s.observer) for r, s in enumerate(specs) if s.observer is not None] or None
         wide = rings and width > specs[0].kv.max_pass  # (a prefill chunk: only chains may be, `layout_group`)
-        ring_rows = [RingRows(*ring_slot_table(t.to(device), valid, ring.span, bs),
-                              ring_slot_table(t.to(device), g.ctx.to(device), ring.span, bs)[0] if wide else None)
-                     for t, ring in zip(g.ring_tables, rings)]
+        ring_rows = []
+        for blocks, ring in zip(g.ring_tables, rings):
+            blocks = blocks.to(device)
+            before = ring_slot_table(blocks, g.ctx.to(device), ring.span, bs)[0] if wide else None
+            ring_rows.append(RingRows(*ring_slot_table(blocks, valid, ring.span, bs), before))
         for r, w in enumerate(g.ring_writes):
             ring_writes[r] += w
         out.append(Rows(start, n_rows, width, table, g.ctx.to(device), None if g.tree is None else g.tree.to(device),

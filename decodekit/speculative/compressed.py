@@ -81,7 +81,7 @@ class CompressedDrafter(ModelDrafter):
             n = int((target.pool.slot_pos[slots] < split).sum())  # entries are in position order
             cache.append_from(target, list(range(n)))  # the full pool's entries, and the rings' windows
             cache.evicted = split - n  # tokens the target itself had evicted
-        chunk = 2048
+        chunk = 2048  # tokens a catch-up pass feeds (the engine's default prefill budget)
         for s in range(split, root, chunk):
             part = list(range(s, min(s + chunk, root)))
             layers = self.net.config.num_layers
