@@ -38,9 +38,10 @@ an entry already overwritten stay masked by the window (positions in `Ring.slot_
 A fork shares its parent's ring blocks (n samples, beams, search hypotheses), and a sequence about to write
 entries into a shared ring block first takes a copy of its own (`_own_ring_entries`, from `ensure` and every move):
 a ring wraps, so the copy happens at the write, not at the fork. What a ring cannot do: a sequence of a pool with
-rings neither adopts cached prefixes nor offers its blocks to the cache (a prefix's window entries are not kept);
-a quantizing press packs the full-attention layers only (a ring is fixed memory: it keeps its layers in full
-precision) and presses never observe ring layers (their attention columns are the ring's).
+rings neither adopts cached prefixes nor offers its blocks to the cache (a prefix's window entries are not kept).
+A quantizing press holds a ring's older entries packed: it gives back the ring blocks that hold none of the entries
+it still reads from the ring (`release_ring_entries`; a released block is 0 in the sequence's list and reads as
+scratch) and `ensure` takes a block again before an entry is written there; such a sequence no longer evicts.
 """
 from __future__ import annotations
 
@@ -249,6 +250,11 @@ class SeqKV:
         return not self.evicted and not self.virtual
 
     @property
+    def ring_released(self) -> bool:
+        """Some ring block was given back (`release_ring_entries`): the rings no longer hold every window entry."""
+        return any(0 in blocks for blocks in self.rings)
+
+    @property
     def shares_prefixes(self) -> bool:
         """Whether cached prompt blocks may be adopted and offered: not with rings (a ring holds one sequence's
         window entries only, and is not shared)."""
@@ -272,9 +278,20 @@ class SeqKV:
         return max(0, -(-n // self.pool.block_size) - self.virtual - len(self.blocks))
 
     def ring_blocks_needed(self, r: int, n: int) -> int:
-        """Blocks of ring `r` to add so that `n` logical entries fit (a ring grows until it wraps)."""
+        """Blocks of ring `r` to add so that `n` logical entries fit (a ring grows until it wraps), released blocks
+        that entries [length, n) will be written to included (`release_ring_entries`)."""
         ring = self.pool.rings[r]
-        return max(0, min(ring.n_blocks, -(-n // ring.block_size)) - len(self.rings[r]))
+        return max(0, min(ring.n_blocks, -(-n // ring.block_size)) - len(self.rings[r])) + len(self._ring_holes(r, n))
+
+    def _ring_holes(self, r: int, n: int) -> list[int]:
+        """Indices (in this sequence's list of ring `r`'s blocks) of released blocks that entries [length, n) map to."""
+        blocks = self.rings[r]
+        if n <= self.length or 0 not in blocks:
+            return []
+        ring = self.pool.rings[r]
+        bs, nb = ring.block_size, ring.n_blocks
+        held = {(b % nb) for b in range(self.length // bs, -(-n // bs))}
+        return sorted(i for i in held if i < len(blocks) and blocks[i] == 0)
 
     def fits(self, n: int, spare: int = 0) -> bool:
         """Whether the free blocks (keeping `spare` of the pool's) cover `n` logical entries, rings included (and
@@ -289,9 +306,24 @@ class SeqKV:
         for _ in range(self.blocks_needed(n)):
             self.blocks.append(self.alloc.allocate())
         for r, ring in enumerate(self.rings):
-            for _ in range(self.ring_blocks_needed(r, n)):
-                ring.append(self.pool.rings[r].allocator.allocate())
+            alloc, nb = self.pool.rings[r].allocator, self.pool.rings[r].n_blocks
+            for i in self._ring_holes(r, n):
+                ring[i] = alloc.allocate()
+            for _ in range(max(0, min(nb, -(-n // self.pool.block_size)) - len(ring))):
+                ring.append(alloc.allocate())
         self._own_ring_entries(range(self.length, n))
+
+    def release_ring_entries(self, r: int, start: int) -> None:
+        """Entries of ring `r` before `start` are no longer read from it (a quantizing press holds them packed, or
+        they left every window): its blocks that hold no entry of [start, length) go back to the ring's pool (a
+        released block reads as scratch; `ensure` takes one again before entries are written there)."""
+        ring, blocks = self.pool.rings[r], self.rings[r]
+        bs, nb = ring.block_size, ring.n_blocks
+        live = {b % nb for b in range(start // bs, -(-self.length // bs))} if start < self.length else set()
+        for i, b in enumerate(blocks):
+            if b and i not in live:
+                ring.allocator.release(b)
+                blocks[i] = 0
 
     def _shared_ring_blocks(self, r: int, entries) -> list[int]:
         """Indices (in this sequence's list of ring `r`'s blocks) of the blocks holding `entries` that a fork
@@ -379,7 +411,7 @@ class SeqKV:
         blocks return to the pool; blocks shared with other sequences (or offered to the prefix cache) are not
         written: the kept entries that land there go to fresh blocks instead (copy on write). Rings move their
         entries likewise (`_move_ring_entries`)."""
-        if self.virtual:
+        if self.virtual or self.ring_released:
             raise ValueError("cannot evict from a sequence whose first blocks are held outside the pool")
         keep = [int(i) for i in keep]
         if any(b <= a for a, b in zip(keep, keep[1:])) or (keep and not 0 <= keep[0] <= keep[-1] < self.length):
@@ -444,7 +476,8 @@ class SeqKV:
             child.blocks.append(self.alloc.allocate())
         for r, blocks in enumerate(self.rings):
             for b in blocks:
-                self.pool.rings[r].allocator.share(b)
+                if b:  # (0: a released block, `release_ring_entries`)
+                    self.pool.rings[r].allocator.share(b)
             child.rings[r] = list(blocks)
         partial = child.blocks
         for b in self.blocks[:full]:
@@ -465,14 +498,15 @@ class SeqKV:
         self.evicted = 0
         for r, blocks in enumerate(self.rings):
             for b in blocks:
-                self.pool.rings[r].allocator.release(b)
+                if b:
+                    self.pool.rings[r].allocator.release(b)
             blocks.clear()
 
     def held_bytes(self) -> int:
         """Bytes of the pool blocks this sequence holds (owned or shared), rings included."""
         bs = self.pool.block_size
         return len(self.blocks) * bs * self.pool.bytes_per_token() + sum(
-            len(blocks) * bs * ring.bytes_per_token() for blocks, ring in zip(self.rings, self.pool.rings))
+            sum(map(bool, blocks)) * bs * ring.bytes_per_token() for blocks, ring in zip(self.rings, self.pool.rings))
 
     def bytes_for(self, entries: int) -> int:
         """Bytes `entries` entries take in this sequence's pool: whole blocks of the full pool, and the blocks of each

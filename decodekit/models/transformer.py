@@ -320,6 +320,11 @@ class Transformer(nn.Module):
         kinds = [(pool.ring_of(i) if rings else None, block.attn.window) for i, block in enumerate(self.layers)]
         groups = [self._group_views(g, pos, pool, set(kinds), old) for g, old in zip(batch.groups, before_pos)]
         observers = [g.observers for g in batch.groups] if any(g.observers for g in batch.groups) else None
+        # Ring layers' columns are their ring's entries: only a press that reads rings (`observes_rings`) sees them.
+        ring_observers = [[(r, o) for r, o in g or () if o.state.observes_rings] or None
+                          for g in observers] if observers and rings else None
+        if ring_observers is not None and not any(ring_observers):
+            ring_observers = None
         cos_g, sin_g = self.rope_global[0][pos][:, None].to(self.dtype), self.rope_global[1][pos][:, None].to(self.dtype)
         rope_global = (cos_g, sin_g)
         rope_local = (self.rope_local[0][pos][:, None].to(self.dtype),
@@ -338,9 +343,9 @@ class Transformer(nn.Module):
                 layer_groups = [views[kind] for views in groups]
                 k_store, v_store = pool.layer_store(i) if rings else (pool.k[i], pool.v[i])
                 writes = batch.write_slots if kind[0] is None else batch.ring_writes[kind[0]]
-                # Presses observe the full pool's layers only: a ring layer's columns are its ring's entries.
-                if observers and kind[0] is None:
-                    x = run[i](x, rope, k_store, v_store, writes, layer_groups, observers)
+                seen = observers if kind[0] is None else ring_observers
+                if seen:
+                    x = run[i](x, rope, k_store, v_store, writes, layer_groups, seen)
                 else:
                     x = run[i](x, rope, k_store, v_store, writes, layer_groups)
             if i in batch.hidden_layers:

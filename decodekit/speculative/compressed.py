@@ -74,7 +74,8 @@ class CompressedDrafter(ModelDrafter):
         target, cache = self.kv, self.cache
         cache.free()
         split = root - window
-        if target.virtual or target.written != root:  # the target's memory cannot be read here: prefill anew
+        # The target's memory cannot be read here (packed, evicted, or its rings gave entries back): prefill anew.
+        if target.virtual or target.ring_released or target.written != root:
             split = 0
         else:
             slots = torch.tensor(target.slots(0, target.length), dtype=torch.long, device=target.pool.k.device)

@@ -1,5 +1,23 @@
 """Helpers shared by the engine tests."""
+from dataclasses import dataclass
+
 from decodekit.engine import Engine
+from decodekit.kv import PackedKV, QuantPress, register
+
+
+@register
+@dataclass
+class ExactPress(QuantPress):
+    """A "quantizer" that keeps keys and values as they are (press "test_exact"): the packed-blocks mechanism
+    alone, so that tests can ask for the exact tokens of an uncompressed run."""
+
+    name = "test_exact"
+
+    def pack(self, keys, values):
+        return PackedKV({"k": keys.clone(), "v": values.clone()}, {})
+
+    def unpack(self, packed):
+        return packed.tensors["k"], packed.tensors["v"]
 
 
 def fused_engine(engine, sizes=(16, 4)) -> Engine:

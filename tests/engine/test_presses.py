@@ -3,16 +3,15 @@ keep their positions, decoding after eviction is attention over exactly the kept
 kernel's window bounds), quantized blocks leave the pool and are read back, bytes held are reported, presses
 compose with drafts, samples and preemption."""
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
 
 import decodekit
-from decodekit.kv import PRESSES, PackedKV, QuantPress, register
+from decodekit.kv import PRESSES
 from decodekit.kv.base import kept_count
 from decodekit.kv.paged.state import PressState, RowObserver
-from engine_helpers import fused_engine
+from engine_helpers import ExactPress, fused_engine  # noqa: F401 (registers press "test_exact")
 from kernel_reference import use_references
 
 EVICTION = ["streaming_llm", "h2o", "snapkv", "knorm", "ems", "scope"]
@@ -143,20 +142,6 @@ def test_decode_kernel_window_follows_positions_after_eviction(gemma, monkeypatc
             got = gemma.generate(p, 20, ignore_eos=True, press="streaming_llm", compression_ratio=ratio)
         assert got.token_ids == want.token_ids
         assert any(name == "decode" for name, _ in calls)
-
-
-@register
-@dataclass
-class ExactPress(QuantPress):
-    """A "quantizer" that keeps keys and values as they are: the packed-blocks mechanism alone."""
-
-    name = "test_exact"
-
-    def pack(self, keys, values):
-        return PackedKV({"k": keys.clone(), "v": values.clone()}, {})
-
-    def unpack(self, packed):
-        return packed.tensors["k"], packed.tensors["v"]
 
 
 @pytest.mark.parametrize("which", ["llama", "gemma"])

@@ -13,6 +13,7 @@ import decodekit
 from decodekit.engine import Engine
 from decodekit.models.kv_cache import SeqKV
 from drafter_options import drafter_options
+from engine_helpers import ExactPress  # noqa: F401 (registers press "test_exact")
 from kernel_reference import use_references
 
 WINDOW = 8  # tiny-gemma3: layers 0-2 slide over 8 positions, layer 3 is global
@@ -190,14 +191,39 @@ def test_eviction_compacts_the_rings_too(pair, press, options):
     assert all(r.stats.kv_bytes_final < r.stats.kv_bytes_uncompressed for r in a)
 
 
-def test_quantized_press_packs_the_full_layers_only(pair):
-    """A quantizing press over rings packs the global layer; the window layers stay in their ring, unpacked."""
+@pytest.mark.parametrize("press,options", [("test_exact", {}),
+                                            ("snapkv+test_exact", {"compression_ratio": 0.5, "window_size": 8})])
+def test_quantized_press_packs_the_rings_too(pair, press, options):
+    """A quantizing press packs the window layers' entries as they age, from the first one inside the window, as it
+    packs the global layer's; packs that left the window are dropped and the ring blocks of what is packed go back.
+    With a lossless "quantizer" (residual 4 < window 8: packed entries are still read) the tokens are the full
+    allocation's: the packed entries are read back at their ring columns, the ones gone masked."""
+    ring, full = pair
+    req = ring.add_request(PROMPTS[2], 40, ignore_eos=True, press=press, residual=4, **options)
+    most, chunks_read = 0, 0
+    while not req.finished:
+        ring.step()
+        seq = req.sequences[0]
+        if not req.finished and seq.press.observed(seq.kv):
+            state = getattr(seq.press, "quant", seq.press)
+            held = [b for b in seq.kv.rings[0] if b]
+            most = max(most, len(held))
+            chunks_read += len(state.ring_chunks[0])
+            assert state.ring_packed[0] >= seq.kv.length - 4 - 4 - 1  # at most residual + a chunk + this step
+    assert most <= 4 and chunks_read > 0  # residual + chunk + a step's entry, in blocks of 4 (of the ring's 10)
+    want = full.generate(PROMPTS[2], 40, ignore_eos=True, press=press, residual=4, **options)
+    assert req.sequences[0].output == want.token_ids
+    assert all(r.allocator.num_free == r.allocator.capacity for r in ring.core.pool.rings)
+
+
+def test_kivi_holds_fewer_ring_bytes(pair):
+    """KIVI 2-bit over rings: the window layers' entries past the recent window are held packed, so a sequence holds
+    far less than its rings' capacity in them."""
     ring, _ = pair
     r = ring.generate(prompt(120, 6), 30, ignore_eos=True, press="kivi", residual=16, group=16)
     assert len(r.token_ids) == 30
-    slot = 2 * 2 * 16 * 4
-    assert r.stats.kv_bytes_final < r.stats.kv_bytes_uncompressed
-    assert r.stats.kv_bytes_final > CAPACITY * slot * 3  # the rings are held in full
+    slot = 2 * 2 * 16 * 4  # keys and values, 2 KV heads of 16 channels, float32: one entry of one layer
+    assert r.stats.kv_bytes_final < CAPACITY * slot * 3 < r.stats.kv_bytes_uncompressed
 
 
 @pytest.mark.parametrize("method,options", [("magicdec", {"budget": 24, "n_sink": 4, "compress_every": 8}),

@@ -14,6 +14,13 @@ registers), and restores their sliding-window visibility from their positions (t
 Such sequences take the masked attention path (no CUDA graphs, fused chunks or decode kernel): the memory is what
 this measures, not speed.
 
+Sliding-window rings (`models/kv_cache.py`) are packed too, once the prompt is in: from the first entry inside the
+window, a ring's entries past the recent `residual` are packed chunk by chunk (`_pack_rings`), a pack is dropped
+once its entries left every later query's window, and the ring blocks that hold only packed (or gone) entries go
+back to the ring's pool (`SeqKV.release_ring_entries`). A ring layer's row reads entries [first, first + span)
+(`ring_slot_table`): `_attend_ring` masks those the ring gave back and fills in the packed ones still inside the
+window. (Not during the prompt: a prefill chunk wider than the ring reads it through `Transformer._ring_view`.)
+
 Per press: KIVI quantizes keys per channel in groups of `group` tokens, so chunks are whole key groups (and the
 press packs them with no recent window of its own: the pool holds that one); KVQuant and RotateKV calibrate per
 layer on the first chunk they pack (the paper's offline calibration, done on the sequence's own prompt), and get
@@ -39,6 +46,8 @@ GEAR_CHUNK = 256  # GEAR's low-rank factors ([n, rank] per head) amortise over t
 
 
 class QuantState(PressState):
+    observes_rings = True
+
     def __init__(self, press, model, prompt_len: int, residual: int, block_size: int, chunk: int | None = None
                  ) -> None:
         super().__init__(press, model, prompt_len)
@@ -54,16 +63,24 @@ class QuantState(PressState):
         # One press per layer: calibrated ones (KVQuant's ranges and codebooks, RotateKV's channel order) differ.
         base = replace(self.press, residual=0) if isinstance(self.press, KIVIPress) else self.press
         self.layer_presses = [copy.deepcopy(base) for _ in range(self.config.num_layers)]
-        self.calibrated = False
+        self.calibrated: set[int] = set()  # layers whose press has seen its first chunk
         self.chunks: list[tuple[list[PackedKV], torch.Tensor]] = []  # per chunk: each layer's pack, positions [n]
         self.packed_len = 0
+        # Sliding-window rings: per ring, its packed chunks (first entry, each of its layers' pack, positions) and
+        # the entry before which the ring no longer holds them.
+        self.ring_chunks: dict[int, list[tuple[int, dict[int, PackedKV], torch.Tensor]]] = {}
+        self.ring_packed: dict[int, int] = {}
 
     # ---- passes -------------------------------------------------------------------------------------------
     def observed(self, kv) -> bool:
-        return self.packed_len > 0
+        return self.packed_len > 0 or any(self.ring_packed.values())
 
     def observer(self, kv, positions: list[int], prefill: bool) -> RowObserver | None:
-        return RowObserver(self, kv.length, positions, prefill) if self.packed_len else None
+        if not self.observed(kv):
+            return None
+        obs = RowObserver(self, kv.length, positions, prefill)
+        obs.ring_of = {i: (r, ring.span) for r, ring in enumerate(getattr(kv.pool, "rings", ())) for i in ring.layers}
+        return obs
 
     def rope(self, layer: int, positions: torch.Tensor):
         if not self.takes_rope:
@@ -72,18 +89,19 @@ class QuantState(PressState):
         table = m.rope_local if m.layers[layer].attn.local_rope else m.rope_global
         return table[0][positions], table[1][positions]
 
-    def unpack(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        press, keys, values = self.layer_presses[layer], [], []
-        for packs, positions in self.chunks:
-            rope = self.rope(layer, positions)
-            k, v = press.unpack(packs[layer], rope) if rope is not None else press.unpack(packs[layer])
-            keys.append(k)
-            values.append(v)
-        return torch.cat(keys, dim=1), torch.cat(values, dim=1)
+    def _unpack(self, layer: int, packed: PackedKV, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rope = self.rope(layer, positions)
+        press = self.layer_presses[layer]
+        return press.unpack(packed, rope) if rope is not None else press.unpack(packed)
 
     def attend(self, obs: RowObserver, layer: int, q, keys, values, mask, scale: float):
+        if layer in obs.ring_of:
+            return self._attend_ring(obs, layer, keys, values, mask)
         n = self.packed_len
-        k, v = self.unpack(layer)
+        if not n:
+            return keys, values, mask
+        k, v = (torch.cat(t, dim=1) for t in zip(*(self._unpack(layer, packs[layer], positions)
+                                                   for packs, positions in self.chunks)))
         keys = torch.cat([k.to(keys.dtype), keys[:, n:]], dim=1)
         values = torch.cat([v.to(values.dtype), values[:, n:]], dim=1)
         window = self.config.layer_window(layer)
@@ -94,34 +112,102 @@ class QuantState(PressState):
             mask[:, :, :n] = positions[None, None, :] > q_pos[None, :, None] - window
         return keys, values, mask
 
+    def _attend_ring(self, obs: RowObserver, layer: int, keys, values, mask):
+        """A ring layer's columns are entries [first, first + span) (`kv_cache.ring_slot_table`; a pass wider than
+        the ring reads the span before its own entries, then those): the ring no longer holds the entries before
+        `ring_packed`; the packed ones inside the window are read dequantized, the rest are masked."""
+        r, span = obs.ring_of[layer]
+        end = self.ring_packed.get(r, 0)
+        width = len(obs.positions)
+        first = max(0, (obs.ctx + width if keys.shape[1] == span else obs.ctx) - span)
+        if end <= first:
+            return keys, values, mask
+        keys, values, mask = keys.clone(), values.clone(), mask.clone()
+        mask[:, :, :end - first] = False
+        q_pos = obs.query_positions(mask.shape[1], mask.device)
+        window = self.config.layer_window(layer)
+        for start, packs, positions in self.ring_chunks[r]:
+            lo = max(start, first)
+            if lo >= start + positions.numel():
+                continue
+            k, v = self._unpack(layer, packs[layer], positions)
+            cols = slice(lo - first, start + positions.numel() - first)
+            keys[:, cols] = k[:, lo - start:].to(keys.dtype)
+            values[:, cols] = v[:, lo - start:].to(values.dtype)
+            mask[:, :, cols] = positions[None, None, lo - start:] > q_pos[None, :, None] - window
+        return keys, values, mask
+
     # ---- packing ------------------------------------------------------------------------------------------
+    def _pack(self, layer: int, start: int, keys, values, positions: torch.Tensor) -> PackedKV:
+        """Entries [start, start + n) of `layer` (its keys and values `[H_kv, n, D]`, their positions) packed; the
+        press calibrates on its first chunk (KVQuant's ranges and codebooks, RotateKV's channel order)."""
+        press, rope = self.layer_presses[layer], self.rope(layer, positions)
+        if layer not in self.calibrated:
+            if isinstance(press, KVQuantPress):
+                press.calibrate(keys, values, rope)
+            elif isinstance(press, RotateKVPress):
+                press.calibrate(keys, rope)
+            self.calibrated.add(layer)
+        if isinstance(press, RotateKVPress) and start > 0:
+            press.n_sink = 0  # the sinks are the sequence's first tokens: later chunks have none
+        return press.pack(keys, values, rope) if rope is not None else press.pack(keys, values)
+
     def after_step(self, kv) -> None:
+        self._pack_full(kv)
+        self._pack_rings(kv)
+
+    def _pack_full(self, kv) -> None:
+        """The full pool's layers: the oldest whole chunks past the recent `residual` leave the pool, packed."""
         full_precision = kv.length - self.packed_len
         n = (full_precision - self.residual) // self.chunk * self.chunk
         if n <= 0:
             return
         start = self.packed_len
-        packs = []
+        packs: list[PackedKV | None] = []
         positions = None
         rings = getattr(kv.pool, "ring_layers", frozenset())
-        for layer, press in enumerate(self.layer_presses):
-            if layer in rings:  # its ring holds the window in full precision; nothing to pack
+        for layer in range(self.config.num_layers):
+            if layer in rings:  # packed apart (`_pack_rings`): a ring holds the window only
                 packs.append(None)
                 continue
             keys, values, positions = layer_kv(kv.pool, kv, layer, start, start + n)
-            rope = self.rope(layer, positions)
-            if not self.calibrated:
-                if isinstance(press, KVQuantPress):
-                    press.calibrate(keys, values, rope)
-                elif isinstance(press, RotateKVPress):
-                    press.calibrate(keys, rope)
-            packs.append(press.pack(keys, values, rope) if rope is not None else press.pack(keys, values))
-            if isinstance(press, RotateKVPress):
-                press.n_sink = 0  # the sinks are the sequence's first tokens: later chunks have none
-        self.calibrated = True
+            packs.append(self._pack(layer, start, keys, values, positions))
         self.chunks.append((packs, positions.clone()))
         self.packed_len += n
         kv.hand_over(n // kv.pool.block_size)
 
+    def _pack_rings(self, kv) -> None:
+        """Sliding-window rings, once the prompt is in: the ring's entries past the recent `residual` are packed
+        chunk by chunk from the first one inside the window, packs whose entries left every later query's window
+        are dropped, and the ring blocks of what is packed or gone go back (`SeqKV.release_ring_entries`). (Not
+        during the prompt: a prefill chunk wider than the ring reads it through `Transformer._ring_view`.)"""
+        rings = getattr(kv.pool, "rings", ())
+        if not rings or kv.written < self.prompt_len or not kv.length:
+            return
+        for r, ring in enumerate(rings):
+            window = self.config.layer_window(ring.layers[0])
+            last = torch.tensor(kv.ring_slots(r, [kv.length - 1]), device=ring.slot_pos.device)
+            horizon = int(ring.slot_pos[last]) + 1 - window  # positions at or before it: outside every later window
+            start = self.ring_packed.get(r)
+            if start is None:  # from the first entry inside the window (entries are in position order)
+                lo = max(0, kv.length - ring.span)
+                held = torch.tensor(kv.ring_slots(r, range(lo, kv.length)), device=ring.slot_pos.device)
+                start = lo + int((ring.slot_pos[held] <= horizon).sum())
+            chunks = self.ring_chunks.setdefault(r, [])
+            while kv.length - start >= self.residual + self.chunk:
+                slots = torch.tensor(kv.ring_slots(r, range(start, start + self.chunk)), device=ring.k.device)
+                positions = ring.slot_pos[slots].clone()
+                packs = {}
+                for layer in ring.layers:
+                    k_store, v_store = kv.pool.layer_store(layer)
+                    packs[layer] = self._pack(layer, start, k_store[slots].transpose(0, 1),
+                                              v_store[slots].transpose(0, 1), positions)
+                chunks.append((start, packs, positions))
+                start += self.chunk
+            chunks[:] = [c for c in chunks if int(c[2].max()) > horizon]
+            self.ring_packed[r] = start
+            kv.release_ring_entries(r, start)
+
     def held_outside(self) -> int:
-        return sum(p.nbytes() for packs, _ in self.chunks for p in packs if p is not None)
+        return sum(p.nbytes() for packs, _ in self.chunks for p in packs if p is not None) + sum(
+            p.nbytes() for chunks in self.ring_chunks.values() for _, packs, _ in chunks for p in packs.values())

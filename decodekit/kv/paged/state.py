@@ -9,10 +9,10 @@ The engine's step knows three things about a sequence's press, and nothing else:
 - `held_outside()`: bytes the press holds outside the pool (packed keys and values), for the stats.
 `fork()` copies the state for another sample of the request, `reset()` forgets it when the sequence loses its KV
 memory (preemption: it prefills again).
-With sliding-window rings (`models/kv_cache.py`) presses see the full pool's layers only: ring layers are never
-observed (their attention columns are the ring's entries) nor read by `layer_kv`; eviction still compacts the rings
-(one entry set per sequence), quantization packs the full pool's layers (a ring is fixed memory, kept in full
-precision). `PressSpec.check_rings` refuses what cannot work that way.
+With sliding-window rings (`models/kv_cache.py`) presses see the full pool's layers: ring layers are not read by
+`layer_kv`, and observed only for a press that says so (`observes_rings`: their attention columns are the ring's
+entries, `RowObserver.ring_of`); eviction still compacts the rings (one entry set per sequence), quantization packs
+the rings' entries too (`quantized.py`). `PressSpec.check_rings` refuses what cannot work that way.
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ class PressState:
 
     # Prefill passes are observed: the prompt's KV must be computed here, not adopted from the prefix cache.
     observes_prefill = False
+    # Its rows are also observed in ring layers (whose columns are a ring's entries, `_attend_ring` in quantized.py).
+    observes_rings = False
 
     def __init__(self, press, model, prompt_len: int) -> None:
         self.press, self.model, self.prompt_len = press, model, prompt_len
@@ -70,6 +72,8 @@ class RowObserver:
     def __init__(self, state: PressState, ctx: int, positions: list[int], prefill: bool) -> None:
         self.state, self.ctx, self.positions, self.prefill = state, ctx, positions, prefill
         self.selection = None  # per-pass scratch of a press (TidalDecode's token selection between layers)
+        # Ring layer -> (its ring, the ring's span), for a press that reads rings (`PressState.observes_rings`).
+        self.ring_of: dict[int, tuple[int, int]] = {}
 
     def attend(self, layer: int, q, keys, values, mask, scale: float):
         return self.state.attend(self, layer, q, keys, values, mask, scale)
