@@ -359,6 +359,18 @@ class SeqKV:
             raise ValueError(f"entries from {start} lie in blocks held outside the pool")
         return [self.blocks[i // bs - v] * bs + i % bs for i in range(start, start + n)]
 
+    def slot_tensor(self, entries: torch.Tensor | None = None, start: int = 0, n: int | None = None) -> torch.Tensor:
+        """Slots (a tensor on the pool's device) of `entries` (a long tensor), or of entries [start, start + n)
+        (default: up to `length`): what `slots` gives, computed on the device (thousands of entries a call)."""
+        bs, v, dev = self.pool.block_size, self.virtual, self.pool.k.device
+        if entries is None:
+            n = self.length - start if n is None else n
+            if start < v * bs and n:
+                raise ValueError(f"entries from {start} lie in blocks held outside the pool")
+            entries = torch.arange(start, start + n, device=dev)
+        table = torch.tensor(self.blocks, dtype=torch.long, device=dev)
+        return table[entries // bs - v] * bs + entries % bs
+
     def entry_slots(self, entries: list[int]) -> list[int]:
         """Slots of the given entries in the full pool."""
         bs, v = self.pool.block_size, self.virtual
@@ -376,7 +388,7 @@ class SeqKV:
             raise ValueError(f"cannot roll back to {length}: {self.length} entries held")
         self.length = length
 
-    def _move_ring_entries(self, src: list[int], dst: list[int], positions: torch.Tensor,
+    def _move_ring_entries(self, src: list[int], dst: list[int] | range, positions: torch.Tensor,
                            source: "SeqKV | None" = None) -> None:
         """In every ring, entry src[i] (of `source`, default this sequence) -> entry dst[i], with its true position
         `positions[i]`. Only the destinations among this sequence's last `capacity` entries are written (the others
@@ -385,7 +397,10 @@ class SeqKV:
         source = self if source is None else source
         end = max(dst, default=-1) + 1
         for r, ring in enumerate(self.pool.rings):
-            pick = [i for i, d in enumerate(dst) if d >= end - ring.capacity]
+            if isinstance(dst, range):  # (ascending, step 1: the last `capacity` of them)
+                pick = list(range(max(0, len(dst) - ring.capacity), len(dst)))
+            else:
+                pick = [i for i, d in enumerate(dst) if d >= end - ring.capacity]
             if not pick:
                 continue
             self._own_ring_entries([dst[i] for i in pick])
@@ -413,19 +428,21 @@ class SeqKV:
         entries likewise (`_move_ring_entries`)."""
         if self.virtual or self.ring_released:
             raise ValueError("cannot evict from a sequence whose first blocks are held outside the pool")
-        keep = [int(i) for i in keep]
-        if any(b <= a for a, b in zip(keep, keep[1:])) or (keep and not 0 <= keep[0] <= keep[-1] < self.length):
+        # Checked and moved with tensors: a press compacts thousands of entries at once (a host loop over them costs
+        # milliseconds, a sequence's whole decode step at batch 32).
+        kept = torch.as_tensor(keep, dtype=torch.long).cpu()
+        n, bs = kept.numel(), self.pool.block_size
+        if n and (bool((kept[1:] <= kept[:-1]).any()) or not 0 <= int(kept[0]) <= int(kept[-1]) < self.length):
             raise ValueError("entries to keep must be ascending and held")
-        n, bs = len(keep), self.pool.block_size
-        if keep == list(range(n)):
+        if not n or int(kept[-1]) == n - 1:  # ascending: the first n entries
             self.evicted += self.length - n
             self.length = n
             self.trim()
             return
-        src = [self.blocks[i // bs] * bs + i % bs for i in keep]
-        if self.rings:  # positions from the full pool's slots, before they move
-            positions = self.pool.slot_pos[torch.as_tensor(src, dtype=torch.long, device=self.pool.slot_pos.device)]
-            self._move_ring_entries(keep, list(range(n)), positions)
+        src = self.slot_tensor(kept.to(self.pool.k.device))
+        if self.rings:  # only the last `capacity` destinations land in a ring; positions from the full pool's slots
+            tail = min(n, max(ring.capacity for ring in self.pool.rings))
+            self._move_ring_entries(kept[n - tail:].tolist(), range(n - tail, n), self.pool.slot_pos[src[n - tail:]])
         old = list(self.blocks)
         fresh = {}  # block index -> newly allocated block, for destinations this sequence must not write
         for j in range(-(-n // bs)):
@@ -434,7 +451,7 @@ class SeqKV:
                 fresh[j] = self.alloc.allocate()  # before any release: the source stays intact
         for j, b in fresh.items():
             self.blocks[j] = b
-        self.pool.copy_slots(src, self.slots(0, n))
+        self.pool.copy_slots(src, self.slot_tensor(start=0, n=n))
         for j in fresh:
             self.alloc.release(old[j])
         self.hashes = []

@@ -78,7 +78,7 @@ class CompressedDrafter(ModelDrafter):
         if target.virtual or target.ring_released or target.written != root:
             split = 0
         else:
-            slots = torch.tensor(target.slots(0, target.length), dtype=torch.long, device=target.pool.k.device)
+            slots = target.slot_tensor()
             n = int((target.pool.slot_pos[slots] < split).sum())  # entries are in position order
             cache.append_from(target, list(range(n)))  # the full pool's entries, and the rings' windows
             cache.evicted = split - n  # tokens the target itself had evicted

@@ -183,10 +183,10 @@ class EvictionState(PressState):
         if keep.numel() == kv.length:
             return
         merged = self._merge(layers, keep) if isinstance(self.press, EMSPress) else {}
-        kv.compact(keep.tolist())
+        kv.compact(keep)
         if self.mass is not None:
             self.mass = self.mass[:, :, keep].contiguous()
-        slots = torch.tensor(kv.slots(0, kv.length), dtype=torch.long, device=kv.pool.k.device)
+        slots = kv.slot_tensor() if merged else None
         for layer, (k, v) in merged.items():  # after compacting: the kept entries now sit in blocks it owns alone
             k_store, v_store = kv.pool.layer_store(layer)
             k_store[slots] = k.transpose(0, 1)

@@ -105,6 +105,6 @@ def layer_kv(pool, kv, layer: int, start: int = 0, end: int | None = None) -> tu
     if layer in getattr(pool, "ring_layers", ()):
         raise ValueError(f"layer {layer} keeps only its sliding window (a ring): its entries are not all held")
     end = kv.length if end is None else end
-    slots = torch.tensor(kv.slots(start, end - start), dtype=torch.long, device=pool.k.device)
+    slots = kv.slot_tensor(start=start, n=end - start)
     k_store, v_store = pool.layer_store(layer)
     return k_store[slots].transpose(0, 1), v_store[slots].transpose(0, 1), pool.slot_pos[slots]
