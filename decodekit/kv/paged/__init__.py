@@ -85,7 +85,7 @@ class PressSpec:
 
     def check_rings(self, ring_layers: frozenset[int], num_layers: int) -> None:
         """Refuse (ValueError) what this press cannot do when the pool keeps `ring_layers` in sliding-window rings
-        (presses act on the full pool's layers only: `state.py`)."""
+        (presses score and select in the full pool's layers: `state.py`)."""
         if self.parts:
             for part in self.parts:
                 part.check_rings(ring_layers, num_layers)
