@@ -174,6 +174,34 @@ def test_quantized_bytes_drop_by_the_ratio_the_format_claims(llama):
     assert s.kv_bytes_uncompressed == math.ceil(written / 16) * 16 * per_token
 
 
+def test_kivi_chunks_merge_without_changing_tokens_or_bytes(llama, monkeypatch):
+    """KIVI's chunks of 16 entries merge as they accumulate (a binary counter): a few packs a layer to read instead
+    of one per chunk, the same tokens and the same bytes as unmerged chunks."""
+    from decodekit.kv.paged.quantized import QuantState
+
+    def run():
+        req = llama.add_request(prompt(90), 60, ignore_eos=True, press="kivi", bits=2, group=16, residual=16)
+        while not req.finished:
+            llama.step()
+            seq = req.sequences[0]
+            if not req.finished:
+                counts.append(len(seq.press.chunks))
+        return req.sequences[0]
+
+    counts = []
+    merged = run()
+    # The prompt's 64 entries packed at once, then 4 chunks of 16: 64 + 16 + 16 + 16 + 16 merge into one.
+    assert max(counts) <= 3 and merged.press.packed_len == 128 and counts[-1] == 1
+    with monkeypatch.context() as m:
+        m.setattr(QuantState, "_coalesce", lambda self: None)
+        counts = []
+        unmerged = run()
+    assert counts[-1] == 5
+    assert unmerged.output == merged.output and unmerged.stats.kv_bytes_final == merged.stats.kv_bytes_final
+    for layer in range(llama.model.config.num_layers):  # what attention reads back: the same entries, in order
+        assert all(torch.equal(a, b) for a, b in zip(merged.press.full_layer(layer), unmerged.press.full_layer(layer)))
+
+
 @pytest.mark.parametrize("which", ["llama", "gemma"])
 def test_eviction_then_quantization_packs_exactly_the_entries_eviction_kept(which, request):
     """snapkv+test_exact (a lossless "quantizer"): the same tokens as SnapKV alone, while the kept entries leave the

@@ -11,6 +11,7 @@ import torch
 
 import decodekit
 from decodekit.engine import Engine
+from decodekit.kv.paged.state import RowObserver
 from decodekit.models.kv_cache import SeqKV
 from drafter_options import drafter_options
 from engine_helpers import ExactPress  # noqa: F401 (registers press "test_exact")
@@ -224,6 +225,36 @@ def test_kivi_holds_fewer_ring_bytes(pair):
     assert len(r.token_ids) == 30
     slot = 2 * 2 * 16 * 4  # keys and values, 2 KV heads of 16 channels, float32: one entry of one layer
     assert r.stats.kv_bytes_final < CAPACITY * slot * 3 < r.stats.kv_bytes_uncompressed
+
+
+def test_kivi_packs_a_rings_layers_together_exactly(pair):
+    """KIVI packs each head on its own, so a ring chunk packs all the ring's layers at once, stacked as heads: every
+    layer reads back what a pack of its own gives, and the two sequences hold the same bytes and make the same
+    tokens."""
+    from decodekit.kv.paged.quantized import STACKED
+
+    ring, _ = pair
+    reqs = [ring.add_request(PROMPTS[2], 30, ignore_eos=True, press="kivi", residual=4, group=4) for _ in range(2)]
+    states = [r.sequences[0].press for r in reqs]
+    states[1].press.heads_apart = False  # this one: a pack per layer
+    compared = 0
+    while not all(r.finished for r in reqs):
+        ring.step()
+        if any(r.finished for r in reqs):
+            continue
+        together, apart = (s.ring_chunks.get(0, []) for s in states)
+        assert [c[0] for c in together] == [c[0] for c in apart]
+        for (start, packs, pos, _), (_, own, _, _) in zip(together, apart):
+            assert list(packs) == [STACKED] and STACKED not in own
+            obs = RowObserver(states[0], 0, [0], False)
+            for layer in states[0].ring_layers[0]:
+                got = states[0]._ring_chunk(obs, 0, layer, start, packs, pos)
+                want = states[1]._ring_chunk(obs, 0, layer, start, own, pos)
+                assert all(torch.equal(a, b) for a, b in zip(got, want))
+                compared += 1
+    assert compared > 0
+    a, b = (r.sequences[0] for r in reqs)
+    assert a.output == b.output and a.stats.kv_bytes_final == b.stats.kv_bytes_final
 
 
 @pytest.mark.parametrize("method,options", [("magicdec", {"budget": 24, "n_sink": 4, "compress_every": 8}),

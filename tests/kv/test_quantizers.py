@@ -59,6 +59,22 @@ def test_kivi_error_bound_full_precision_window_and_bytes(bits):
     assert full.nbytes() / (2 * 2 * 256 * 64 * F16) == pytest.approx((bits / 8 + 4 / 32) / F16)
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kivi_packs_concatenate_exactly(bits):
+    """Consecutive packs (whole key groups, no recent window) merge into one that reads back as they did, holding
+    the same bytes; a pack with full-precision recent tokens is refused."""
+    press = KIVIPress(bits=bits, group=8, residual=0)
+    parts = [press.pack(randn(2, n, 16, seed=s), randn(2, n, 16, seed=s + 9)) for s, n in ((1, 16), (2, 8), (3, 24))]
+    merged = press.concat(parts)
+    k, v = press.unpack(merged)
+    pieces = [press.unpack(p) for p in parts]
+    assert torch.equal(k, torch.cat([x for x, _ in pieces], dim=1))
+    assert torch.equal(v, torch.cat([y for _, y in pieces], dim=1))
+    assert merged.nbytes() == sum(p.nbytes() for p in parts) and merged.meta["shape"] == (2, 48, 16)
+    with pytest.raises(ValueError, match="recent"):
+        press.concat([parts[0], KIVIPress(bits=bits, group=8, residual=4).pack(randn(2, 12, 16), randn(2, 12, 16))])
+
+
 def test_kivi_keys_per_channel_isolate_an_outlier_channel():
     k = randn(2, 64, 16, seed=3).float()
     k[..., 5] *= 100  # an outlier channel, as in real key caches

@@ -24,7 +24,9 @@ window. (Not during the prompt: a prefill chunk wider than the ring reads it thr
 Per press: KIVI quantizes keys per channel in groups of `group` tokens, so chunks are whole key groups (and the
 press packs them with no recent window of its own: the pool holds that one); KVQuant and RotateKV calibrate per
 layer on the first chunk they pack (the paper's offline calibration, done on the sequence's own prompt), and get
-the rotary tables to quantize keys before RoPE; GEAR needs nothing more.
+the rotary tables to quantize keys before RoPE; GEAR needs nothing more. KIVI's packs also concatenate exactly
+(`concat`), so its chunks of the full pool's layers merge as they accumulate (`_coalesce`): a pass reads O(log n)
+packs a layer, not one per chunk.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ from ..presses.rotatekv import RotateKVPress
 from .state import PressState, RowObserver, layer_kv
 
 DEFAULT_RESIDUAL = 128
+STACKED = -1  # the key of a ring chunk's one pack of all its layers (stacked as heads)
 GEAR_CHUNK = 256  # GEAR's low-rank factors ([n, rank] per head) amortise over the tokens packed together
 
 
@@ -66,10 +69,11 @@ class QuantState(PressState):
         self.calibrated: set[int] = set()  # layers whose press has seen its first chunk
         self.chunks: list[tuple[list[PackedKV], torch.Tensor]] = []  # per chunk: each layer's pack, positions [n]
         self.packed_len = 0
-        # Sliding-window rings: per ring, its packed chunks (first entry, each of its layers' pack, positions) and
-        # the entry before which the ring no longer holds them.
-        self.ring_chunks: dict[int, list[tuple[int, dict[int, PackedKV], torch.Tensor]]] = {}
+        # Sliding-window rings: per ring, its packed chunks (first entry, each of its layers' pack, positions, the
+        # last position) and the entry before which the ring no longer holds them.
+        self.ring_chunks: dict[int, list[tuple[int, dict[int, PackedKV], torch.Tensor, int]]] = {}
         self.ring_packed: dict[int, int] = {}
+        self.ring_layers: dict[int, list[int]] = {}  # ring -> its layers (the order of a stacked pack's heads)
 
     # ---- passes -------------------------------------------------------------------------------------------
     def observed(self, kv) -> bool:
@@ -100,8 +104,7 @@ class QuantState(PressState):
         n = self.packed_len
         if not n:
             return keys, values, mask
-        k, v = (torch.cat(t, dim=1) for t in zip(*(self._unpack(layer, packs[layer], positions)
-                                                   for packs, positions in self.chunks)))
+        k, v = self.full_layer(layer)
         keys = torch.cat([k.to(keys.dtype), keys[:, n:]], dim=1)
         values = torch.cat([v.to(values.dtype), values[:, n:]], dim=1)
         window = self.config.layer_window(layer)
@@ -126,16 +129,28 @@ class QuantState(PressState):
         mask[:, :, :end - first] = False
         q_pos = obs.query_positions(mask.shape[1], mask.device)
         window = self.config.layer_window(layer)
-        for start, packs, positions in self.ring_chunks[r]:
+        for start, packs, positions, _ in self.ring_chunks[r]:
             lo = max(start, first)
             if lo >= start + positions.numel():
                 continue
-            k, v = self._unpack(layer, packs[layer], positions)
+            k, v = self._ring_chunk(obs, r, layer, start, packs, positions)
             cols = slice(lo - first, start + positions.numel() - first)
             keys[:, cols] = k[:, lo - start:].to(keys.dtype)
             values[:, cols] = v[:, lo - start:].to(values.dtype)
             mask[:, :, cols] = positions[None, None, lo - start:] > q_pos[None, :, None] - window
         return keys, values, mask
+
+    def _ring_chunk(self, obs: RowObserver, r: int, layer: int, start: int, packs: dict, positions: torch.Tensor):
+        """One ring chunk of `layer`, dequantized. A chunk packed with its ring's layers stacked as heads is unpacked
+        once a pass (kept in the observer's scratch: every ring layer of this row reads it) and sliced per layer."""
+        if STACKED not in packs:
+            return self._unpack(layer, packs[layer], positions)
+        if (r, start) not in obs.scratch:
+            obs.scratch[(r, start)] = self._unpack(self.ring_layers[r][0], packs[STACKED], positions)
+        k, v = obs.scratch[(r, start)]
+        h = self.config.num_kv_heads
+        row = self.ring_layers[r].index(layer)
+        return k[row * h:(row + 1) * h], v[row * h:(row + 1) * h]
 
     # ---- packing ------------------------------------------------------------------------------------------
     def _pack(self, layer: int, start: int, keys, values, positions: torch.Tensor) -> PackedKV:
@@ -175,6 +190,23 @@ class QuantState(PressState):
         self.chunks.append((packs, positions.clone()))
         self.packed_len += n
         kv.hand_over(n // kv.pool.block_size)
+        self._coalesce()
+
+    def _coalesce(self) -> None:
+        """Merge the last two chunks while they are the same size (a binary counter: O(log n) chunks), where the press
+        concatenates packs exactly (KIVI): attention dequantizes every chunk of every layer in every pass, and a 32k
+        context in 32-token chunks would be a thousand small reads a layer. Bytes held do not change."""
+        if not hasattr(self.press, "concat"):
+            return
+        while len(self.chunks) >= 2 and self.chunks[-1][1].numel() == self.chunks[-2][1].numel():
+            (a, pa), (b, pb) = self.chunks[-2:]
+            merged = [None if x is None else self.layer_presses[i].concat([x, y]) for i, (x, y) in enumerate(zip(a, b))]
+            self.chunks[-2:] = [(merged, torch.cat([pa, pb]))]
+
+    def full_layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values `[H_kv, packed_len, D]` of the packed entries of a full-pool layer, dequantized."""
+        return tuple(torch.cat(t, dim=1) for t in zip(*(self._unpack(layer, packs[layer], positions)
+                                                       for packs, positions in self.chunks)))
 
     def _pack_rings(self, kv) -> None:
         """Sliding-window rings, once the prompt is in: the ring's entries past the recent `residual` are packed
@@ -194,20 +226,26 @@ class QuantState(PressState):
                 held = torch.tensor(kv.ring_slots(r, range(lo, kv.length)), device=ring.slot_pos.device)
                 start = lo + int((ring.slot_pos[held] <= horizon).sum())
             chunks = self.ring_chunks.setdefault(r, [])
+            self.ring_layers[r] = list(ring.layers)
+            # A press that packs each head on its own (KIVI) packs the ring's layers at once, stacked as heads: the
+            # same codes and bytes, and one unpack a pass instead of one per layer (`_ring_chunk`).
+            stack = getattr(self.press, "heads_apart", False)
             while kv.length - start >= self.residual + self.chunk:
                 slots = torch.tensor(kv.ring_slots(r, range(start, start + self.chunk)), device=ring.k.device)
                 positions = ring.slot_pos[slots].clone()
-                packs = {}
-                for layer in ring.layers:
-                    k_store, v_store = kv.pool.layer_store(layer)
-                    packs[layer] = self._pack(layer, start, k_store[slots].transpose(0, 1),
-                                              v_store[slots].transpose(0, 1), positions)
-                chunks.append((start, packs, positions))
+                kvs = {layer: tuple(t[slots].transpose(0, 1) for t in kv.pool.layer_store(layer))
+                       for layer in ring.layers}
+                if stack:
+                    keys, values = (torch.cat(t, dim=0) for t in zip(*kvs.values()))
+                    packs = {STACKED: self._pack(ring.layers[0], start, keys, values, positions)}
+                else:
+                    packs = {layer: self._pack(layer, start, k, v, positions) for layer, (k, v) in kvs.items()}
+                chunks.append((start, packs, positions, int(positions[-1])))
                 start += self.chunk
-            chunks[:] = [c for c in chunks if int(c[2].max()) > horizon]
+            chunks[:] = [c for c in chunks if c[3] > horizon]  # (its last entry's position: the largest)
             self.ring_packed[r] = start
             kv.release_ring_entries(r, start)
 
     def held_outside(self) -> int:
         return sum(p.nbytes() for packs, _ in self.chunks for p in packs if p is not None) + sum(
-            p.nbytes() for chunks in self.ring_chunks.values() for _, packs, _ in chunks for p in packs.values())
+            p.nbytes() for chunks in self.ring_chunks.values() for _, packs, *_ in chunks for p in packs.values())

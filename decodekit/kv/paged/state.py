@@ -72,6 +72,8 @@ class RowObserver:
     def __init__(self, state: PressState, ctx: int, positions: list[int], prefill: bool) -> None:
         self.state, self.ctx, self.positions, self.prefill = state, ctx, positions, prefill
         self.selection = None  # per-pass scratch of a press (TidalDecode's token selection between layers)
+        self._query_positions: torch.Tensor | None = None
+        self.scratch: dict = {}  # a press's per-pass cache (a quantizing press's ring chunks, dequantized once)
         # Ring layer -> (its ring, the ring's span), for a press that reads rings (`PressState.observes_rings`).
         self.ring_of: dict[int, tuple[int, int]] = {}
 
@@ -82,9 +84,12 @@ class RowObserver:
         self.state.kept(self, nodes)
 
     def query_positions(self, width: int, device) -> torch.Tensor:
-        """Positions of the row's `width` queries (padding queries repeat the last real one)."""
-        pos = self.positions + [self.positions[-1]] * (width - len(self.positions))
-        return torch.tensor(pos, device=device)
+        """Positions of the row's `width` queries (padding queries repeat the last real one); made once a pass (a
+        copy to the device in every layer would wait for the device each time)."""
+        if self._query_positions is None or self._query_positions.shape[0] != width:
+            pos = self.positions + [self.positions[-1]] * (width - len(self.positions))
+            self._query_positions = torch.tensor(pos, device=device)
+        return self._query_positions
 
 
 def attention_weights(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, scale: float,

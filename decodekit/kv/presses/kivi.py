@@ -23,6 +23,7 @@ from ..quant import check_bits, check_kv, dequantize, pack_bits, quantize, unpac
 @dataclass
 class KIVIPress(QuantPress):
     name = "kivi"
+    heads_apart = True  # each head is packed on its own: heads of several layers may be packed as one
     bits: int = 2
     group: int = 32  # group size: tokens per key group, channels per value group (capped at head_dim)
     residual: int = 128  # recent tokens kept in full precision (at least)
@@ -45,6 +46,18 @@ class KIVIPress(QuantPress):
                    "v_codes": pack_bits(vc, self.bits), "v_scale": vs, "v_zero": vz,
                    "k_recent": keys[:, nq:].clone(), "v_recent": values[:, nq:].clone()}
         return PackedKV(tensors, {"shape": (h, n, d), "dtype": keys.dtype, "quantized": nq, "value_group": gv})
+
+    def concat(self, packs: list[PackedKV]) -> PackedKV:
+        """One pack holding consecutive packs without a recent window (the engine's chunks), byte for byte: fewer,
+        larger reads when attention dequantizes them every step."""
+        if any(p.meta["quantized"] != p.meta["shape"][1] for p in packs):
+            raise ValueError("only packs without full-precision recent tokens concatenate")
+        along = {"k_scale": 2, "k_zero": 2}  # per-channel key groups: [H, D, n / group]; the rest [H, n, ...]
+        tensors = {name: torch.cat([p.tensors[name] for p in packs], dim=along.get(name, 1))
+                   for name in packs[0].tensors}
+        h, _, d = packs[0].meta["shape"]
+        n = sum(p.meta["shape"][1] for p in packs)
+        return PackedKV(tensors, {**packs[0].meta, "shape": (h, n, d), "quantized": n})
 
     def unpack(self, packed: PackedKV) -> tuple[torch.Tensor, torch.Tensor]:
         t, m = packed.tensors, packed.meta
