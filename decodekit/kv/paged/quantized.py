@@ -127,30 +127,37 @@ class QuantState(PressState):
             return keys, values, mask
         keys, values, mask = keys.clone(), values.clone(), mask.clone()
         mask[:, :, :end - first] = False
-        q_pos = obs.query_positions(mask.shape[1], mask.device)
-        window = self.config.layer_window(layer)
-        for start, packs, positions, _ in self.ring_chunks[r]:
-            lo = max(start, first)
-            if lo >= start + positions.numel():
-                continue
-            k, v = self._ring_chunk(obs, r, layer, start, packs, positions)
-            cols = slice(lo - first, start + positions.numel() - first)
-            keys[:, cols] = k[:, lo - start:].to(keys.dtype)
-            values[:, cols] = v[:, lo - start:].to(values.dtype)
-            mask[:, :, cols] = positions[None, None, lo - start:] > q_pos[None, :, None] - window
+        chunks = self.ring_chunks[r]
+        base, held = (chunks[0][0], chunks[-1][0] + chunks[-1][2].numel()) if chunks else (end, end)
+        lo = max(base, first)
+        if lo < held:  # the packed entries [base, held) still inside some window: one contiguous run of columns
+            k, v, positions = self._ring_window(obs, r, layer)
+            q_pos = obs.query_positions(mask.shape[1], mask.device)
+            cols = slice(lo - first, held - first)
+            keys[:, cols] = k[:, lo - base:].to(keys.dtype)
+            values[:, cols] = v[:, lo - base:].to(values.dtype)
+            window = self.config.layer_window(layer)
+            mask[:, :, cols] = positions[None, None, lo - base:] > q_pos[None, :, None] - window
         return keys, values, mask
 
-    def _ring_chunk(self, obs: RowObserver, r: int, layer: int, start: int, packs: dict, positions: torch.Tensor):
-        """One ring chunk of `layer`, dequantized. A chunk packed with its ring's layers stacked as heads is unpacked
-        once a pass (kept in the observer's scratch: every ring layer of this row reads it) and sliced per layer."""
-        if STACKED not in packs:
-            return self._unpack(layer, packs[layer], positions)
-        if (r, start) not in obs.scratch:
-            obs.scratch[(r, start)] = self._unpack(self.ring_layers[r][0], packs[STACKED], positions)
-        k, v = obs.scratch[(r, start)]
-        h = self.config.num_kv_heads
-        row = self.ring_layers[r].index(layer)
-        return k[row * h:(row + 1) * h], v[row * h:(row + 1) * h]
+    def _ring_window(self, obs: RowObserver, r: int, layer: int):
+        """Keys, values `[H_kv, n, D]` and positions `[n]` of ring `r`'s packed entries still held, in `layer` (its
+        chunks are consecutive entries), dequantized once a pass and kept in the observer's scratch (a transient of
+        the window's size); a chunk packed with the ring's layers stacked as heads is unpacked once for all of them
+        and sliced per layer."""
+        chunks = self.ring_chunks[r]
+        stacked = STACKED in chunks[0][1]
+        key = ("ring", r) if stacked else ("ring", r, layer)
+        if key not in obs.scratch:
+            source = self.ring_layers[r][0] if stacked else layer
+            parts = [self._unpack(source, packs[STACKED if stacked else layer], pos) for _, packs, pos, _ in chunks]
+            obs.scratch[key] = (torch.cat([k for k, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1),
+                                torch.cat([pos for _, _, pos, _ in chunks]))
+        k, v, positions = obs.scratch[key]
+        if stacked:
+            h, row = self.config.num_kv_heads, self.ring_layers[r].index(layer)
+            k, v = k[row * h:(row + 1) * h], v[row * h:(row + 1) * h]
+        return k, v, positions
 
     # ---- packing ------------------------------------------------------------------------------------------
     def _pack(self, layer: int, start: int, keys, values, positions: torch.Tensor) -> PackedKV:
