@@ -306,10 +306,10 @@ class SeqKV:
         for _ in range(self.blocks_needed(n)):
             self.blocks.append(self.alloc.allocate())
         for r, ring in enumerate(self.rings):
-            alloc, nb = self.pool.rings[r].allocator, self.pool.rings[r].n_blocks
+            alloc = self.pool.rings[r].allocator
             for i in self._ring_holes(r, n):
                 ring[i] = alloc.allocate()
-            for _ in range(max(0, min(nb, -(-n // self.pool.block_size)) - len(ring))):
+            for _ in range(self.ring_blocks_needed(r, n)):  # (the holes are filled: growth only)
                 ring.append(alloc.allocate())
         self._own_ring_entries(range(self.length, n))
 
@@ -397,10 +397,7 @@ class SeqKV:
         source = self if source is None else source
         end = max(dst, default=-1) + 1
         for r, ring in enumerate(self.pool.rings):
-            if isinstance(dst, range):  # (ascending, step 1: the last `capacity` of them)
-                pick = list(range(max(0, len(dst) - ring.capacity), len(dst)))
-            else:
-                pick = [i for i, d in enumerate(dst) if d >= end - ring.capacity]
+            pick = [i for i, d in enumerate(dst) if d >= end - ring.capacity]
             if not pick:
                 continue
             self._own_ring_entries([dst[i] for i in pick])

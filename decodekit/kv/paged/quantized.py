@@ -232,8 +232,8 @@ class QuantState(PressState):
                 lo = max(0, kv.length - ring.span)
                 held = torch.tensor(kv.ring_slots(r, range(lo, kv.length)), device=ring.slot_pos.device)
                 start = lo + int((ring.slot_pos[held] <= horizon).sum())
+                self.ring_layers[r] = list(ring.layers)
             chunks = self.ring_chunks.setdefault(r, [])
-            self.ring_layers[r] = list(ring.layers)
             # A press that packs each head on its own (KIVI) packs the ring's layers at once, stacked as heads: the
             # same codes and bytes, and one unpack a pass instead of one per layer (`_ring_chunk`).
             stack = getattr(self.press, "heads_apart", False)
