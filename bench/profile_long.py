@@ -94,7 +94,8 @@ def main() -> None:
             got = decode_together(engine, prompts, args.new_tokens, lambda: prof, sampling=greedy, ignore_eos=True,
                                   **options)
             row = {"prefill_s": got.prefill_s, "decode_s": got.decode_s, "decode_tok_s": got.decode_tok_s,
-                   "kv_bytes_final": sum(r.stats.kv_bytes_final for r in got.results)}
+                   "kv_bytes_final": sum(r.stats.kv_bytes_final for r in got.results),
+                   "tau": sum(r.stats.tau for r in got.results) / len(got.results)}
             if profiled:
                 row.update(device_ms=device_ms(prof), top=top_kernels(prof), host=host_ops(prof))
             return row

@@ -221,11 +221,13 @@ class EngineCore:
             return []
         t0 = time.perf_counter()
         batch = len(plan.decodes) + len(plan.prefills)
-        fusable = []
+        fusable: dict[int, int | None] = {}
         for seq in plan.decodes:
             if seq.budget is not None:
                 seq.budget.batch = batch
-            fusable.append(seq.plan(self.runner.fused_sizes, self.runner.drafts_on_device))
+            fusable[seq.id] = seq.plan(self.runner.fused_sizes, self.runner.drafts_on_device)
+        fusable.update(self._propose([s for s in plan.decodes if fusable[s.id] is None]))
+        fusable = [fusable[s.id] for s in plan.decodes]
         updated: list[Sequence] = []
         if plan.decodes and not plan.prefills and self.runner.fused_sizes and min(fusable) >= self.runner.fused_sizes[-1]:
             updated = self._fused_step(plan.decodes, min(fusable), t0)
@@ -239,6 +241,22 @@ class EngineCore:
         for seq in sched.running:
             seq.kv.trim()
         return updated
+
+    def _propose(self, seqs: list[Sequence]) -> dict[int, int]:
+        """The drafts of the sequences whose drafters propose this step, one `propose_together` call per method (a
+        drafter that runs a model drafts for all its sequences in one batched pass); each sequence's plan is then
+        finished. Returns what each one's plan returns (`Sequence.take_proposal`)."""
+        groups: dict[str, list[Sequence]] = {}
+        for seq in seqs:
+            groups.setdefault(seq.method_key, []).append(seq)
+        fusable = {}
+        for group in groups.values():
+            t0 = time.perf_counter()
+            trees = group[0].drafter.propose_together([s.drafter for s in group], [s.tokens for s in group])
+            seconds = (time.perf_counter() - t0) / len(group)
+            for seq, tree in zip(group, trees):
+                fusable[seq.id] = seq.take_proposal(tree, self.runner.fused_sizes, seconds)
+        return fusable
 
     def _verified_step(self, plan, t0: float) -> list[Sequence]:
         specs: list[RowSpec] = []

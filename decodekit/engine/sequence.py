@@ -225,42 +225,51 @@ class Sequence:
             self.policy is not None
 
     # ---- the step --------------------------------------------------------------------------------------------
-    def plan(self, fused_sizes: tuple[int, ...], draft_rounds: bool = False) -> int:
-        """Decide this step's draft (`self.tree`); return how many greedy tokens the sequence can take in fused chunks
-        instead (0: it needs a verified step, with `self.tree`, possibly empty). `draft_rounds`: the runner drafts on
-        the device, so a drafter that can (`drafts_on_device`) leaves its drafts to the fused step."""
+    def plan(self, fused_sizes: tuple[int, ...], draft_rounds: bool = False) -> int | None:
+        """Start deciding this step's draft (`self.tree`). Returns how many greedy tokens the sequence can take in
+        fused chunks instead (0: it needs a verified step, with `self.tree`, possibly empty), or None when its drafter
+        is to propose: the core gathers the proposals of a step's sequences (`Drafter.propose_together`, one batched
+        draft pass for drafters that run a model) and hands each to `take_proposal`. `draft_rounds`: the runner drafts
+        on the device, so a drafter that can (`drafts_on_device`) leaves its drafts to the fused step."""
         self.tree = self.proposed = DraftTree()
         self.refused = self.jumped = False
         if self.policy is not None:  # the policy's candidates to score beside the root (contrastive search ...)
             self.tree = self.policy.plan(self)
             return 0
-        fusable = bool(fused_sizes) and not self.needs_host_logits and self.top_logprobs is None and \
-            self.token_stat is None and not self.hidden_layers and not self.observed
-        if self.drafter.name == "plain" or draft_rounds and fusable and self.drafter.drafts_on_device:
+        if self.drafter.name == "plain" or draft_rounds and self.fusable(fused_sizes) and self.drafter.drafts_on_device:
             self._constrain_draft()
-            return self.room if fusable else 0
+            return self.room if self.fusable(fused_sizes) else 0
         budget = self.budget
         if budget is not None and not budget.should_draft():
             self.refused = True
             self._constrain_draft()
-            return fused_sizes[0] * (1 + budget.quiet_steps()) if fusable else 0
-        t0 = time.perf_counter()
-        self.proposed = self.drafter.propose(self.tokens)
-        tree = budget.trim(self.proposed) if budget is not None and len(self.proposed) else self.proposed
+            return fused_sizes[0] * (1 + budget.quiet_steps()) if self.fusable(fused_sizes) else 0
+        return None
+
+    def fusable(self, fused_sizes: tuple[int, ...]) -> bool:
+        """Whether the sequence's greedy tokens may come from fused chunks (nothing needs a step's logits)."""
+        return bool(fused_sizes) and not self.needs_host_logits and self.top_logprobs is None and \
+            self.token_stat is None and not self.hidden_layers and not self.observed
+
+    def take_proposal(self, proposed: DraftTree, fused_sizes: tuple[int, ...], seconds: float) -> int:
+        """Finish `plan` with the drafter's proposal (drafted in `seconds`): the budget's cut, the end of the output,
+        the grammar; returns what `plan` returns."""
+        self.proposed = proposed
+        budget = self.budget
+        tree = budget.trim(proposed) if budget is not None and len(proposed) else proposed
         # Never past the end: at most room - 1 nodes deep (the step adds accepted + 1 tokens).
         depths = tree.depths()
         if len(tree) and max(depths) > self.room - 1:
             tree = cut_tree(tree, self.room - 1)
         self.tree = tree
-        self.stats.draft_time_s += time.perf_counter() - t0
+        self.stats.draft_time_s += seconds
         self._constrain_draft()
-        tree = self.tree
-        if len(tree) or not fusable:
+        if len(self.tree) or not self.fusable(fused_sizes):
             return 0
-        if not len(self.proposed) and self.drafter.learns_from_steps:
+        if not len(proposed) and self.drafter.learns_from_steps:
             return 0  # it learns from the target's logits: a verified step
         # The budget cut the draft away (a long chunk) or there was none (a short one: a match may start soon).
-        return fused_sizes[0] if len(self.proposed) else fused_sizes[-1]
+        return fused_sizes[0] if len(proposed) else fused_sizes[-1]
 
     def _constrain_draft(self) -> None:
         """Under a grammar: prune the draft's breaking nodes, or draft the tokens the grammar forces."""

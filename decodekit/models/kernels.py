@@ -27,6 +27,10 @@ BLOCK_N = 64  # entries per tile inside a program
 # (`engine/graphs.py: StaticDraftRounds`) use it whatever this says (`Rows.tree_kernel`): there it pays.
 TREE_MAX_WIDTH = 1
 TREE_WIDEST = 64
+# Verify passes reading at least this many entries a row take the kernel whatever TREE_MAX_WIDTH says: the masked path
+# copies every entry a layer, which grows with the context (H100, width 16: 1.48x a step at 512 entries, 2.01x at
+# 2,048; the kernel 1.47x / 1.60x, `bench/round_cost.py`), and a long context is what self-speculation drafts for.
+TREE_LONG_KV = 4096
 # How `paged_tree` and `paged_decode` split a row's entries (`tree_splits`): into enough splits for about
 # TREE_PROGRAMS programs in all (an H100's 132 SMs twice; more only add combine work: the combine kernel runs one
 # program per row and KV head, looping over the splits), each reading TREE_MIN_SPLIT entries at least. The decode

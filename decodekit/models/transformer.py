@@ -385,8 +385,11 @@ class Transformer(nn.Module):
             # - a sliding window: each query's window starts at its own position (the kernel has one start a row);
             # - a KV press's rows: it sees and may replace the gathered keys, values and mask (`observe_rows`);
             # - prefill chunks wider than the widest captured verify pass: there SDPA's tensor-core kernels win (the
-            #   copy of the entries is small next to the chunk's own work; the kernel is tuned for few queries a row).
-            widest = kernels.TREE_WIDEST if g.tree_kernel else kernels.TREE_MAX_WIDTH
+            #   copy of the entries is small next to the chunk's own work; the kernel is tuned for few queries a row);
+            # - short verify passes outside fused draft rounds, unless TREE_MAX_WIDTH says otherwise (long ones: the
+            #   kernel, TREE_LONG_KV).
+            long = table.shape[1] >= kernels.TREE_LONG_KV
+            widest = kernels.TREE_WIDEST if g.tree_kernel or long else kernels.TREE_MAX_WIDTH
             tree_kernel = kernel and 1 < g.width <= widest and w is None and not g.observers
             mask = None if tree_kernel else attention_mask(g, q_pos, kv_pos, w, first, table.shape[1])
             ctx = g.ctx if first is None else g.ctx - first  # the row's first new entry, as a column of `table`

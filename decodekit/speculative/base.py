@@ -133,6 +133,12 @@ class Drafter:
         """Draft after `context` (every committed token; its last one is the root). Empty tree = plain decoding."""
         return DraftTree()
 
+    def propose_together(self, drafters: list["Drafter"], contexts: list[list[int]]) -> list[DraftTree]:
+        """The proposals of every sequence of one method in a step (`self` is one of `drafters`, each a sequence's
+        copy, `contexts` their committed tokens). By default each proposes alone; a drafter that runs a model
+        overrides it to draft for all of them in one batched pass."""
+        return [d.propose(c) for d, c in zip(drafters, contexts)]
+
     def observe(self, context: list[int], step: StepResult) -> None:
         """Called after each verified step; `context` already holds the newly committed tokens. Tokens decoded in
         fused greedy chunks (GPU) are not observed: the next `propose` sees them in `context`."""

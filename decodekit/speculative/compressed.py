@@ -58,10 +58,10 @@ class CompressedDrafter(ModelDrafter):
         self.cache = SeqKV(self.kv.pool)
         self.state: PressState | None = None
         self.fed = 0  # context tokens whose keys and values the draft cache has taken in (held or evicted)
+        self.drafted: list[int] = []  # drafts whose entries follow the `fed` tokens' (kept if the target accepts them)
 
     def finish(self, tokens: list[int]) -> None:
-        self.cache.free()
-        self.state = None
+        self._drop()
 
     def _observer(self, positions: list[int]):
         return self.state.observer(self.cache, positions, False) if self.state is not None else None
@@ -93,47 +93,101 @@ class CompressedDrafter(ModelDrafter):
         self.fed = root
 
     def propose(self, context: list[int]) -> DraftTree:
-        try:
-            if self.state is None or self.fed > len(context) - 1:
-                self._start(context)
-            with torch.inference_mode():
-                self.state.after_step(self.cache)
-            runner = self.engine.core.runner
-            if runner.fused_sizes and not self.state.observed(self.cache):
-                return self._fused(context, runner)
-            tree = super().propose(context)
-            if self.cache.length == 0:  # the pool ran dry while drafting (`propose` emptied the cache): start over
-                self.state = None
-            return tree
-        except PoolFull:
-            self.cache.free()
-            self.state = None
-            return DraftTree()
+        return self.propose_together([self], [context])[0]
+
+    def propose_together(self, drafters: list["CompressedDrafter"], contexts: list[list[int]]) -> list[DraftTree]:
+        """Every sequence's draft: where the runner offers fused greedy chunks and the press takes no part in the
+        passes, all draft caches take their new tokens in one pass and draft in one fused chunk (at a large batch
+        and a long context a target step reads B full caches, a draft step B small ones: MagicDec's regime);
+        otherwise each drafts eagerly, alone."""
+        runner = self.engine.core.runner
+        trees: list[DraftTree | None] = [None] * len(drafters)
+        fused = []
+        for i, (d, context) in enumerate(zip(drafters, contexts)):
+            try:
+                d._prepare(context)
+                if runner.fused_sizes and not d.state.observed(d.cache):
+                    fused.append(i)
+                    continue
+                trees[i] = ModelDrafter.propose(d, context)
+                if d.cache.length == 0:  # the pool ran dry while drafting (`propose` emptied the cache): start over
+                    d.state = None
+            except PoolFull:
+                d._drop()
+                trees[i] = DraftTree()
+        if fused:
+            for i, tree in zip(fused, self._fused([drafters[i] for i in fused], [contexts[i] for i in fused], runner)):
+                trees[i] = tree
+        return trees
+
+    def _prepare(self, context: list[int]) -> None:
+        """Before drafting: build the draft cache (first proposal), or keep the entries of last step's drafts that the
+        target accepted and forget the rest; then let the press act."""
+        if self.state is None or self.fed > len(context) - 1:
+            self._start(context)
+        elif self.drafted:
+            committed = context[self.fed:len(context) - 1]  # the root's entry is written when drafting from it
+            kept = 0
+            while kept < min(len(self.drafted), len(committed)) and self.drafted[kept] == committed[kept]:
+                kept += 1
+            self.cache.rollback(self.cache.length - len(self.drafted) + kept)
+            self.cache.trim()
+            self.fed += kept
+        self.drafted = []
+        with torch.inference_mode():
+            self.state.after_step(self.cache)
+
+    def _drop(self) -> None:
+        """No memory left: the cache goes back; the next proposal builds it again."""
+        self.cache.free()
+        self.state = None
+        self.drafted = []
 
     @torch.inference_mode()
-    def _fused(self, context: list[int], runner) -> DraftTree:
-        """Draft through the runner's fused greedy chunks (on a GPU: a captured graph over the small cache): feed the
-        committed tokens the cache lacks, then `num_draft` greedy steps from the root; keep the root's entry."""
-        root, cache = len(context) - 1, self.cache
-        new = list(range(self.fed, root))
+    def _fused(self, drafters: list["CompressedDrafter"], contexts: list[list[int]], runner) -> list[DraftTree]:
+        """Draft through the runner's fused greedy chunks (on a GPU: captured graphs over the small caches): one pass
+        feeds every cache the committed tokens it lacks, then one chunk of `num_draft` greedy steps from each root.
+        The entries the chunk writes (the root's and all drafts' but the last) stay: the next proposal keeps those
+        the target accepted (`_prepare`), so an accepted draft is not fed again."""
+        trees = [DraftTree()] * len(drafters)
         layers = self.net.config.num_layers
-        if new:
-            self.note_pass("target", len(new), cache.length, layers=layers, of=layers)
-            cache.ensure(cache.length + len(new))
-            runner.run([RowSpec(cache, [context[i] for i in new], new)])
-            cache.length += len(new)
-        keep = cache.length + 1
-        cache.ensure(cache.length + self.num_draft)
-        self.note_pass("target", 1, cache.length, layers=layers, of=layers, steps=self.num_draft)
-        run = runner.greedy_chunks([cache], [context[-1]], [root], self.num_draft, 1)
-        try:
-            tokens = next(run)[0]
-        finally:
-            run.close()
-        cache.rollback(keep)
-        cache.trim()
-        self.fed = root + 1
-        return DraftTree.chain(tokens[:max(self.num_draft, 0)])
+        specs, fed, ready = [], [], []
+        for i, (d, context) in enumerate(zip(drafters, contexts)):
+            new = list(range(d.fed, len(context) - 1))
+            try:
+                d.cache.ensure(d.cache.length + len(new) + d.num_draft)
+            except PoolFull:
+                d._drop()
+                continue
+            ready.append(i)
+            if new:
+                d.note_pass("target", len(new), d.cache.length, layers=layers, of=layers)
+                specs.append(RowSpec(d.cache, [context[j] for j in new], new))
+                fed.append((d, len(new)))
+        if specs:
+            runner.run(specs)
+        for d, n in fed:
+            d.cache.length += n
+            d.fed += n
+        by_depth: dict[int, list[int]] = {}
+        for i in ready:
+            by_depth.setdefault(drafters[i].num_draft, []).append(i)
+        for depth, rows in by_depth.items():
+            for i in rows:
+                d = drafters[i]
+                d.note_pass("target", 1, d.cache.length, layers=layers, of=layers, steps=depth)
+            run = runner.greedy_chunks([drafters[i].cache for i in rows], [contexts[i][-1] for i in rows],
+                                       [len(contexts[i]) - 1 for i in rows], depth, 1)
+            try:
+                drafts = next(run)
+            finally:
+                run.close()
+            for i, tokens in zip(rows, drafts):
+                d = drafters[i]
+                d.fed = len(contexts[i])  # the root's entry
+                d.drafted = tokens[:depth - 1]  # their entries follow the root's
+                trees[i] = DraftTree.chain(tokens[:depth])
+        return trees
 
     def _sync(self, context: list[int]) -> torch.Tensor | None:
         new = list(range(self.fed, len(context)))

@@ -6,6 +6,8 @@ import torch
 import decodekit
 from decodekit.engine import Engine
 
+from engine_helpers import fused_engine
+
 SMALL = {"magicdec": {"budget": 24, "compress_every": 8}, "triforce": {"budget": 24, "window_size": 8},
          "quantspec": {"residual": 16, "group": 16}}
 
@@ -72,6 +74,49 @@ def test_fused_chunk_drafting_over_the_small_cache(method, engine):
     assert got.token_ids == plain.token_ids
     assert (1, 3) in calls  # one chunk of 3 draft steps
     assert got.stats.decode_steps < plain.stats.decode_steps or plain.stats.decode_steps <= 3
+
+
+@pytest.mark.parametrize("method", ["magicdec", "triforce"])
+def test_a_batch_drafts_together_and_keeps_accepted_drafts(method, engine):
+    """Several sequences of one method: every step's drafts come from one fused chunk over all their caches, the
+    tokens are plain greedy's, and a draft the target accepted keeps its entry (it is not fed again): the draft
+    cache's entries stay in strictly increasing positions, and few tokens go through feeding passes."""
+    fused = fused_engine(engine)
+    runner = fused.core.runner
+    widths, inner_run, inner_chunks, in_chunk, reqs = [], runner.run, runner.greedy_chunks, [], []
+
+    def chunks(*args):  # the eager reference of a chunk runs its steps through `run`: not counted below
+        in_chunk.append(1)
+        try:
+            yield from inner_chunks(*args)
+        finally:
+            in_chunk.pop()
+
+    def run(specs, *args):  # the tokens fed to draft caches (not to a sequence's own cache)
+        if not in_chunk:
+            widths.append(sum(len(s.tokens) for s in specs if all(s.kv is not r.sequences[0].kv for r in reqs)))
+        return inner_run(specs, *args)
+    runner.greedy_chunks, runner.run = chunks, run
+    prompts = [long_prompt(s) for s in (3, 4, 5)]
+    plain = [fused.generate(p, 40, ignore_eos=True).token_ids for p in prompts]
+    runner.chunk_calls.clear()
+    widths.clear()
+    reqs[:] = [fused.add_request(p, 40, ignore_eos=True, method=method, adaptive=False,
+                              method_options={**SMALL[method], "num_draft": 4}) for p in prompts]
+    while not all(r.finished for r in reqs):
+        fused.step()
+        for r in reqs:
+            d = r.sequences[0].drafter
+            if d.state is not None and not r.finished:
+                pos = d.cache.pool.slot_pos[d.cache.slot_tensor()]
+                assert bool((pos[1:] > pos[:-1]).all())
+    assert [r.sequences[0].output for r in reqs] == plain
+    assert (1, 4) in runner.chunk_calls  # drafts of a step: one chunk of 4 steps ...
+    steps = sum(r.sequences[0].stats.decode_steps for r in reqs)
+    assert runner.chunk_calls.count((1, 4)) < steps  # ... for the sequences together
+    out = sum(len(r.sequences[0].output) for r in reqs)
+    assert out > 1.5 * steps  # drafts were accepted
+    assert sum(widths) < (out - steps) / 2  # fed again, every accepted draft would be: out - steps tokens or so
 
 
 def test_knobs_are_checked(engine):

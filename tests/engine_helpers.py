@@ -1,4 +1,4 @@
-"""Helpers shared by the engine tests."""
+"""Helpers shared by the engine tests (and the drafter tests that drive the engine)."""
 from dataclasses import dataclass
 
 from decodekit.engine import Engine
