@@ -104,6 +104,10 @@ def main() -> None:
         row = {"config": config, "timed": run(False), "profiled": run(True)}
         print(json.dumps(row, indent=1), flush=True)
         report["decode"].append(row)
+        save(report, args, length)  # after every config: a call that runs out of time keeps what it measured
+
+
+def save(report: dict, args, length: int) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"profile_long_{args.shape}_{length}_b{args.batch}_c{args.max_step_tokens}.json"
