@@ -221,13 +221,13 @@ class EngineCore:
             return []
         t0 = time.perf_counter()
         batch = len(plan.decodes) + len(plan.prefills)
-        fusable: dict[int, int | None] = {}
+        planned: dict[int, int | None] = {}  # sequence id -> greedy tokens it can take fused (None: to propose)
         for seq in plan.decodes:
             if seq.budget is not None:
                 seq.budget.batch = batch
-            fusable[seq.id] = seq.plan(self.runner.fused_sizes, self.runner.drafts_on_device)
-        fusable.update(self._propose([s for s in plan.decodes if fusable[s.id] is None]))
-        fusable = [fusable[s.id] for s in plan.decodes]
+            planned[seq.id] = seq.plan(self.runner.fused_sizes, self.runner.drafts_on_device)
+        planned.update(self._propose([s for s in plan.decodes if planned[s.id] is None]))
+        fusable = [planned[s.id] for s in plan.decodes]
         updated: list[Sequence] = []
         if plan.decodes and not plan.prefills and self.runner.fused_sizes and min(fusable) >= self.runner.fused_sizes[-1]:
             updated = self._fused_step(plan.decodes, min(fusable), t0)

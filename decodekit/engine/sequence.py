@@ -236,14 +236,15 @@ class Sequence:
         if self.policy is not None:  # the policy's candidates to score beside the root (contrastive search ...)
             self.tree = self.policy.plan(self)
             return 0
-        if self.drafter.name == "plain" or draft_rounds and self.fusable(fused_sizes) and self.drafter.drafts_on_device:
+        fusable = self.fusable(fused_sizes)
+        if self.drafter.name == "plain" or draft_rounds and fusable and self.drafter.drafts_on_device:
             self._constrain_draft()
-            return self.room if self.fusable(fused_sizes) else 0
+            return self.room if fusable else 0
         budget = self.budget
         if budget is not None and not budget.should_draft():
             self.refused = True
             self._constrain_draft()
-            return fused_sizes[0] * (1 + budget.quiet_steps()) if self.fusable(fused_sizes) else 0
+            return fused_sizes[0] * (1 + budget.quiet_steps()) if fusable else 0
         return None
 
     def fusable(self, fused_sizes: tuple[int, ...]) -> bool:

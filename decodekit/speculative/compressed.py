@@ -149,7 +149,7 @@ class CompressedDrafter(ModelDrafter):
         feeds every cache the committed tokens it lacks, then one chunk of `num_draft` greedy steps from each root.
         The entries the chunk writes (the root's and all drafts' but the last) stay: the next proposal keeps those
         the target accepted (`_prepare`), so an accepted draft is not fed again."""
-        trees = [DraftTree()] * len(drafters)
+        trees = [DraftTree() for _ in drafters]  # each sequence its own (a plan may keep and change it)
         layers = self.net.config.num_layers
         specs, fed, ready = [], [], []
         for i, (d, context) in enumerate(zip(drafters, contexts)):
