@@ -72,7 +72,7 @@ def main() -> None:
                for i, d in enumerate(depths)]
     prompts = [s.prompt for s in samples]
     greedy = SamplingConfig(temperature=0.0)
-    rows = []
+    rows, plain_ids = [], None
     for config in args.configs.split(","):
         kw = config_kwargs(config)
         decode_together(engine, prompts, args.new_tokens, sampling=greedy, ignore_eos=True, **kw)  # warm-up
@@ -82,11 +82,16 @@ def main() -> None:
         row = {"config": config, "batch": args.batch, "prompt_tokens": len(last[0].prompt_ids),
                "decode_tok_s": statistics.median(r.decode_tok_s for r in runs),
                "ttft_s": statistics.median(r.prefill_s for r in runs), "tau": last[0].stats.tau,
+               "tau_mean": statistics.mean(x.stats.tau for x in last),
                "wall_s": statistics.median(r.prefill_s + r.decode_s for r in runs),
                **{k: sum(getattr(x.stats, k) for x in last)
                   for k in ("kv_bytes_final", "kv_bytes_peak", "kv_bytes_uncompressed")},
                "needle_found": sum(s.answers[0] in x.text[:64] for s, x in zip(samples, last)),
                "answer": last[0].text[:40]}
+        if config == "plain":
+            plain_ids = [x.token_ids for x in last]
+        if plain_ids is not None:  # lossless methods: bf16 passes of other widths may round a near tie otherwise
+            row["identical_to_plain"] = sum(x.token_ids == p for x, p in zip(last, plain_ids))
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = next((r["decode_tok_s"] for r in rows if r["config"] == "plain"), None)

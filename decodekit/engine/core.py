@@ -229,7 +229,7 @@ class EngineCore:
         planned.update(self._propose([s for s in plan.decodes if planned[s.id] is None]))
         fusable = [planned[s.id] for s in plan.decodes]
         updated: list[Sequence] = []
-        if plan.decodes and not plan.prefills and self.runner.fused_sizes and min(fusable) >= self.runner.fused_sizes[-1]:
+        if plan.decodes and not plan.prefills and self.runner.fused_sizes and min(fusable) >= 1:
             updated = self._fused_step(plan.decodes, min(fusable), t0)
         if not updated:
             updated = self._verified_step(plan, t0)
@@ -471,12 +471,15 @@ class EngineCore:
 
     def _fused_step(self, seqs: list[Sequence], fusable: int, t0: float) -> list[Sequence]:
         """Greedy tokens for every sequence in fused chunks, back to back up to what every sequence can take: draft
-        rounds when they all draft on the device with one method, else plain chunks (several steps per replay,
-        argmax on the device); [] when there is no room for even one chunk."""
+        rounds when they all draft on the device with one method (a round stops a sequence wherever it ends), else
+        plain chunks (several steps per replay, argmax on the device); [] when there is no room for even one chunk,
+        or a sequence can take fewer tokens than the shortest chunk."""
         sizes = self.runner.fused_sizes
         depth = self._round_depth(seqs)
         if depth:
             return self._draft_rounds(seqs, depth, t0)
+        if fusable < sizes[-1]:
+            return []
         if seqs[0].refused:  # the budget said no to drafting: plain chunks up to its next probe
             fusable = min(fusable, sizes[0] * (1 + seqs[0].budget.quiet_steps()))
         steps = next(s for s in sizes if s <= fusable)

@@ -27,7 +27,7 @@ from ..models.batch import ForwardBatch, RingRows, RowSpec, Rows, bucket, layout
 from ..models.kv_cache import KVPool, SeqKV, ring_slot_table, slot_table
 from ..models.transformer import Transformer
 from ..speculative.base import Drafter
-from ..speculative.device import accept_chain, committed_tokens
+from ..speculative.device import accept_chain, committed_tokens, window_columns
 from .runner import ModelRunner
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -78,7 +78,10 @@ class StaticPass:
     def _body(self) -> Callable[[], None]:
         return self._chunk if self.steps else self._pass
 
-    def _batch(self, width: int, ctx: torch.Tensor, valid: torch.Tensor, tree, write_slots, tokens, positions):
+    def _batch(self, width: int, ctx: torch.Tensor, valid: torch.Tensor, tree, write_slots, tokens, positions,
+               read: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """`read`: (slot table, ctx in its columns) the full pool's layers read instead of the rows' whole tables (a
+        view of them: `StaticDraftRounds.window_chain`); writes still go to the rows' own next entries."""
         bs = self.runner.pool.block_size
         table = slot_table(self.tables, valid, self.length, bs)
         rings = [RingRows(*ring_slot_table(t, valid, ring.span, bs)) for t, ring in zip(self.ring_tables,
@@ -88,6 +91,10 @@ class StaticPass:
             entries = ctx[:, None] + torch.arange(width, device=ctx.device)
             write_slots = table.gather(1, entries).flatten()
             ring_writes = [rr.table.gather(1, entries - rr.first[:, None]).flatten() for rr in rings]
+        if read is not None:  # ring layers read column ctx - first of their ring: shift `first` with `ctx`
+            table, view_ctx = read
+            rings = [RingRows(rr.table, rr.first - (ctx - view_ctx)) for rr in rings]
+            ctx = view_ctx
         return ForwardBatch(tokens, positions, write_slots, [Rows(0, self.rows, width, table, ctx, tree, None, rings)],
                             ring_writes=ring_writes)
 
@@ -159,7 +166,7 @@ class StaticDraftRounds(StaticPass):
         root_pos = self.positions.view(rows, w)[:, :1]  # the state carried from round to round (and replay to replay)
         for i in range(self.rounds):
             root = self.history.gather(1, self.history_len[:, None] - 1)
-            draft, n_draft = self.drafter.propose_on_device(self.history, self.history_len, w - 1)
+            draft, n_draft = self.drafter.propose_on_device(self.history, self.history_len, w - 1, self)
             n_draft = torch.minimum(n_draft, self.depth)
             batch = self._batch(w, self.ctx, self.ctx + w, self.chain, None, torch.cat([root, draft], 1).flatten(),
                                 (root_pos + cols).flatten())
@@ -173,6 +180,27 @@ class StaticDraftRounds(StaticPass):
             self.history_len.add_(kept)
             self.ctx.add_(kept)
             root_pos.add_(kept[:, None])
+
+    def window_chain(self, steps: int, sink: int, window: int) -> torch.Tensor:
+        """`[rows, steps]` greedy tokens after each row's root from the target itself reading only a StreamingLLM view
+        of its own cache (the first `sink` entries and the last `window` before the root, `window_columns`) in its
+        full-cache layers; sliding-window layers read their window as always. Each step writes its token's key and
+        value where the verify pass that follows writes them again (over the full cache), so nothing is kept of the
+        draft's own."""
+        rows, bs = self.rows, self.runner.pool.block_size
+        ctx = self.ctx
+        table = slot_table(self.tables, ctx + steps, self.length, bs)
+        cols, base = window_columns(ctx, sink, window, steps)
+        view = table.gather(1, cols.clamp_max(self.length - 1))  # columns past a row's entries are never read
+        positions = self.positions.view(rows, self.width)[:, 0]
+        token = self.history.gather(1, self.history_len[:, None] - 1)[:, 0]
+        drafts = []
+        for j in range(steps):
+            batch = self._batch(1, ctx + j, ctx + j + 1, None, None, token, positions + j,
+                                read=(view, ctx + j - base + sink))
+            token = self.runner.graph_model(batch, self.runner.pool, compiled=self.runner.compiled).argmax(-1)
+            drafts.append(token)
+        return torch.stack(drafts, dim=1)
 
     def fill_rounds(self, specs: list[RowSpec], contexts: list[list[int]], depth: int) -> None:
         """The rows' layout (each spec: its root alone), their token histories and the draft depth."""
@@ -290,16 +318,19 @@ class GraphRunner(ModelRunner):
         rows, ahead = bucket(n, BATCH_BUCKETS), rounds * chunks * width
         bs = self.pool.block_size
         length = kv_bucket(max(kv.length for kv in kvs) + ahead, bs)
-        history = kv_bucket(max(len(c) for c in contexts) + ahead + width, bs)
+        # Only the tokens the drafter reads go to the device (a long context's history is a large host copy).
+        tails = [c[-drafter.history_tokens:] for c in contexts] if drafter.history_tokens else contexts
+        history = kv_bucket(max(len(c) for c in tails) + ahead + width, bs)
         key = (rows, width, length, history, rounds, type(drafter), astuple(drafter))
         if key not in self.round_passes:
             self.round_passes[key] = StaticDraftRounds(self, rows, width, length, history, rounds, drafter)
         static = self.round_passes[key]
         static.fill_rounds([RowSpec(kv, [c[-1]], [len(c) - 1], None, "none") for kv, c in zip(kvs, contexts)],
-                           contexts, depth)
-        # Launched ahead, a chunk writes up to rounds x width entries past what the host keeps: a sliding-window
-        # ring only tolerates a pass's width of that (`kv_cache.py`), so with rings each chunk waits for the last.
-        with closing(self._pipelined(static, chunks, ahead=1 if self.pool.rings else 2)) as run:
+                           tails, depth)
+        # Launched ahead, a chunk writes up to 2 x rounds x width entries past what the host keeps: a sliding-window
+        # ring tolerates `max_pass` of that (`kv_cache.py`); where it is less, each chunk waits for the last.
+        pipelined = not self.pool.rings or 2 * rounds * width <= self.pool.max_pass
+        with closing(self._pipelined(static, chunks, ahead=2 if pipelined else 1)) as run:
             for out in run:
                 rows_out = []
                 for kv, record in zip(kvs, out[:n].tolist()):

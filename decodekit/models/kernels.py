@@ -38,6 +38,11 @@ TREE_LONG_KV = 4096
 # much as the attention itself (H100, `bench/profile_long.py`, docs/benchmarks.md).
 TREE_PROGRAMS = 264
 TREE_MIN_SPLIT = 256
+# Tables of at most TREE_SHORT_KV entries (sliding-window rings, a self-speculative draft's window, short contexts)
+# split down to TREE_SHORT_SPLIT entries: with few rows, 256-entry splits leave most SMs idle while a program walks
+# its tiles one after another, and a short row's combine has few splits anyway.
+TREE_SHORT_KV = 2048
+TREE_SHORT_SPLIT = 64
 
 
 def available(q: torch.Tensor) -> bool:
@@ -215,7 +220,8 @@ def tree_splits(programs: int, length: int, block_n: int) -> tuple[int, int]:
     """`(splits, entries a split)` of tables `length` entries long, in whole tiles of `block_n`, for a pass of
     `programs` programs a split (module constants above). From static shapes only: a captured graph keeps them."""
     tiles = triton.cdiv(length, block_n)
-    n = max(1, min(triton.cdiv(TREE_PROGRAMS, programs), tiles // triton.cdiv(TREE_MIN_SPLIT, block_n)))
+    least = TREE_SHORT_SPLIT if length <= TREE_SHORT_KV else TREE_MIN_SPLIT
+    n = max(1, min(triton.cdiv(TREE_PROGRAMS, programs), tiles // triton.cdiv(least, block_n)))
     per = triton.cdiv(tiles, n) * block_n
     return triton.cdiv(length, per), per
 

@@ -147,18 +147,22 @@ class Drafter:
         """Upper bound on a proposal's size (sizes the KV cache headroom)."""
         return 0
 
+    # How many of the last committed tokens `propose_on_device` reads (None: all of them, as n-gram lookup does).
+    history_tokens: ClassVar[int | None] = None
+
     @property
     def drafts_on_device(self) -> bool:
         """Whether greedy sequences may draft with `propose_on_device` inside fused draft rounds (several
         draft -> verify -> commit rounds per host synchronization, `speculative/device.py`)."""
         return False
 
-    def propose_on_device(self, history: torch.Tensor, length: torch.Tensor,
-                          depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def propose_on_device(self, history: torch.Tensor, length: torch.Tensor, depth: int,
+                          rounds: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """A chain draft per row from `history` `[R, T]` (each row's committed tokens, its last one the root, at
         `[:length]`): `(draft [R, depth], n_draft [R])`, tokens past `n_draft` ignored. Tensor ops only, no host
-        synchronization and static shapes: it runs inside a captured CUDA graph. Must propose what `propose` would
-        from the same context (cut to `depth`)."""
+        synchronization and static shapes: it runs inside a captured CUDA graph. `rounds`: the graph's
+        `StaticDraftRounds`, whose passes a self-drafting method runs (`window_chain`). A drafter that reads only
+        the tokens must propose what `propose` would from the same context (cut to `depth`)."""
         raise NotImplementedError(f"{self.name} does not draft on the device")
 
     def note_pass(self, model: str, width: int, kv: int, **extra: Any) -> None:

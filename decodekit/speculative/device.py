@@ -29,3 +29,13 @@ def committed_tokens(draft: torch.Tensor, accepted: torch.Tensor, nxt: torch.Ten
     cols = torch.arange(draft.shape[1] + 1, device=draft.device)
     tokens = torch.cat([draft, nxt[:, None]], dim=1)
     return torch.where(cols < accepted[:, None], tokens, nxt[:, None])
+
+
+def window_columns(ctx: torch.Tensor, sink: int, window: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The entries a StreamingLLM view of each row's cache reads (attention sinks, then a recent window; Xiao et al.
+    2024): `[R, sink + window + length]` entry indices, the first `sink` entries then the entries from `base` =
+    max(sink, ctx - window) on, with room for `length` new entries past `ctx`; and `base` `[R]`. Entry `e >= base`
+    is column `e - base + sink` (below `sink` as well, where `base` = `sink`)."""
+    base = (ctx - window).clamp_min(sink)
+    cols = torch.arange(sink + window + length, device=ctx.device)
+    return torch.where(cols < sink, cols, base[:, None] + cols - sink), base

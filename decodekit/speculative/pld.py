@@ -112,7 +112,7 @@ class PromptLookup(Drafter):
     def drafts_on_device(self) -> bool:
         return self.on_device
 
-    def propose_on_device(self, history: torch.Tensor, length: torch.Tensor,
-                          depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def propose_on_device(self, history: torch.Tensor, length: torch.Tensor, depth: int,
+                          rounds=None) -> tuple[torch.Tensor, torch.Tensor]:
         draft, n = continuation_on_device(history, length, self.min_ngram, self.max_ngram, depth)
         return draft, n.clamp_max(self.num_draft)

@@ -1,10 +1,13 @@
 """Long-context self-speculation (magicdec, triforce, quantspec): lossless against plain greedy, with a draft cache
 that is really compressed, also when the target's own cache is pressed. (Sampled losslessness: test_lossless.py.)"""
+from contextlib import closing
+
 import pytest
 import torch
 
 import decodekit
 from decodekit.engine import Engine
+from decodekit.models.kv_cache import SeqKV, private_pool
 
 from engine_helpers import fused_engine
 
@@ -117,6 +120,50 @@ def test_a_batch_drafts_together_and_keeps_accepted_drafts(method, engine):
     out = sum(len(r.sequences[0].output) for r in reqs)
     assert out > 1.5 * steps  # drafts were accepted
     assert sum(widths) < (out - steps) / 2  # fed again, every accepted draft would be: out - steps tokens or so
+
+
+def window_draft(model, context: list[int], sink: int, window: int, steps: int) -> list[int]:
+    """The reference: a greedy chain from the root over a cache that holds only the context's first `sink` entries
+    and the `window` before the root (copied out of a prefilled full cache, as the host drafters build theirs)."""
+    root = len(context) - 1
+    pool, full = private_pool(model, 2 * (len(context) + steps) + 32, block_size=16)  # both caches
+    model.forward_seq(full, context[:root], list(range(root)), None, "none")
+    small = SeqKV(pool)
+    small.append_from(full, list(range(min(sink, root))) + list(range(max(sink, root - window), root)))
+    tokens, token = [], context[-1]
+    for j in range(steps):
+        token = int(model.forward_seq(small, [token], [root + j])[-1].argmax())
+        tokens.append(token)
+    return tokens
+
+
+def test_magicdec_rounds_draft_over_a_window_of_the_targets_own_cache(engine):
+    """Fused draft rounds (a GPU's captured graphs; here their eager reference): magicdec drafts with the target
+    reading the first n_sink entries and the last budget - n_sink of its *own* cache. The tokens are plain greedy's,
+    and every round's draft is the greedy chain over a cache holding exactly those entries."""
+    graphed = Engine(engine.model, engine.tokenizer, cuda_graphs=True)
+    runner, inner, seen = graphed.core.runner, graphed.core.runner.draft_rounds, []
+
+    def record(kvs, contexts, drafter, depth, rounds, chunks):  # (context, draft) of every round
+        contexts = [list(c) for c in contexts]
+        with closing(inner(kvs, [list(c) for c in contexts], drafter, depth, rounds, chunks)) as run:
+            for rows in run:
+                for context, row in zip(contexts, rows):
+                    for draft, new in row:
+                        seen.append((list(context), draft))
+                        context += new
+                yield rows
+    runner.draft_rounds = record
+    prompts, n = [long_prompt(6), long_prompt(7)[:70]], 30
+    plain = engine.generate(prompts, n, ignore_eos=True)
+    got = graphed.generate(prompts, n, ignore_eos=True, method="magicdec", adaptive=False,
+                           method_options={"budget": 24, "n_sink": 4, "num_draft": 4})
+    assert [r.token_ids for r in got] == [r.token_ids for r in plain]
+    checked = [(c, d) for c, d in seen if len(c) < len(prompts[0]) + n][::3]
+    assert len(checked) >= 4 and all(len(d) == 4 for _, d in checked)
+    for context, draft in checked:
+        assert draft == window_draft(engine.model, context, 4, 20, 4)
+    assert max(r.stats.tau for r in got) > 1.2  # drafts were accepted
 
 
 def test_knobs_are_checked(engine):

@@ -7,7 +7,7 @@ import random
 import torch
 
 from decodekit.speculative.base import DraftTree
-from decodekit.speculative.device import accept_chain, committed_tokens
+from decodekit.speculative.device import accept_chain, committed_tokens, window_columns
 from decodekit.speculative.pld import PromptLookup, continuation_on_device, find_continuation
 from decodekit.speculative.verify import verify_greedy
 
@@ -49,3 +49,14 @@ def test_chain_acceptance_on_the_device_equals_the_greedy_verifier():
             path, token = verify_greedy(tree, logits[r, :n_draft[r] + 1].softmax(-1))
             assert (accepted[r].item(), nxt[r].item()) == (len(path), token)
             assert new[r, :len(path) + 1].tolist() == tree.tokens[:len(path)] + [token]
+
+
+def test_window_columns_enumerate_sinks_then_the_recent_window():
+    for ctx in range(0, 30):
+        for sink, window in ((0, 5), (3, 5), (4, 0), (2, 40)):
+            cols, base = window_columns(torch.tensor([ctx]), sink, window, 3)
+            want = list(range(min(sink, ctx))) + list(range(max(sink, ctx - window), ctx + 3))
+            got = cols[0].tolist()
+            # the view reads its columns up to the new entries' (ctx - base + sink + 3); past them it is unread
+            assert got[:len(want)] == want if ctx >= sink else got[:ctx + 3] == list(range(ctx + 3))
+            assert int(ctx - base[0] + sink) == (want.index(ctx) if ctx >= sink else ctx)
