@@ -3,6 +3,7 @@ prompts on a random-weight Gemma 3 270M, per config, beside a timed run's tokens
 
     PYTHONPATH=$PWD python3 bench/host_profile_long.py --length 8192 --batch 32 --new-tokens 128 \
         --configs method:magicdec,method:triforce
+    # the real model (drafts accepted as on real text): --model gemma3-270m --data-dir PATH
 
 Configs in `long_context_bench.py`'s syntax. Meant for a GPU: the host time that matters is what the host spends
 beside the CUDA-graph replays (`profile_long.py` has the device's side).
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import decodekit  # noqa: E402
 from decodekit.bench.together import decode_together  # noqa: E402
+from decodekit.eval.long_context import Haystack, data_dir, make_sample, vocabulary  # noqa: E402
 from decodekit.sampling import SamplingConfig  # noqa: E402
 from long_context_bench import config_kwargs  # noqa: E402
 
@@ -34,14 +36,23 @@ def main() -> None:
     ap.add_argument("--configs", default="plain,method:magicdec")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--top", type=int, default=35, help="functions listed, by their own time")
+    ap.add_argument("--model", default=None, help="a real model instead of random weights: needle-in-a-haystack "
+                    "prompts (as long_context_bench.py builds them), so that drafts are accepted as on real text")
+    ap.add_argument("--data-dir", default=None, help="the long-context data (with --model)")
     args = ap.parse_args()
     dtype = "bfloat16" if args.device == "cuda" else "float32"
-    engine = decodekit.load(f"random:{args.shape}", device=args.device, dtype=dtype, progress=False,
+    engine = decodekit.load(args.model or f"random:{args.shape}", device=args.device, dtype=dtype, progress=False,
                             prefix_caching=False, kv_tokens=args.batch * (args.length + args.new_tokens + 512))
-    rng = random.Random(0)
-    vocab = engine.model.config.vocab_size
     length = min(args.length, engine.max_context - args.new_tokens - 8)
-    prompts = [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(args.batch)]
+    if args.model:
+        haystack = Haystack.load(engine.tokenizer, data_dir(args.data_dir))
+        depths = [i / max(1, args.batch - 1) for i in range(args.batch)]
+        prompts = [make_sample("niah", haystack, engine.tokenizer, length, d, random.Random(i),
+                               vocabulary(haystack)).prompt for i, d in enumerate(depths)]
+    else:
+        rng = random.Random(0)
+        vocab = engine.model.config.vocab_size
+        prompts = [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(args.batch)]
     greedy = SamplingConfig(temperature=0.0)
     for config in args.configs.split(","):
         kw = config_kwargs(config)

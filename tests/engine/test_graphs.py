@@ -101,6 +101,25 @@ def test_draft_rounds_on_the_device_equal_plain_greedy(engines, adaptive):
         assert max(r.stats.tau for r in got) > 1.1  # drafts were accepted
 
 
+def test_sequences_near_their_end_stay_in_the_draft_rounds(engines, monkeypatch):
+    """A sequence a few tokens from its end does not send the whole batch to single verified steps: once the
+    prompts are in, every step is a replay of fused draft rounds (a round stops a sequence wherever it ends)."""
+    graphed, eager = engines
+    skip_on_gpu(graphed)
+    core, verified = graphed.core, []
+    inner = core._verified_step
+    monkeypatch.setattr(core, "_verified_step", lambda plan, t0: verified.append(bool(plan.prefills)) or
+                        inner(plan, t0))
+    prompts = PROMPTS[:2]  # outputs of 30 and 27 tokens: both end inside a replay, at different steps
+    reqs = [graphed.add_request(p, n, method="pld", method_options=ON_DEVICE, ignore_eos=True, adaptive=False)
+            for p, n in zip(prompts, (30, 27))]
+    while not all(r.finished for r in reqs):
+        graphed.step()
+    want = [eager.generate(p, n, ignore_eos=True).token_ids for p, n in zip(prompts, (30, 27))]
+    assert [r.sequences[0].output for r in reqs] == want
+    assert verified and all(verified)  # verified steps only while a prompt was being prefilled
+
+
 def test_draft_rounds_stop_where_plain_decoding_stops(engines):
     """Ends inside a round (EOS, max_new_tokens at every remainder) keep exactly plain decoding's tokens."""
     graphed, eager = engines
