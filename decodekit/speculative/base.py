@@ -100,6 +100,8 @@ class Drafter:
     # as one verified forward pass (whose logits it sees) instead of a fused greedy chunk (which it does not), and
     # the logits come to the host.
     learns_from_steps: ClassVar[bool] = False
+    # How many of the last committed tokens `propose_on_device` reads (None: all of them, as n-gram lookup does).
+    history_tokens: ClassVar[int | None] = None
     # Layers of the target whose hidden states the drafter reads (a draft head): the engine asks for them in every
     # pass of the sequence, prefill included (`prefill_features`), and hands them over in `StepResult.hidden`; index i
     # is block i's output, index num_layers the final normed state. Such a drafter never takes fused greedy chunks.
@@ -146,9 +148,6 @@ class Drafter:
     def max_draft_tokens(self) -> int:
         """Upper bound on a proposal's size (sizes the KV cache headroom)."""
         return 0
-
-    # How many of the last committed tokens `propose_on_device` reads (None: all of them, as n-gram lookup does).
-    history_tokens: ClassVar[int | None] = None
 
     @property
     def drafts_on_device(self) -> bool:

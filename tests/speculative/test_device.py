@@ -55,8 +55,8 @@ def test_window_columns_enumerate_sinks_then_the_recent_window():
     for ctx in range(0, 30):
         for sink, window in ((0, 5), (3, 5), (4, 0), (2, 40)):
             cols, base = window_columns(torch.tensor([ctx]), sink, window, 3)
-            want = list(range(min(sink, ctx))) + list(range(max(sink, ctx - window), ctx + 3))
-            got = cols[0].tolist()
-            # the view reads its columns up to the new entries' (ctx - base + sink + 3); past them it is unread
-            assert got[:len(want)] == want if ctx >= sink else got[:ctx + 3] == list(range(ctx + 3))
-            assert int(ctx - base[0] + sink) == (want.index(ctx) if ctx >= sink else ctx)
+            # every entry while the context is inside the sinks; else the sinks, then the window and 3 new entries
+            want = list(range(ctx + 3)) if ctx < sink else \
+                list(range(sink)) + list(range(max(sink, ctx - window), ctx + 3))
+            assert cols[0, :len(want)].tolist() == want  # columns past them are never read
+            assert int(ctx - base[0] + sink) == want.index(ctx)  # the root's column
