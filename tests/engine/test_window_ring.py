@@ -325,7 +325,11 @@ def test_forks_share_ring_blocks_until_they_write(pair):
     parent.ensure(CAPACITY + 6)  # the ring has wrapped: every one of its blocks held
     n = CAPACITY // BLOCK
     parent.length = CAPACITY + 6
-    before = pool.rings[0].k[:, parent.ring_slots(0, range(6, CAPACITY + 6))].clone()
+    held = parent.ring_slots(0, range(6, CAPACITY + 6))
+    # The parent's entries, as its passes would have written them (the pool is allocated uninitialized: a NaN there
+    # would never compare equal to itself)
+    pool.rings[0].k[:, held] = torch.randn(pool.rings[0].k[:, held].shape, generator=torch.Generator().manual_seed(0))
+    before = pool.rings[0].k[:, held].clone()
     child = parent.fork()
     assert child.rings[0] == parent.rings[0] and alloc.num_free == free0 - n  # shared, none taken
     assert all(alloc.refs[b] == 2 for b in parent.rings[0])
@@ -334,7 +338,7 @@ def test_forks_share_ring_blocks_until_they_write(pair):
     assert changed == [(CAPACITY + 6) // BLOCK % n] and alloc.num_free == free0 - n - 1
     slots = child.ring_slots(0, range(CAPACITY + 6, CAPACITY + 8))
     pool.rings[0].k[:, slots] = 7.0  # the child writes its new entries (over its copies of entries 6 and 7)
-    assert torch.equal(pool.rings[0].k[:, parent.ring_slots(0, range(6, CAPACITY + 6))], before)
+    assert torch.equal(pool.rings[0].k[:, held], before)
     assert torch.equal(pool.rings[0].k[:, child.ring_slots(0, range(8, CAPACITY + 6))], before[:, 2:])
     child.length = CAPACITY + 8
     assert child.fits(CAPACITY + 8 + 2)  # block 2 still shared: its copy is counted
