@@ -23,11 +23,12 @@ def paged_tree_reference(q, k_store, v_store, table, lo, ctx, tree, scale):
         tree = torch.ones(width, width, dtype=torch.bool, device=q.device).tril().expand(rows, width, width)
     if lo is None:
         lo = torch.zeros_like(ctx)
+    lo = lo.view(rows, -1)  # [rows, 1] or one per query [rows, width]
     rel = torch.arange(length, device=q.device)[None] - ctx[:, None]  # [rows, L]
-    committed = (rel < 0) & (rel + ctx[:, None] >= lo[:, None])
+    committed = (rel < 0)[:, None] & ((rel + ctx[:, None])[:, None] >= lo[:, :, None])  # [rows, 1 or width, L]
     new = (rel >= 0) & (rel < width)
     ancestor = tree.gather(2, rel.clamp(0, width - 1)[:, None].expand(rows, width, length))
-    mask = committed[:, None] | (new[:, None] & ancestor)  # [rows, width, L]
+    mask = committed | (new[:, None] & ancestor)  # [rows, width, L]
     keys, values = k_store[table].transpose(1, 2), v_store[table].transpose(1, 2)
     qg = q.view(rows, width, *q.shape[1:]).transpose(1, 2)
     out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask[:, None], scale=scale, enable_gqa=True)

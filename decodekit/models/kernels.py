@@ -21,6 +21,16 @@ except ImportError:  # pragma: no cover - no Triton: the reference attention run
     triton = None
 
 BLOCK_N = 64  # entries per tile inside a program
+# Launch settings; `bench/attention_kernels.py` times the kernels under sweeps of them. The decode kernel keeps
+# Triton's defaults (4 warps, 3 pipeline stages): on the H100 no setting was more than 4% faster at 32k entries.
+DECODE_WARPS, DECODE_STAGES = 4, 3
+# `paged_tree` for heads over 256 bytes (Gemma 3's 256-dim heads in bfloat16): tiles of 64 entries, 4 warps, 2 stages.
+# H100, batch 32 / 64, 32k entries, widths 8 / 16: 1.28x / 1.58x / 1.24x / 1.63x faster than the earlier 32-entry
+# tiles with 8 warps and 3 stages (docs/benchmarks.md). None: `tree_tiles`' choice for narrow heads.
+TREE_WIDE_TILE = (64, 4, 2)  # entries a tile, warps, pipeline stages
+TREE_WIDE_ROWS = 32  # (query, head) pairs a tile at most
+TREE_WARPS: Optional[int] = None  # narrow heads: None = 4 warps under 4 KB of queries a tile, else 8
+TREE_STAGES = 3  # narrow heads
 # Widest row `paged_tree` serves (64: every captured verify pass, `engine/graphs.py`). Off (1) by default: on the H100
 # (2026-11-24) it passes its tests and makes a verify replay 8-15% cheaper, but Spec-Bench end to end got no faster
 # with it (docs/benchmarks.md); `bench/verify_cost.py` turns it on per path. Set 64 to use it. Fused draft rounds
@@ -35,8 +45,11 @@ TREE_LONG_KV = 4096
 # TREE_PROGRAMS programs in all (an H100's 132 SMs twice; more only add combine work: the combine kernel runs one
 # program per row and KV head, looping over the splits), each reading TREE_MIN_SPLIT entries at least. The decode
 # kernel once used fixed splits of 128 entries: a batch of 8 at 32k gave 256 splits a row, and its combine cost as
-# much as the attention itself (H100, `bench/profile_long.py`, docs/benchmarks.md).
+# much as the attention itself (H100, `bench/profile_long.py`, docs/benchmarks.md). `paged_tree`, whose programs run
+# 4 warps (wide heads), aims at TREE_KERNEL_PROGRAMS: on the H100 at 32k entries, 8-23% faster than at 264 (the decode
+# kernel was not faster with more: `bench/attention_kernels.py`).
 TREE_PROGRAMS = 264
+TREE_KERNEL_PROGRAMS = 1056
 TREE_MIN_SPLIT = 256
 # Tables of at most TREE_SHORT_KV entries (sliding-window rings, a self-speculative draft's window, short contexts)
 # split down to TREE_SHORT_SPLIT entries: with few rows, 256-entry splits leave most SMs idle while a program walks
@@ -101,17 +114,25 @@ if triton is not None:
                            scale, stride_qb, stride_qh, stride_ks, stride_kh, stride_tb, stride_ob, stride_oh,
                            n_splits, split, length, W: tl.constexpr, G: tl.constexpr, TILES: tl.constexpr,
                            BLOCK_M: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LO: tl.constexpr,
-                           TREE: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr):
+                           LO_PER_QUERY: tl.constexpr, WP: tl.constexpr, TREE: tl.constexpr, DIRECT: tl.constexpr,
+                           PRECISION: tl.constexpr):
         """Program (row b, KV head h x query tile, split s): tile row r is query (tile * BLOCK_M + r) // G of the
         row, head h * G + (tile * BLOCK_M + r) % G; it reads the entries of split s that some query may see.
-        `DIRECT` (one split): writes the output itself; else partial sums and softmax statistics for `_combine_kernel`."""
+        `LO_PER_QUERY`: each query has its own first committed entry (a sliding window; `WP`: W rounded up to a
+        power of two). `DIRECT` (one split): writes the output itself; else partial sums and softmax statistics for
+        `_combine_kernel`."""
         b, t, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         h, tile = t // TILES, t % TILES
-        lo = tl.load(lo_ptr + b) if HAS_LO else 0
-        ctx = tl.load(ctx_ptr + b)
         mq, d = tile * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, D)
         query = mq // G  # which of the row's queries (>= W: tile padding, never stored)
         ok = mq < W * G
+        if LO_PER_QUERY:  # the tiles start at the row's smallest; each query masks its own
+            lo_q = tl.load(lo_ptr + b * W + tl.minimum(query, W - 1))
+            lo = tl.min(tl.load(lo_ptr + b * W + tl.arange(0, WP), mask=tl.arange(0, WP) < W, other=length), 0)
+        else:
+            lo = tl.load(lo_ptr + b) if HAS_LO else 0
+            lo_q = tl.full([BLOCK_M], 0, tl.int32) + lo
+        ctx = tl.load(ctx_ptr + b)
         q = tl.load(q_ptr + (b * W + query)[:, None] * stride_qb + (h * G + mq % G)[:, None] * stride_qh + d[None, :],
                     mask=ok[:, None], other=0.0)
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -134,7 +155,8 @@ if triton is not None:
                                mask=ok[:, None] & new[None, :], other=0) != 0
             else:  # a chain: causal
                 seen = new[None, :] & (rel[None, :] <= query[:, None])
-            m, total, acc = _attend(q, k, v, old[None, :] | seen, m, total, acc, scale, PRECISION)
+            m, total, acc = _attend(q, k, v, (old[None, :] & (n[None, :] >= lo_q[:, None])) | seen, m, total, acc,
+                                    scale, PRECISION)
         if DIRECT:
             out = acc / tl.where(total == 0.0, 1.0, total)[:, None]  # nothing seen (never: a query sees itself): 0
             tl.store(out_ptr + _out_offsets(b, h, mq, stride_ob, stride_oh, d, W, G), out, mask=ok[:, None])
@@ -194,7 +216,7 @@ def paged_decode(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, 
     _split_kernel[(rows, hkv, n_splits)](
         q, k_store, v_store, table, lo, hi, acc, stat, scale, q.stride(0), q.stride(1), k_store.stride(0),
         k_store.stride(1), table.stride(0), n_splits, split, length, G=groups, BLOCK_G=block_g, D=dim,
-        BLOCK_N=BLOCK_N, PRECISION=_precision(q))
+        BLOCK_N=BLOCK_N, PRECISION=_precision(q), num_warps=DECODE_WARPS, num_stages=DECODE_STAGES)
     out = torch.empty(rows, hq, dim, dtype=q.dtype, device=q.device)
     _combine_kernel[(rows, hkv)](acc, stat, out, n_splits, out.stride(0), out.stride(1), W=1, G=groups, TILES=1,
                                  ROWS=block_g, RP=triton.next_power_of_2(groups), D=dim,
@@ -207,21 +229,23 @@ def _(q, k_store, v_store, table, lo, hi, scale):
     return torch.empty_like(q)
 
 
-def tree_tiles(queries: int, head_bytes: int) -> tuple[int, int, int]:
+def tree_tiles(queries: int, head_bytes: int) -> tuple[int, int, int, int]:
     """`paged_tree`'s tiles for `queries` (query, head) pairs a KV head and heads of `head_bytes`: (pairs a tile, at
-    least 16 for tl.dot and at most 64; entries a step; warps). Heads over 256 bytes (bfloat16 256, float32 128) take
-    32 x 32 tiles, large tiles 8 warps: else the gathered loads' pointers spill registers (sm_90, as compiled)."""
-    wide = head_bytes > 256
-    block_m = min(max(16, triton.next_power_of_2(queries)), 32 if wide else 64)
-    return block_m, 32 if wide else BLOCK_N, 4 if block_m * head_bytes < 4096 else 8
+    least 16 for tl.dot and at most 64; entries a step; warps; pipeline stages). Heads over 256 bytes (bfloat16 256,
+    float32 128) take `TREE_WIDE_ROWS` pairs a tile at most and `TREE_WIDE_TILE`."""
+    if head_bytes > 256:
+        return (min(max(16, triton.next_power_of_2(queries)), TREE_WIDE_ROWS),) + TREE_WIDE_TILE
+    block_m = min(max(16, triton.next_power_of_2(queries)), 64)
+    return block_m, BLOCK_N, TREE_WARPS or (4 if block_m * head_bytes < 4096 else 8), TREE_STAGES
 
 
-def tree_splits(programs: int, length: int, block_n: int) -> tuple[int, int]:
+def tree_splits(programs: int, length: int, block_n: int, target: int | None = None) -> tuple[int, int]:
     """`(splits, entries a split)` of tables `length` entries long, in whole tiles of `block_n`, for a pass of
-    `programs` programs a split (module constants above). From static shapes only: a captured graph keeps them."""
+    `programs` programs a split aiming at `target` programs in all (None: TREE_PROGRAMS; module constants above).
+    From static shapes only: a captured graph keeps them."""
     tiles = triton.cdiv(length, block_n)
     least = TREE_SHORT_SPLIT if length <= TREE_SHORT_KV else TREE_MIN_SPLIT
-    n = max(1, min(triton.cdiv(TREE_PROGRAMS, programs), tiles // triton.cdiv(least, block_n)))
+    n = max(1, min(triton.cdiv(target or TREE_PROGRAMS, programs), tiles // triton.cdiv(least, block_n)))
     per = triton.cdiv(tiles, n) * block_n
     return triton.cdiv(length, per), per
 
@@ -232,17 +256,17 @@ def paged_tree(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, ta
                scale: float) -> torch.Tensor:
     """Attention of `width` queries per row: `q` `[rows * width, Hq, D]` (row-major) over the pool `k_store`,
     `v_store` `[S, Hkv, D]` at the slots `table` `[rows, L]`. Query i of row b sees the entries [lo_b, ctx_b)
-    (`lo` `[rows]`, None: 0) and the new entry ctx_b + j where `tree[b, i, j]` (`[rows, width, width]` bool; None:
-    j <= i, a chain). Every query should see one entry at least (its own: padding too); one that sees none gets 0.
-    Returns `[rows * width, Hq, D]`."""
+    (`lo` `[rows]`, None: 0; or `[rows * width]`, one per query: a sliding window) and the new entry ctx_b + j where
+    `tree[b, i, j]` (`[rows, width, width]` bool; None: j <= i, a chain). Every query should see one entry at least
+    (its own: padding too); one that sees none gets 0. Returns `[rows * width, Hq, D]`."""
     n, hq, dim = q.shape
     rows, length = table.shape
     width = n // rows
     hkv = k_store.shape[1]
     groups = hq // hkv
-    block_m, block_n, warps = tree_tiles(width * groups, dim * q.element_size())
+    block_m, block_n, warps, stages = tree_tiles(width * groups, dim * q.element_size())
     tiles = triton.cdiv(width * groups, block_m)
-    n_splits, split = tree_splits(rows * hkv * tiles, length, block_n)
+    n_splits, split = tree_splits(rows * hkv * tiles, length, block_n, TREE_KERNEL_PROGRAMS)
     q, table = q.contiguous(), table.contiguous()
     tree_u8 = tree.contiguous().view(torch.uint8) if tree is not None else ctx  # ctx: an unread placeholder
     out = torch.empty_like(q)
@@ -253,8 +277,9 @@ def paged_tree(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, ta
         q, k_store, v_store, table, lo if lo is not None else ctx, ctx, tree_u8, acc, stat, out, scale,
         q.stride(0), q.stride(1), k_store.stride(0), k_store.stride(1), table.stride(0), out.stride(0),
         out.stride(1), n_splits, split, length, W=width, G=groups, TILES=tiles, BLOCK_M=block_m, D=dim,
-        BLOCK_N=block_n, HAS_LO=lo is not None, TREE=tree is not None, DIRECT=n_splits == 1,
-        PRECISION=_precision(q), num_warps=warps)
+        BLOCK_N=block_n, HAS_LO=lo is not None, LO_PER_QUERY=lo is not None and lo.numel() != rows,
+        WP=triton.next_power_of_2(width), TREE=tree is not None, DIRECT=n_splits == 1,
+        PRECISION=_precision(q), num_warps=warps, num_stages=stages)
     if n_splits > 1:
         _combine_kernel[(rows, hkv * tiles)](acc, stat, out, n_splits, out.stride(0), out.stride(1), W=width,
                                              G=groups, TILES=tiles, ROWS=block_m,

@@ -110,7 +110,7 @@ class Attention(nn.Module):
         for gi, (start, rows, width, table, mask, ctx, lo, tree, through) in enumerate(groups):
             observed = observers[gi] if observers is not None else None
             if mask is None:  # several tokens a row (`Transformer._group_views` chose the kernel): read in place too
-                og = kernels.paged_tree(q[start:start + rows * width], k_store, v_store, table, None, ctx, tree,
+                og = kernels.paged_tree(q[start:start + rows * width], k_store, v_store, table, lo, ctx, tree,
                                         c.scale)
                 outs.append(og.reshape(rows * width, c.num_heads * c.head_dim))
                 continue
@@ -224,12 +224,13 @@ def observe_rows(layer: int, observed: list, q: torch.Tensor, keys: torch.Tensor
 
 
 def window_lo(kv_pos: torch.Tensor, q_pos: torch.Tensor, ctx: torch.Tensor, window: int) -> torch.Tensor:
-    """`[rows]`: the first entry a single-token row reads under a sliding `window`, from the entries' positions
-    `kv_pos` `[rows, L]` (ascending within a row; entries from `ctx` on are not counted): the entries at or before
-    `q_pos - window` fall outside. With entry index = position this is `ctx + 1 - window`, clamped at 0."""
+    """The first entry a query at `q_pos` (`[rows]`, or `[rows, width]`: a pass's queries) reads under a sliding
+    `window`, from the entries' positions `kv_pos` `[rows, L]` (ascending within a row; entries from `ctx` on are not
+    counted): the entries at or before `q_pos - window` fall outside. With entry index = position this is
+    `ctx + 1 - window` for a single token, clamped at 0. Shaped as `q_pos`."""
     idx = torch.arange(kv_pos.shape[1], device=kv_pos.device)
-    outside = (kv_pos <= q_pos[:, None] - window) & (idx[None] < ctx[:, None])
-    return outside.sum(-1)
+    outside = (kv_pos[:, None] <= q_pos.view(len(q_pos), -1, 1) - window) & (idx < ctx[:, None])[:, None]  # [rows, W, L]
+    return outside.sum(-1).view(q_pos.shape)
 
 
 def ring_capacity(window: int, max_pass: int, block_size: int) -> int:
@@ -381,8 +382,8 @@ class Transformer(nn.Module):
                 table, first, store = g.rings[r].table, g.rings[r].first, pool.rings[r]
             kv_pos = store.slot_pos[table] if w is not None else None
             # Verify passes (root + draft tree) read the pool in place through the tree kernel, as steps do through
-            # the decode kernel: no copy of every entry per layer, no dense mask. The masked path stays for the rest:
-            # - a sliding window: each query's window starts at its own position (the kernel has one start a row);
+            # the decode kernel: no copy of every entry per layer, no dense mask (under a sliding window each query
+            # gets its own first entry). The masked path stays for the rest:
             # - a KV press's rows: it sees and may replace the gathered keys, values and mask (`observe_rows`);
             # - prefill chunks wider than the widest captured verify pass: there SDPA's tensor-core kernels win (the
             #   copy of the entries is small next to the chunk's own work; the kernel is tuned for few queries a row);
@@ -390,11 +391,14 @@ class Transformer(nn.Module):
             #   kernel, TREE_LONG_KV).
             long = table.shape[1] >= kernels.TREE_LONG_KV
             widest = kernels.TREE_WIDEST if g.tree_kernel or long else kernels.TREE_MAX_WIDTH
-            tree_kernel = kernel and 1 < g.width <= widest and w is None and not g.observers
+            tree_kernel = kernel and 1 < g.width <= widest and not g.observers
             mask = None if tree_kernel else attention_mask(g, q_pos, kv_pos, w, first, table.shape[1])
             ctx = g.ctx if first is None else g.ctx - first  # the row's first new entry, as a column of `table`
-            # The decode kernel reads columns [lo, ctx]; the window's first one comes from the entries' positions.
-            lo = window_lo(kv_pos, q_pos[:, 0], ctx, w) if kernel and g.width == 1 and w is not None else None
+            # The kernels read columns [lo, ctx) (and the new entries); the window's first one comes from the entries'
+            # positions: one a row for a step, one a query for a verify pass.
+            lo = None
+            if w is not None and (tree_kernel or (kernel and g.width == 1)):
+                lo = window_lo(kv_pos, q_pos, ctx, w).flatten()  # [rows] (a step) or [rows * width]
             views[(r, w)] = (g.start, g.rows, g.width, table, mask, ctx, lo, g.tree, False)
         return views
 

@@ -162,3 +162,5 @@ def test_window_bounds_from_positions():
     pos = torch.tensor([[0, 1, 2, 3] + list(range(30, 40)) + [0] * 6])
     lo = window_lo(pos, torch.tensor([40]), torch.tensor([14]), 8)
     assert lo.tolist() == [4 + 3]  # positions 30, 31, 32 are at or before 40 - 8
+    # A verify pass's queries at positions 40, 41, 42: each its own first entry.
+    assert window_lo(pos, torch.tensor([[40, 41, 42]]), torch.tensor([14]), 8).tolist() == [[7, 8, 9]]

@@ -57,10 +57,13 @@ for hq, hkv, dim, rows, width, length in [(9, 3, 64, 3, 16, 256), (8, 2, 32, 3, 
     tree = (torch.rand(rows, width, width, generator=g) < 0.3).tril() | torch.eye(width, dtype=torch.bool)
     # The last row as graphs pad: no entries, the scratch slot everywhere, each query seeing only itself.
     ctx[-1], lo[-1], table[-1], tree[-1] = 0, 0, 0, torch.eye(width, dtype=torch.bool)
-    # A tree and a chain, lo = 0 or not, over splits and the combine kernel; then one split written directly. Few
-    # programs: the interpreter runs them one by one.
-    for programs, lo_, tree_ in [(24, None, tree), (24, lo, None), (1, lo, tree)]:
-        kernels.TREE_PROGRAMS, kernels.TREE_MIN_SPLIT = programs, 32
+    # A sliding window: each query its own first entry (not in query order: the kernel starts at the row's least).
+    lo_each = torch.minimum(lo[:, None] + torch.randint(0, 40, (rows, width), generator=g), ctx[:, None]).flatten()
+    # A tree and a chain, lo = 0, one a row or one a query, over splits and the combine kernel; then one split
+    # written directly. Few programs: the interpreter runs them one by one.
+    for programs, lo_, tree_ in [(24, None, tree), (24, lo, None), (24, lo_each, tree), (1, lo, tree),
+                                 (1, lo_each, None)]:
+        kernels.TREE_KERNEL_PROGRAMS, kernels.TREE_MIN_SPLIT = programs, 32
         got = kernels.paged_tree(*on(q, k, v, table, lo_, ctx, tree_), 0.125).cpu()
         want = paged_tree_reference(q, k, v, table, lo_, ctx, tree_, 0.125)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -85,9 +88,10 @@ for name in ("paged_tree", "paged_decode"):
     setattr(kernels, name, counted)
 real = kernels.available
 kernels.TREE_MAX_WIDTH = kernels.TREE_WIDEST  # the tree kernel on (off by default)
-for shape in ("tiny-llama", "tiny-gemma3"):  # Gemma 3: window layers keep the masked path, the global one not
+# Gemma 3: sliding-window layers (window 8) over the full pool and over rings (each query its own window start).
+for shape, ring_pass in (("tiny-llama", None), ("tiny-gemma3", None), ("tiny-gemma3", 8)):
     model, _ = load_random(shape, dev, torch.float32)
-    pool = model.make_pool(16, 16)
+    pool = model.make_pool(16, 16, ring_pass=ring_pass)
     kvs = [SeqKV(pool) for _ in range(3)]
     kernels.available = lambda q: False
     with torch.no_grad():
@@ -110,7 +114,8 @@ for shape in ("tiny-llama", "tiny-gemma3"):  # Gemma 3: window layers keep the m
             kernels.available = lambda q: True
             got = model(batch, pool)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert "paged_tree" in calls and "paged_decode" in calls, calls
+    # Every layer of both passes reads through the tree kernel (window layers too); single tokens, the decode one.
+    assert calls.count("paged_tree") == 2 * model.config.num_layers and "paged_decode" in calls, calls
 kernels.available = real
 print("ok")
 '''
