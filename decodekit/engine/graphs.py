@@ -83,13 +83,16 @@ class StaticPass:
         """`read`: (slot table, ctx in its columns) the full pool's layers read instead of the rows' whole tables (a
         view of them: `StaticDraftRounds.window_chain`); writes still go to the rows' own next entries."""
         bs = self.runner.pool.block_size
-        table = slot_table(self.tables, valid, self.length, bs)
+        # The rows' whole tables only where a layer reads them (a view's passes: the writes alone, from the blocks).
+        table = slot_table(self.tables, valid, self.length, bs) if read is None else None
         rings = [RingRows(*ring_slot_table(t, valid, ring.span, bs)) for t, ring in zip(self.ring_tables,
                                                                                                self.rings)]
         ring_writes = self.ring_writes
         if write_slots is None:  # a chunk step: each row writes its entries [ctx, ctx + width)
             entries = ctx[:, None] + torch.arange(width, device=ctx.device)
-            write_slots = table.gather(1, entries).flatten()
+            own = table.gather(1, entries) if table is not None else \
+                self.tables.gather(1, entries // bs) * bs + entries % bs  # entries < valid: no scratch here
+            write_slots = own.flatten()
             ring_writes = [rr.table.gather(1, entries - rr.first[:, None]).flatten() for rr in rings]
         if read is not None:  # ring layers read column ctx - first of their ring: shift `first` with `ctx`
             table, view_ctx = read
