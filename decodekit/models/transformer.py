@@ -109,11 +109,6 @@ class Attention(nn.Module):
         outs = []
         for gi, (start, rows, width, table, mask, ctx, lo, tree, through) in enumerate(groups):
             observed = observers[gi] if observers is not None else None
-            if mask is None:  # several tokens a row (`Transformer._group_views` chose the kernel): read in place too
-                og = kernels.paged_tree(q[start:start + rows * width], k_store, v_store, table, lo, ctx, tree,
-                                        c.scale)
-                outs.append(og.reshape(rows * width, c.num_heads * c.head_dim))
-                continue
             if width == 1 and kernels.available(q) and not observed:
                 # One token a row: it sees entries [lo, ctx], read in place from the pool. The window's first entry
                 # comes from the entries' positions (a press may have evicted some: entry index != position).
@@ -121,6 +116,11 @@ class Attention(nn.Module):
                 og = kernels.paged_decode(q[start:start + rows], k_store, v_store, table,
                                           lo if lo is not None else torch.zeros_like(hi), hi, c.scale)
                 outs.append(og.reshape(rows, c.num_heads * c.head_dim))
+                continue
+            if mask is None:  # several tokens a row (`Transformer._group_views` chose the kernel): read in place too
+                og = kernels.paged_tree(q[start:start + rows * width], k_store, v_store, table, lo, ctx, tree,
+                                        c.scale)
+                outs.append(og.reshape(rows * width, c.num_heads * c.head_dim))
                 continue
             qg = q[start:start + rows * width].view(rows, width, c.num_heads, c.head_dim).transpose(1, 2)
             if through:
@@ -283,8 +283,10 @@ class Transformer(nn.Module):
             return
         c = self.config
         n = min(-(-positions // 256) * 256, c.max_position_embeddings)
-        self.rope_global = rope_table(c, "global", n).to(self.device)
-        self.rope_local = rope_table(c, "local", n).to(self.device) if self.windows else self.rope_global
+        # In the weights' dtype (cast once here rather than after every pass's gather: the same values, fewer kernels
+        # in a captured step); `forward` still casts, a no-op unless the weights changed dtype since.
+        self.rope_global = rope_table(c, "global", n).to(self.device, self.dtype)
+        self.rope_local = rope_table(c, "local", n).to(self.device, self.dtype) if self.windows else self.rope_global
         self.rope_len = n
 
     def compile_blocks(self) -> None:
@@ -383,7 +385,7 @@ class Transformer(nn.Module):
             kv_pos = store.slot_pos[table] if w is not None else None
             # Verify passes (root + draft tree) read the pool in place through the tree kernel, as steps do through
             # the decode kernel: no copy of every entry per layer, no dense mask (under a sliding window each query
-            # gets its own first entry). The masked path stays for the rest:
+            # gets its own first entry). The masked path stays for the rest (and for passes wider than a window):
             # - a KV press's rows: it sees and may replace the gathered keys, values and mask (`observe_rows`);
             # - prefill chunks wider than the widest captured verify pass: there SDPA's tensor-core kernels win (the
             #   copy of the entries is small next to the chunk's own work; the kernel is tuned for few queries a row);
@@ -391,8 +393,12 @@ class Transformer(nn.Module):
             #   kernel, TREE_LONG_KV).
             long = table.shape[1] >= kernels.TREE_LONG_KV
             widest = kernels.TREE_WIDEST if g.tree_kernel or long else kernels.TREE_MAX_WIDTH
-            tree_kernel = kernel and 1 < g.width <= widest and not g.observers
-            mask = None if tree_kernel else attention_mask(g, q_pos, kv_pos, w, first, table.shape[1])
+            # Under a sliding window the kernel applies each query's start to the committed entries only: the pass's
+            # own entries must all lie inside every query's window (no wider than the window).
+            tree_kernel = kernel and 1 < g.width <= widest and (w is None or g.width <= w) and not g.observers
+            decode_kernel = kernel and g.width == 1 and not g.observers  # `Attention.forward`'s decode path
+            # No mask where a kernel reads the entries (inside a captured graph its kernels would run every replay).
+            mask = None if tree_kernel or decode_kernel else attention_mask(g, q_pos, kv_pos, w, first, table.shape[1])
             ctx = g.ctx if first is None else g.ctx - first  # the row's first new entry, as a column of `table`
             # The kernels read columns [lo, ctx) (and the new entries); the window's first one comes from the entries'
             # positions: one a row for a step, one a query for a verify pass.
