@@ -115,3 +115,34 @@ def test_single_query_attention_matches_sdpa():
     mask = torch.rand(2, 1, 1, 40, generator=g) > 0.3
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125, enable_gqa=True)
     torch.testing.assert_close(single_query_attention(q, k, v, mask, 0.125), want, rtol=1e-5, atol=1e-5)
+
+
+def test_passes_a_kernel_reads_build_no_mask(monkeypatch):
+    """Inside a captured step every op runs each replay: where the attention kernels read the pool (single tokens;
+    verify passes no wider than the window) no dense mask is built. The same tokens as the masked path."""
+    import decodekit.models.transformer as transformer
+    from decodekit.models.batch import RowSpec, build_batch
+    from decodekit.models.kv_cache import SeqKV
+    from kernel_reference import use_references
+
+    _, model = make_pair("tiny-gemma3")  # window 8: sliding-window layers and a global one
+    pool = model.make_pool(20, 4, ring_pass=8)
+    kv = SeqKV(pool)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, model.config.vocab_size, (30,), generator=g).tolist()
+    masks, real_mask = [], transformer.attention_mask
+    monkeypatch.setattr(transformer, "attention_mask", lambda *a: masks.append(a[0].width) or real_mask(*a))
+    with torch.no_grad():
+        model.forward_seq(kv, tokens[:20], list(range(20)))
+        for width in (1, 4, 8):  # a step, then chains as verify passes, each after the same 20 entries
+            kv.ensure(20 + width)
+            batch = build_batch([[RowSpec(kv, tokens[20:20 + width], list(range(20, 20 + width)))]], model.device)
+            masks.clear()
+            want = model(batch, pool)
+            assert masks, "the CPU's masked path builds masks"
+            with monkeypatch.context() as m:
+                use_references(m)
+                masks.clear()
+                got = model(batch, pool)
+            assert masks == [], (width, masks)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
