@@ -79,7 +79,8 @@ def main() -> None:
         ops = [c for w, c in counter.passes if (w == width if width is not None else w > 1)]
         if ops:
             last = ops[-2] if len(ops) > 1 else ops[-1]
-            print(f"{name} ({len(ops)} seen): {sum(last.values())} ops: "
+            sizes = collections.Counter(sum(c.values()) for c in ops)
+            print(f"{name} ({len(ops)} seen; ops: count {dict(sorted(sizes.items()))}); one of them: "
                   + ", ".join(f"{k.removeprefix('aten.')} {v}" for k, v in last.most_common()))
 
 

@@ -79,20 +79,22 @@ class StaticPass:
         return self._chunk if self.steps else self._pass
 
     def _batch(self, width: int, ctx: torch.Tensor, valid: torch.Tensor, tree, write_slots, tokens, positions,
-               read: tuple[torch.Tensor, torch.Tensor] | None = None):
+               read: tuple[torch.Tensor, torch.Tensor] | None = None, rings: list[RingRows] | None = None,
+               ring_writes: list[torch.Tensor] | None = None):
         """`read`: (slot table, ctx in its columns) the full pool's layers read instead of the rows' whole tables (a
-        view of them: `StaticDraftRounds.window_chain`); writes still go to the rows' own next entries."""
+        view of them: `StaticDraftRounds.window_chain`); writes still go to the rows' own next entries. `rings`,
+        `ring_writes`: the ring tables and ring write slots, where the caller has them (a chain of steps builds them
+        once: inside a captured graph every op here runs each replay)."""
         bs = self.runner.pool.block_size
-        # The rows' whole tables only where a layer reads them (a view's passes: the writes alone, from the blocks).
-        table = slot_table(self.tables, valid, self.length, bs) if read is None else None
-        rings = [RingRows(*ring_slot_table(t, valid, ring.span, bs)) for t, ring in zip(self.ring_tables,
-                                                                                               self.rings)]
-        ring_writes = self.ring_writes
+        # The rows' whole tables only where a layer reads them or the writes come from them.
+        table = slot_table(self.tables, valid, self.length, bs) if read is None or write_slots is None else None
+        if rings is None:
+            rings = [RingRows(*ring_slot_table(t, valid, ring.span, bs)) for t, ring in zip(self.ring_tables,
+                                                                                                   self.rings)]
+        ring_writes = self.ring_writes if ring_writes is None else ring_writes
         if write_slots is None:  # a chunk step: each row writes its entries [ctx, ctx + width)
             entries = ctx[:, None] + torch.arange(width, device=ctx.device)
-            own = table.gather(1, entries) if table is not None else \
-                self.tables.gather(1, entries // bs) * bs + entries % bs  # entries < valid: no scratch here
-            write_slots = own.flatten()
+            write_slots = table.gather(1, entries).flatten()
             ring_writes = [rr.table.gather(1, entries - rr.first[:, None]).flatten() for rr in rings]
         if read is not None:  # ring layers read column ctx - first of their ring: shift `first` with `ctx`
             table, view_ctx = read
@@ -197,10 +199,18 @@ class StaticDraftRounds(StaticPass):
         view = table.gather(1, cols.clamp_max(self.length - 1))  # columns past a row's entries are never read
         positions = self.positions.view(rows, self.width)[:, 0]
         token = self.history.gather(1, self.history_len[:, None] - 1)[:, 0]
+        # Every step's write slots, and ring tables covering all the steps' entries (a step reads its ring's columns
+        # up to its own entry only), built once for the chain.
+        entries = ctx[:, None] + torch.arange(steps, device=ctx.device)
+        rings = [RingRows(*ring_slot_table(t, ctx + steps, ring.span, bs)) for t, ring in zip(self.ring_tables,
+                                                                                                     self.rings)]
+        writes = table.gather(1, entries)
+        ring_writes = [rr.table.gather(1, entries - rr.first[:, None]) for rr in rings]
         drafts = []
         for j in range(steps):
-            batch = self._batch(1, ctx + j, ctx + j + 1, None, None, token, positions + j,
-                                read=(view, ctx + j - base + sink))
+            batch = self._batch(1, ctx + j, ctx + j + 1, None, writes[:, j], token, positions + j,
+                                read=(view, ctx + j - base + sink), rings=rings,
+                                ring_writes=[w[:, j] for w in ring_writes])
             token = self.runner.graph_model(batch, self.runner.pool, compiled=self.runner.compiled).argmax(-1)
             drafts.append(token)
         return torch.stack(drafts, dim=1)

@@ -141,7 +141,8 @@ def test_magicdec_rounds_draft_over_a_window_of_the_targets_own_cache(engine):
     """Fused draft rounds (a GPU's captured graphs; here their eager reference): magicdec drafts with the target
     reading the first n_sink entries and the last budget - n_sink of its *own* cache. The tokens are plain greedy's,
     and every round's draft is the greedy chain over a cache holding exactly those entries."""
-    graphed = Engine(engine.model, engine.tokenizer, cuda_graphs=True)
+    # Rings of the least `ring_pass`: they wrap within the prompt, so the rounds read them from a moving first entry.
+    graphed = Engine(engine.model, engine.tokenizer, cuda_graphs=True, ring_pass=16)
     runner, inner, seen = graphed.core.runner, graphed.core.runner.draft_rounds, []
 
     def record(kvs, contexts, drafter, depth, rounds, chunks):  # (context, draft) of every round
