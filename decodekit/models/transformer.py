@@ -109,7 +109,7 @@ class Attention(nn.Module):
         outs = []
         for gi, (start, rows, width, table, mask, ctx, lo, tree, through) in enumerate(groups):
             observed = observers[gi] if observers is not None else None
-            if width == 1 and kernels.available(q) and not observed:
+            if mask is None and width == 1:  # `Transformer._group_views` chose the decode kernel
                 # One token a row: it sees entries [lo, ctx], read in place from the pool. The window's first entry
                 # comes from the entries' positions (a press may have evicted some: entry index != position).
                 hi = ctx + 1
@@ -229,7 +229,8 @@ def window_lo(kv_pos: torch.Tensor, q_pos: torch.Tensor, ctx: torch.Tensor, wind
     counted): the entries at or before `q_pos - window` fall outside. With entry index = position this is
     `ctx + 1 - window` for a single token, clamped at 0. Shaped as `q_pos`."""
     idx = torch.arange(kv_pos.shape[1], device=kv_pos.device)
-    outside = (kv_pos[:, None] <= q_pos.view(len(q_pos), -1, 1) - window) & (idx < ctx[:, None])[:, None]  # [rows, W, L]
+    before = (idx < ctx[:, None])[:, None]  # [rows, 1, L]
+    outside = (kv_pos[:, None] <= q_pos.view(len(q_pos), -1, 1) - window) & before  # [rows, W, L]
     return outside.sum(-1).view(q_pos.shape)
 
 
@@ -396,14 +397,15 @@ class Transformer(nn.Module):
             # Under a sliding window the kernel applies each query's start to the committed entries only: the pass's
             # own entries must all lie inside every query's window (no wider than the window).
             tree_kernel = kernel and 1 < g.width <= widest and (w is None or g.width <= w) and not g.observers
-            decode_kernel = kernel and g.width == 1 and not g.observers  # `Attention.forward`'s decode path
-            # No mask where a kernel reads the entries (inside a captured graph its kernels would run every replay).
+            decode_kernel = kernel and g.width == 1 and not g.observers
+            # No mask where a kernel reads the entries (inside a captured graph its kernels would run every replay):
+            # `Attention.forward` takes a kernel wherever the mask is None.
             mask = None if tree_kernel or decode_kernel else attention_mask(g, q_pos, kv_pos, w, first, table.shape[1])
             ctx = g.ctx if first is None else g.ctx - first  # the row's first new entry, as a column of `table`
             # The kernels read columns [lo, ctx) (and the new entries); the window's first one comes from the entries'
             # positions: one a row for a step, one a query for a verify pass.
             lo = None
-            if w is not None and (tree_kernel or (kernel and g.width == 1)):
+            if w is not None and (tree_kernel or decode_kernel):
                 lo = window_lo(kv_pos, q_pos, ctx, w).flatten()  # [rows] (a step) or [rows * width]
             views[(r, w)] = (g.start, g.rows, g.width, table, mask, ctx, lo, g.tree, False)
         return views

@@ -35,6 +35,7 @@ class MagicDec(CompressedDrafter):
     `stop_threshold` above 0 keeps them on the host)."""
 
     name = "magicdec"
+    history_tokens = 1  # on the device it drafts from the root alone (the rest is the target's cache)
     budget: int = 512
     n_sink: int = 4
     num_draft: int = 4
@@ -50,8 +51,6 @@ class MagicDec(CompressedDrafter):
     def _state(self, prompt_len: int) -> EvictionState:
         return EvictionState(StreamingLLMPress(n_sink=self.n_sink), self.net, prompt_len, 0.0, self.compress_every,
                              budget=self.budget)
-
-    history_tokens = 1  # on the device it drafts from the root alone (the rest is the target's cache)
 
     @property
     def drafts_on_device(self) -> bool:
