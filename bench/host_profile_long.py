@@ -6,15 +6,18 @@ prompts on a random-weight Gemma 3 270M, per config, beside a timed run's tokens
     # the real model (drafts accepted as on real text): --model gemma3-270m --data-dir PATH
 
 Configs in `long_context_bench.py`'s syntax. Meant for a GPU: the host time that matters is what the host spends
-beside the CUDA-graph replays (`profile_long.py` has the device's side).
+beside the CUDA-graph replays. `--device-profile` profiles the device's side of the same decode instead
+(torch.profiler: the kernels' total time against the wall time, and the top kernels), on the real model too.
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
 import io
+import json
 import pstats
 import random
+import time
 import sys
 from pathlib import Path
 
@@ -39,6 +42,9 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="a real model instead of random weights: needle-in-a-haystack "
                     "prompts (as long_context_bench.py builds them), so that drafts are accepted as on real text")
     ap.add_argument("--data-dir", default=None, help="the long-context data (with --model)")
+    ap.add_argument("--device-profile", action="store_true",
+                    help="torch.profiler's kernels instead of cProfile (and no timed run: warm-up, then profiled)")
+    ap.add_argument("--out", default=None, help="with --device-profile: a folder for device_profile.json")
     args = ap.parse_args()
     dtype = "bfloat16" if args.device == "cuda" else "float32"
     engine = decodekit.load(args.model or f"random:{args.shape}", device=args.device, dtype=dtype, progress=False,
@@ -54,9 +60,16 @@ def main() -> None:
         vocab = engine.model.config.vocab_size
         prompts = [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(args.batch)]
     greedy = SamplingConfig(temperature=0.0)
+    report = {"model": args.model or f"random:{args.shape}", "length": length, "batch": args.batch,
+              "new_tokens": args.new_tokens, "command": " ".join(sys.argv),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "configs": {}}
     for config in args.configs.split(","):
         kw = config_kwargs(config)
         decode_together(engine, prompts, args.new_tokens, sampling=greedy, ignore_eos=True, **kw)  # warm-up
+        if args.device_profile:
+            report["configs"][config] = device_profile(engine, prompts, args.new_tokens, greedy, kw, args.top)
+            print(json.dumps({config: report["configs"][config]}, indent=1), flush=True)
+            continue
         got = decode_together(engine, prompts, args.new_tokens, sampling=greedy, ignore_eos=True, **kw)
         tau = sum(r.stats.tau for r in got.results) / len(got.results)
         print(f"{config}: timed {got.decode_tok_s:.1f} tok/s, tau {tau:.2f}", flush=True)
@@ -66,6 +79,29 @@ def main() -> None:
         text = io.StringIO()
         pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(args.top)
         print(text.getvalue(), flush=True)
+    if args.device_profile and args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "device_profile.json").write_text(json.dumps(report, indent=1))
+
+
+def device_profile(engine, prompts: list, new_tokens: int, greedy: SamplingConfig, kw: dict, top: int) -> dict:
+    """One profiled decode: the kernels' summed time against the decode's wall time (their ratio is how busy the
+    device was, kernels of one stream not overlapping), graph replays, host syncs, and the `top` kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    got = decode_together(engine, prompts, new_tokens, lambda: prof, sampling=greedy, ignore_eos=True, **kw)
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type.name == "CUDA" and e.device_time_total > 0]
+    device_ms = sum(e.device_time_total for e in kernels) / 1e3
+    kernels.sort(key=lambda e: -e.device_time_total)
+    count = {e.key: e.count for e in events if e.key in ("cudaGraphLaunch", "cudaEventSynchronize",
+                                                         "cudaStreamSynchronize", "cudaMemcpyAsync")}
+    return {"decode_s": round(got.decode_s, 4), "decode_tok_s": round(got.decode_tok_s, 1),
+            "tau": round(sum(r.stats.tau for r in got.results) / len(got.results), 3),
+            "device_ms": round(device_ms, 2), "device_busy": round(device_ms / 1e3 / got.decode_s, 3),
+            "host_calls": count,
+            "kernels": [{"name": e.key[:100], "calls": e.count, "ms": round(e.device_time_total / 1e3, 3),
+                         "us_each": round(e.device_time_total / e.count, 2)} for e in kernels[:top]]}
 
 
 if __name__ == "__main__":
