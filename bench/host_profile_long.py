@@ -84,6 +84,36 @@ def main() -> None:
         (Path(args.out) / "device_profile.json").write_text(json.dumps(report, indent=1))
 
 
+def idle_gaps(prof, least_us: float = 100.0, listed: int = 15) -> dict:
+    """Where the device waited: gaps of at least `least_us` between one kernel's end and the next one's start, with
+    when each began (ms from the first kernel) and the host ops that started during it (the most frequent)."""
+    events = prof.events()
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events
+                     if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)
+    host = sorted((e.time_range.start, e.name) for e in events if e.device_type.name == "CPU")
+    if not kernels:
+        return {}
+    gaps, reach = [], kernels[0][1]
+    for start, end in kernels[1:]:
+        if start - reach >= least_us:
+            gaps.append((reach, start))
+        reach = max(reach, end)
+    t0 = kernels[0][0]
+
+    def during(a: float, b: float) -> list:
+        names: dict[str, int] = {}
+        for t, name in host:
+            if a <= t < b:
+                names[name] = names.get(name, 0) + 1
+        return sorted(names.items(), key=lambda kv: -kv[1])[:6]
+
+    top = sorted(gaps, key=lambda g: g[0] - g[1])[:listed]
+    return {"least_us": least_us, "count": len(gaps), "total_ms": round(sum(b - a for a, b in gaps) / 1e3, 2),
+            "span_ms": round((reach - t0) / 1e3, 2),
+            "largest": [{"at_ms": round((a - t0) / 1e3, 2), "ms": round((b - a) / 1e3, 3), "host_ops": during(a, b)}
+                        for a, b in sorted(top)]}
+
+
 def device_profile(engine, prompts: list, new_tokens: int, greedy: SamplingConfig, kw: dict, top: int) -> dict:
     """One profiled decode: the kernels' summed time against the decode's wall time (their ratio is how busy the
     device was, kernels of one stream not overlapping), graph replays, host syncs, and the `top` kernels."""
@@ -96,7 +126,7 @@ def device_profile(engine, prompts: list, new_tokens: int, greedy: SamplingConfi
     kernels.sort(key=lambda e: -e.device_time_total)
     count = {e.key: e.count for e in events if e.key in ("cudaGraphLaunch", "cudaEventSynchronize",
                                                          "cudaStreamSynchronize", "cudaMemcpyAsync")}
-    return {"decode_s": round(got.decode_s, 4), "decode_tok_s": round(got.decode_tok_s, 1),
+    return {"decode_s": round(got.decode_s, 4), "decode_tok_s": round(got.decode_tok_s, 1), "gaps": idle_gaps(prof),
             "tau": round(sum(r.stats.tau for r in got.results) / len(got.results), 3),
             "device_ms": round(device_ms, 2), "device_busy": round(device_ms / 1e3 / got.decode_s, 3),
             "host_calls": count,

@@ -32,7 +32,8 @@ from decodekit.sampling import SamplingConfig  # noqa: E402
 
 
 def config_kwargs(text: str) -> dict:
-    """`plain`, `press:NAME:RATIO[:k=v;k=v]` or `method:NAME[:k=v;k=v]`."""
+    """`plain`, `press:NAME:RATIO[:k=v;k=v]` or `method:NAME[:k=v;k=v]` (full drafts unless `adaptive=true` is among
+    a method's options: then the cost-aware draft budget decides, as in `generate`)."""
     parts = text.split(":")
     if parts[0] == "plain":
         return {}
@@ -43,7 +44,7 @@ def config_kwargs(text: str) -> dict:
     if parts[0] == "press":
         return {"press": parts[1], "compression_ratio": float(parts[2]), "press_options": options}
     if parts[0] == "method":
-        return {"method": parts[1], "method_options": options, "adaptive": False}
+        return {"method": parts[1], "adaptive": bool(options.pop("adaptive", False)), "method_options": options}
     raise ValueError(f"config {text!r}: plain, press:NAME:RATIO[:k=v;...] or method:NAME[:k=v;...]")
 
 
