@@ -7,7 +7,8 @@ prompts on a random-weight Gemma 3 270M, per config, beside a timed run's tokens
 
 Configs in `long_context_bench.py`'s syntax. Meant for a GPU: the host time that matters is what the host spends
 beside the CUDA-graph replays. `--device-profile` profiles the device's side of the same decode instead
-(torch.profiler: the kernels' total time against the wall time, and the top kernels), on the real model too.
+(torch.profiler: the kernels' total time against the wall time, the top kernels, and the gaps where the device
+waited, with the host ops that ran meanwhile), on the real model too.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import io
 import json
 import pstats
 import random
-import time
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
