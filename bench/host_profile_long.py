@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from torch.profiler import ProfilerActivity, profile
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import decodekit  # noqa: E402
@@ -29,6 +31,7 @@ from decodekit.bench.together import decode_together  # noqa: E402
 from decodekit.eval.long_context import Haystack, data_dir, make_sample, vocabulary  # noqa: E402
 from decodekit.sampling import SamplingConfig  # noqa: E402
 from long_context_bench import config_kwargs  # noqa: E402
+from profile_long import device_ms, top_kernels  # noqa: E402
 
 
 def main() -> None:
@@ -118,21 +121,15 @@ def idle_gaps(prof, least_us: float = 100.0, listed: int = 15) -> dict:
 def device_profile(engine, prompts: list, new_tokens: int, greedy: SamplingConfig, kw: dict, top: int) -> dict:
     """One profiled decode: the kernels' summed time against the decode's wall time (their ratio is how busy the
     device was, kernels of one stream not overlapping), graph replays, host syncs, and the `top` kernels."""
-    from torch.profiler import ProfilerActivity, profile
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
     got = decode_together(engine, prompts, new_tokens, lambda: prof, sampling=greedy, ignore_eos=True, **kw)
-    events = prof.key_averages()
-    kernels = [e for e in events if e.device_type.name == "CUDA" and e.device_time_total > 0]
-    device_ms = sum(e.device_time_total for e in kernels) / 1e3
-    kernels.sort(key=lambda e: -e.device_time_total)
-    count = {e.key: e.count for e in events if e.key in ("cudaGraphLaunch", "cudaEventSynchronize",
-                                                         "cudaStreamSynchronize", "cudaMemcpyAsync")}
+    busy_ms = device_ms(prof)
+    count = {e.key: e.count for e in prof.key_averages() if e.key in ("cudaGraphLaunch", "cudaEventSynchronize",
+                                                                      "cudaStreamSynchronize", "cudaMemcpyAsync")}
     return {"decode_s": round(got.decode_s, 4), "decode_tok_s": round(got.decode_tok_s, 1), "gaps": idle_gaps(prof),
             "tau": round(sum(r.stats.tau for r in got.results) / len(got.results), 3),
-            "device_ms": round(device_ms, 2), "device_busy": round(device_ms / 1e3 / got.decode_s, 3),
-            "host_calls": count,
-            "kernels": [{"name": e.key[:100], "calls": e.count, "ms": round(e.device_time_total / 1e3, 3),
-                         "us_each": round(e.device_time_total / e.count, 2)} for e in kernels[:top]]}
+            "device_ms": round(busy_ms, 2), "device_busy": round(busy_ms / 1e3 / got.decode_s, 3),
+            "host_calls": count, "kernels": top_kernels(prof, top)}
 
 
 if __name__ == "__main__":

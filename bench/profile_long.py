@@ -29,7 +29,8 @@ from long_context_bench import config_kwargs  # noqa: E402  (plain, press:NAME:R
 def top_kernels(prof, n: int = 12) -> list[dict]:
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     events.sort(key=lambda e: -e.device_time_total)
-    return [{"name": e.key[:90], "calls": e.count, "ms": round(e.device_time_total / 1e3, 3)} for e in events[:n]]
+    return [{"name": e.key[:90], "calls": e.count, "ms": round(e.device_time_total / 1e3, 3),
+             "us_each": round(e.device_time_total / e.count, 2)} for e in events[:n]]
 
 
 def host_ops(prof, n: int = 8) -> list[dict]:
