@@ -373,8 +373,10 @@ class EngineCore:
         limit = min(self.max_context - len(s.tokens) for s in seqs)  # positions stay inside the context window
         want = max(s.room for s in seqs)  # a round commits at least one token
         # Entries reserved ahead (every round may keep its whole width) set the KV length the captured pass reads:
-        # no more than plain chunks reserve, so the rounds' attention spans what plain decoding's does.
-        ahead = max(1, self.runner.fused_sizes[0] * self.max_chunks // (rounds * width))
+        # no longer than plain chunks reserve, so the rounds' attention spans what plain decoding's does; within it
+        # as many replays as fit (a longer step, fewer step boundaries: rows that finish leave on the device).
+        ahead = self.runner.replays_within(max(s.kv.length for s in seqs), rounds * width,
+                                           max(1, self.runner.fused_sizes[0] * self.max_chunks // (rounds * width)))
         chunks = max(1, min(want // rounds, limit // (rounds * width), ahead,
                             1 if self.scheduler.waiting else self.max_chunks))
         if limit < rounds * width:
@@ -383,7 +385,7 @@ class EngineCore:
         if not chunks:
             return []
         run = self.runner.draft_rounds([s.kv for s in seqs], [s.tokens for s in seqs], seqs[0].drafter, depth,
-                                       rounds, chunks)
+                                       rounds, chunks, live=lambda: [not s.finished for s in seqs])
         done = 0
         try:
             for rows in run:

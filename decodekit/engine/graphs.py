@@ -70,6 +70,8 @@ class StaticPass:
         self.tree = torch.eye(width, dtype=torch.bool, device=dev).repeat(rows, 1, 1)
         self.chain = torch.ones(width, width, dtype=torch.bool, device=dev).tril_().repeat(rows, 1, 1)
         self.out = self._output()  # what a replay hands the host (a greedy chunk's tokens)
+        # Where pipelined replays copy `out` (pinned once here: allocating pinned memory costs about 0.5 ms a call).
+        self.host_out = [torch.empty(self.out.shape, dtype=torch.long, pin_memory=runner.cuda) for _ in range(2)]
         self.graph = runner.capture(self._body())
 
     def _output(self) -> torch.Tensor:
@@ -215,6 +217,21 @@ class StaticDraftRounds(StaticPass):
             drafts.append(token)
         return torch.stack(drafts, dim=1)
 
+    def take_rows(self, other: "StaticDraftRounds", keep: list[int]) -> None:
+        """Go on with rows `keep` of `other` (a pass of as many rows or fewer, its buckets otherwise the same) where
+        its last replay leaves them: their block tables, entry counts, positions and token histories, copied on the
+        device after what is queued there (no host layout, no synchronization); the other rows pad."""
+        index = torch.tensor(keep, dtype=torch.long).to(self.runner.device, non_blocking=True)
+        k = len(keep)
+        pairs = [(self.tables, other.tables, 0), (self.ctx, other.ctx, 0), (self.valid, other.valid, 0),
+                 (self.positions.view(self.rows, -1), other.positions.view(other.rows, -1), 0),
+                 (self.history, other.history, 0), (self.history_len, other.history_len, 1)]
+        pairs += [(mine, theirs, 0) for mine, theirs in zip(self.ring_tables, other.ring_tables)]
+        for mine, theirs, pad in pairs:
+            mine[:k] = theirs.index_select(0, index)
+            mine[k:] = pad
+        self.depth.copy_(other.depth)
+
     def fill_rounds(self, specs: list[RowSpec], contexts: list[list[int]], depth: int) -> None:
         """The rows' layout (each spec: its root alone), their token histories and the draft depth."""
         self.fill(specs, tree=False)
@@ -322,65 +339,96 @@ class GraphRunner(ModelRunner):
                 yield out[:n].tolist()
 
     def draft_rounds(self, kvs: list[SeqKV], contexts: list[list[int]], drafter: Drafter, depth: int, rounds: int,
-                     chunks: int) -> Iterator[list[list[tuple[list[int], list[int]]]]]:
+                     chunks: int, live: Callable[[], list[bool]] | None = None
+                     ) -> Iterator[list[list[tuple[list[int], list[int]]]]]:
         """Fused draft rounds (`StaticDraftRounds`) for greedy rows whose committed tokens are `contexts` (the last
         one each row's root), drafting up to `depth` tokens with `drafter`'s knobs: yields up to `chunks` times, per
         row, `rounds` pairs (draft, committed tokens). Each row's KV memory must have room for `rounds * chunks *
-        draft_width(depth)` more entries; `kv.length` advances with what is yielded."""
+        draft_width(depth)` more entries; `kv.length` advances with what is yielded. `live()`, asked before each
+        replay: which rows still want tokens; once those fit a smaller batch bucket they go on in its pass (moved
+        on the device, `take_rows`), and the others get no more rounds (empty lists)."""
         n, width = len(kvs), self.draft_width(depth)
-        rows, ahead = bucket(n, BATCH_BUCKETS), rounds * chunks * width
+        ahead = rounds * chunks * width
         bs = self.pool.block_size
         length = kv_bucket(max(kv.length for kv in kvs) + ahead, bs)
         # Only the tokens the drafter reads go to the device (a long context's history is a large host copy).
         tails = [c[-drafter.history_tokens:] for c in contexts] if drafter.history_tokens else contexts
         history = kv_bucket(max(len(c) for c in tails) + ahead + width, bs)
-        key = (rows, width, length, history, rounds, type(drafter), astuple(drafter))
-        if key not in self.round_passes:
-            self.round_passes[key] = StaticDraftRounds(self, rows, width, length, history, rounds, drafter)
-        static = self.round_passes[key]
+
+        def rounds_pass(rows: int) -> StaticDraftRounds:
+            key = (rows, width, length, history, rounds, type(drafter), astuple(drafter))
+            if key not in self.round_passes:
+                self.round_passes[key] = StaticDraftRounds(self, rows, width, length, history, rounds, drafter)
+            return self.round_passes[key]
+
+        static = rounds_pass(bucket(n, BATCH_BUCKETS))
         static.fill_rounds([RowSpec(kv, [c[-1]], [len(c) - 1], None, "none") for kv, c in zip(kvs, contexts)],
                            tails, depth)
+        order = list(range(n))  # the pass's rows: which of `kvs` each one is
+        orders = []  # `order` as each replay was launched
+
+        def regroup(last: StaticDraftRounds) -> StaticDraftRounds:
+            nonlocal order
+            if live is not None:
+                wanted = live()
+                keep = [r for r, i in enumerate(order) if wanted[i]]
+                if keep and bucket(len(keep), BATCH_BUCKETS) < last.rows:
+                    smaller = rounds_pass(bucket(len(keep), BATCH_BUCKETS))
+                    smaller.take_rows(last, keep)
+                    last, order = smaller, [order[r] for r in keep]
+            orders.append(order)
+            return last
+
         # Launched ahead, a chunk writes up to 2 x rounds x width entries past what the host keeps: a sliding-window
         # ring tolerates `max_pass` of that (`kv_cache.py`); where it is less, each chunk waits for the last.
         pipelined = not self.pool.rings or 2 * rounds * width <= self.pool.max_pass
-        with closing(self._pipelined(static, chunks, ahead=2 if pipelined else 1)) as run:
-            for out in run:
-                rows_out = []
-                for kv, record in zip(kvs, out[:n].tolist()):
-                    row = []
-                    for r in record:
-                        kept, n_draft = r[-2], r[-1]
-                        row.append((r[:n_draft], r[width - 1:width - 1 + kept]))
-                        kv.length += kept
-                    rows_out.append(row)
+        with closing(self._pipelined(static, chunks, 2 if pipelined else 1, regroup)) as run:
+            for i, out in enumerate(run):
+                rows_out: list[list[tuple[list[int], list[int]]]] = [[] for _ in kvs]
+                for r, record in zip(orders[i], out.tolist()):
+                    for rec in record:
+                        kept, n_draft = rec[-2], rec[-1]
+                        rows_out[r].append((rec[:n_draft], rec[width - 1:width - 1 + kept]))
+                        kvs[r].length += kept
                 yield rows_out
+
+    def replays_within(self, longest: int, per_replay: int, replays: int) -> int:
+        """How many replays reserving `per_replay` entries each fit in the KV length bucket that `replays` of them
+        need after `longest` entries (at least `replays`)."""
+        length = kv_bucket(longest + per_replay * replays, self.pool.block_size)
+        return max(replays, (length - longest) // per_replay)
 
     @staticmethod
     def draft_width(depth: int) -> int:
         """The width of the pass that verifies a chain of `depth` drafts (a captured width bucket)."""
         return bucket(depth + 1, WIDTH_BUCKETS)
 
-    def _pipelined(self, static: StaticPass, chunks: int, ahead: int) -> Iterator[torch.Tensor]:
+    def _pipelined(self, static: StaticPass, chunks: int, ahead: int,
+                   regroup: Callable[[StaticPass], StaticPass] | None = None) -> Iterator[torch.Tensor]:
         """Replay `static` `chunks` times, `ahead` replays in flight (2: the next runs while the host reads this
-        one's output); yields each replay's `out`, on the host."""
-        host = [torch.empty(static.out.shape, dtype=torch.long, pin_memory=self.cuda) for _ in range(2)]
+        one's output); yields each replay's `out`, on the host. `regroup(last)`, before each launch: the pass to
+        replay now (`last`, or one its rows moved to)."""
 
-        def launch(i: int) -> None:
+        def launch(i: int) -> torch.Tensor:
+            nonlocal static
+            if regroup is not None:
+                static = regroup(static)
             static.replay()
-            host[i % 2].copy_(static.out, non_blocking=True)
+            host = static.host_out[i % 2]
+            host.copy_(static.out, non_blocking=True)
             self.events[i % 2].record()
+            return host
 
-        launched = 0
+        hosts = []
         try:
             for i in range(chunks):
-                while launched < min(i + ahead, chunks):
-                    launch(launched)
-                    launched += 1
+                while len(hosts) < min(i + ahead, chunks):
+                    hosts.append(launch(len(hosts)))
                 self.events[i % 2].synchronize()
-                yield host[i % 2]
+                yield hosts[i]
         finally:
-            if launched:  # a replay launched ahead and not consumed: written past each row's length, so nothing
-                self.events[(launched - 1) % 2].synchronize()  # reads it; the next pass overwrites it
+            if hosts:  # a replay launched ahead and not consumed: written past each row's length, so nothing
+                self.events[(len(hosts) - 1) % 2].synchronize()  # reads it; the next pass overwrites it
 
 
 class _Eager:

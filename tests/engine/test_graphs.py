@@ -120,6 +120,35 @@ def test_sequences_near_their_end_stay_in_the_draft_rounds(engines, monkeypatch)
     assert verified and all(verified)  # verified steps only while a prompt was being prefilled
 
 
+def test_rows_that_finish_leave_the_draft_rounds_for_a_smaller_pass(engines):
+    """Once the rows still decoding fit a smaller batch bucket, they go on in that bucket's rounds pass, moved there
+    on the device within the step (the finished rows get no more rounds): every row's tokens stay plain greedy's."""
+    graphed, eager = engines
+    skip_on_gpu(graphed)
+    runner = graphed.core.runner
+    runner.round_passes.clear()
+    prompts = PROMPTS + [list(range(20, 31))]  # 5 rows: a bucket of 8; the long ones are not the first rows
+    lengths = (6, 24, 5, 22, 7)  # all within one step's replays (7 of 4 rounds here)
+    fills = []
+    inner = runner.draft_rounds
+
+    def counted(*args, **kw):
+        fills.append(1)
+        return inner(*args, **kw)
+    runner.draft_rounds = counted
+    try:
+        reqs = [graphed.add_request(p, n, method="pld", method_options=ON_DEVICE, ignore_eos=True, adaptive=False)
+                for p, n in zip(prompts, lengths)]
+        while not all(r.finished for r in reqs):
+            graphed.step()
+    finally:
+        del runner.draft_rounds
+    want = [eager.generate(p, n, ignore_eos=True).token_ids for p, n in zip(prompts, lengths)]
+    assert [r.sequences[0].output for r in reqs] == want
+    assert {2, 8} <= {key[0] for key in runner.round_passes}  # 8 rows, ..., then the 2 long ones
+    assert len(fills) == 1  # all in one step: the 2 rows moved to their pass on the device
+
+
 def test_draft_rounds_stop_where_plain_decoding_stops(engines):
     """Ends inside a round (EOS, max_new_tokens at every remainder) keep exactly plain decoding's tokens."""
     graphed, eager = engines

@@ -145,9 +145,9 @@ def test_magicdec_rounds_draft_over_a_window_of_the_targets_own_cache(engine):
     graphed = Engine(engine.model, engine.tokenizer, cuda_graphs=True, ring_pass=16)
     runner, inner, seen = graphed.core.runner, graphed.core.runner.draft_rounds, []
 
-    def record(kvs, contexts, drafter, depth, rounds, chunks):  # (context, draft) of every round
+    def record(kvs, contexts, drafter, depth, rounds, chunks, **kw):  # (context, draft) of every round
         contexts = [list(c) for c in contexts]
-        with closing(inner(kvs, [list(c) for c in contexts], drafter, depth, rounds, chunks)) as run:
+        with closing(inner(kvs, [list(c) for c in contexts], drafter, depth, rounds, chunks, **kw)) as run:
             for rows in run:
                 for context, row in zip(contexts, rows):
                     for draft, new in row:
