@@ -29,9 +29,9 @@ def fused_engine(engine, sizes=(16, 4)) -> Engine:
     runner.chunk_calls = []
     inner = runner.greedy_chunks
 
-    def record(kvs, roots, positions, steps, chunks):
+    def record(kvs, roots, positions, steps, chunks, **kw):
         runner.chunk_calls.append((chunks, steps))
-        return inner(kvs, roots, positions, steps, chunks)
+        return inner(kvs, roots, positions, steps, chunks, **kw)
 
     runner.greedy_chunks = record
     return fused

@@ -495,7 +495,8 @@ class EngineCore:
         if not chunks:
             return []
         run = self.runner.greedy_chunks([s.kv for s in seqs], [s.tokens[-1] for s in seqs],
-                                        [len(s.tokens) - 1 for s in seqs], steps, chunks)
+                                        [len(s.tokens) - 1 for s in seqs], steps, chunks,
+                                        live=lambda: [not s.finished for s in seqs])
         done = 0
         kept_by = {seq.id: 0 for seq in seqs}
         try:

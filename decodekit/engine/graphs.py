@@ -143,6 +143,22 @@ class StaticPass:
     def replay(self) -> None:
         self.graph.replay()
 
+    def _row_state(self) -> list[tuple[torch.Tensor, int]]:
+        """The buffers that carry each row's state from replay to replay, `[rows, ...]`, with their padding value."""
+        return [(self.tokens.view(self.rows, -1), 0), (self.positions.view(self.rows, -1), 0), (self.tables, 0),
+                (self.ctx, 0), (self.valid, 0)] + [(t, 0) for t in self.ring_tables]
+
+    def take_rows(self, other: "StaticPass", keep: list[int]) -> None:
+        """Go on with rows `keep` of `other` (a pass of as many rows or fewer, its buckets otherwise the same) where
+        its last replay leaves them: their block tables, entry counts, positions, tokens (and a rounds pass's token
+        histories), copied on the device after what is queued there (no host layout, no synchronization); the other
+        rows pad."""
+        index = torch.tensor(keep, dtype=torch.long).to(self.runner.device, non_blocking=True)
+        k = len(keep)
+        for (mine, pad), (theirs, _) in zip(self._row_state(), other._row_state()):
+            mine[:k] = theirs.index_select(0, index)
+            mine[k:] = pad
+
 
 class StaticDraftRounds(StaticPass):
     """`rounds` draft -> verify -> commit rounds of `rows` greedy sequences in one graph. Each round, every row's
@@ -217,19 +233,11 @@ class StaticDraftRounds(StaticPass):
             drafts.append(token)
         return torch.stack(drafts, dim=1)
 
-    def take_rows(self, other: "StaticDraftRounds", keep: list[int]) -> None:
-        """Go on with rows `keep` of `other` (a pass of as many rows or fewer, its buckets otherwise the same) where
-        its last replay leaves them: their block tables, entry counts, positions and token histories, copied on the
-        device after what is queued there (no host layout, no synchronization); the other rows pad."""
-        index = torch.tensor(keep, dtype=torch.long).to(self.runner.device, non_blocking=True)
-        k = len(keep)
-        pairs = [(self.tables, other.tables, 0), (self.ctx, other.ctx, 0), (self.valid, other.valid, 0),
-                 (self.positions.view(self.rows, -1), other.positions.view(other.rows, -1), 0),
-                 (self.history, other.history, 0), (self.history_len, other.history_len, 1)]
-        pairs += [(mine, theirs, 0) for mine, theirs in zip(self.ring_tables, other.ring_tables)]
-        for mine, theirs, pad in pairs:
-            mine[:k] = theirs.index_select(0, index)
-            mine[k:] = pad
+    def _row_state(self) -> list[tuple[torch.Tensor, int]]:
+        return super()._row_state() + [(self.history, 0), (self.history_len, 1)]
+
+    def take_rows(self, other: "StaticPass", keep: list[int]) -> None:
+        super().take_rows(other, keep)
         self.depth.copy_(other.depth)
 
     def fill_rounds(self, specs: list[RowSpec], contexts: list[list[int]], depth: int) -> None:
@@ -251,6 +259,8 @@ class GraphRunner(ModelRunner):
     pass_class = StaticPass  # what `_pass` builds (tensor parallelism: one that every rank captures and replays)
     drafts_on_device = True
     rounds_per_replay = DRAFT_ROUNDS
+    # Whether fused chunks and rounds move the rows still decoding to a smaller pass on the device (`take_rows`).
+    regroups_rows = True
 
     def __init__(self, model: Transformer, pool: KVPool) -> None:
         super().__init__(model, pool, GREEDY_SIZES)
@@ -323,7 +333,7 @@ class GraphRunner(ModelRunner):
         return tuple(out) if hidden_layers else out[0]
 
     def greedy_chunks(self, kvs: list[SeqKV], roots: list[int], positions: list[int], steps: int,
-                      chunks: int) -> Iterator[list[list[int]]]:
+                      chunks: int, live: Callable[[], list[bool]] | None = None) -> Iterator[list[list[int]]]:
         n = len(kvs)
         rows = bucket(n, BATCH_BUCKETS)
         if rows > BATCH_BUCKETS[-1]:
@@ -332,11 +342,33 @@ class GraphRunner(ModelRunner):
         length = kv_bucket(max(kv.length for kv in kvs) + steps * chunks, self.pool.block_size)
         static = self._pass(rows, 1, length, steps)
         static.fill([RowSpec(kv, [t], [p], None, "none") for kv, t, p in zip(kvs, roots, positions)], tree=False)
-        with closing(self._pipelined(static, chunks, ahead=2)) as run:
-            for out in run:
-                for kv in kvs:
-                    kv.length += steps
-                yield out[:n].tolist()
+        regroup, orders = self._regrouper(lambda r: self._pass(r, 1, length, steps), n, live)
+        with closing(self._pipelined(static, chunks, 2, regroup)) as run:
+            for i, out in enumerate(run):
+                tokens: list[list[int]] = [[] for _ in kvs]
+                for r, row in zip(orders[i], out.tolist()):
+                    tokens[r] = row
+                    kvs[r].length += steps
+                yield tokens
+
+    def _regrouper(self, make_pass: Callable[[int], StaticPass], n: int, live: Callable[[], list[bool]] | None):
+        """For `_pipelined`: `regroup(last)` moves the rows that `live()` still wants, once they fit a smaller batch
+        bucket, to `make_pass(rows)` (`StaticPass.take_rows`); `orders[i]`: which of the `n` rows each row of the
+        i-th replay is."""
+        order, orders = list(range(n)), []
+
+        def regroup(last: StaticPass) -> StaticPass:
+            nonlocal order
+            if live is not None and self.regroups_rows:
+                wanted = live()
+                keep = [r for r, i in enumerate(order) if wanted[i]]
+                if keep and bucket(len(keep), BATCH_BUCKETS) < last.rows:
+                    smaller = make_pass(bucket(len(keep), BATCH_BUCKETS))
+                    smaller.take_rows(last, keep)
+                    last, order = smaller, [order[r] for r in keep]
+            orders.append(order)
+            return last
+        return regroup, orders
 
     def draft_rounds(self, kvs: list[SeqKV], contexts: list[list[int]], drafter: Drafter, depth: int, rounds: int,
                      chunks: int, live: Callable[[], list[bool]] | None = None
@@ -364,21 +396,7 @@ class GraphRunner(ModelRunner):
         static = rounds_pass(bucket(n, BATCH_BUCKETS))
         static.fill_rounds([RowSpec(kv, [c[-1]], [len(c) - 1], None, "none") for kv, c in zip(kvs, contexts)],
                            tails, depth)
-        order = list(range(n))  # the pass's rows: which of `kvs` each one is
-        orders = []  # `order` as each replay was launched
-
-        def regroup(last: StaticDraftRounds) -> StaticDraftRounds:
-            nonlocal order
-            if live is not None:
-                wanted = live()
-                keep = [r for r, i in enumerate(order) if wanted[i]]
-                if keep and bucket(len(keep), BATCH_BUCKETS) < last.rows:
-                    smaller = rounds_pass(bucket(len(keep), BATCH_BUCKETS))
-                    smaller.take_rows(last, keep)
-                    last, order = smaller, [order[r] for r in keep]
-            orders.append(order)
-            return last
-
+        regroup, orders = self._regrouper(rounds_pass, n, live)
         # Launched ahead, a chunk writes up to 2 x rounds x width entries past what the host keeps: a sliding-window
         # ring tolerates `max_pass` of that (`kv_cache.py`); where it is less, each chunk waits for the last.
         pipelined = not self.pool.rings or 2 * rounds * width <= self.pool.max_pass

@@ -7,7 +7,7 @@ interface.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -45,10 +45,11 @@ class ModelRunner:
         return self.model(batch, self.pool)
 
     def greedy_chunks(self, kvs: list[SeqKV], roots: list[int], positions: list[int], steps: int,
-                      chunks: int) -> Iterator[list[list[int]]]:
+                      chunks: int, live: Callable[[], list[bool]] | None = None) -> Iterator[list[list[int]]]:
         """From each row's `root` token at `positions`, decode greedily: yield up to `chunks` times, per row, the next
         `steps` tokens. Each row's KV memory must have room for `steps * chunks` more entries; `kv.length` advances
-        with what is yielded. The reference implementation: single steps, argmax on the device."""
+        with what is yielded. `live()`: which rows still want tokens (a runner may stop decoding the others: they get
+        empty lists). The reference implementation: single steps, argmax on the device, every row."""
         tokens, pos = list(roots), list(positions)
         for _ in range(chunks):
             out = torch.empty(len(kvs), steps, dtype=torch.long, device=self.device)

@@ -243,6 +243,7 @@ class TPGraphRunner(GraphRunner):
 
     pass_class = MirroredPass
     drafts_on_device = False  # fused draft rounds are not mirrored to the other ranks: drafts go through the host
+    regroups_rows = False  # nor are rows moved between passes on the device
 
     def __init__(self, model: TPModel, pool: MirroredPool) -> None:
         super().__init__(model, pool)

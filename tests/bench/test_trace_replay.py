@@ -100,7 +100,8 @@ def test_fused_steps_and_fused_draft_passes_replay(engine):
     assert any(d.get("steps") for s in steps for d in s["draft_passes"])
     graphed = Engine(engine.model, engine.tokenizer, cuda_graphs=True)
     calls, inner = [], graphed.core.runner.greedy_chunks
-    graphed.core.runner.greedy_chunks = lambda kvs, r, p, st, ch: calls.append((st, ch)) or inner(kvs, r, p, st, ch)
+    graphed.core.runner.greedy_chunks = lambda kvs, r, p, st, ch, **kw: calls.append((st, ch)) or \
+        inner(kvs, r, p, st, ch, **kw)
     methods = replay_traces(Replayer(graphed), lines, repeats=1)
     assert methods["plain"]["tokens"] == 39 and methods["magicdec"]["seconds"] > 0
     recorded = [(s["fused"]["steps"], s["fused"]["chunks"]) for s in lines[0]["trace"]["steps"] if "fused" in s]

@@ -100,7 +100,7 @@ def test_graph_runner_and_fused_chunks_never_skip_the_mask(tiny):
     graphed = Engine(tiny.model, tiny.tokenizer, cuda_graphs=True)
     calls = []
     inner = graphed.core.runner.greedy_chunks
-    graphed.core.runner.greedy_chunks = lambda *a: calls.append(a) or inner(*a)
+    graphed.core.runner.greedy_chunks = lambda *a, **kw: calls.append(a) or inner(*a, **kw)
     grammar = tiny.compile_constraint(constraint_spec(json_schema=SCHEMA))
     want = reference_greedy(tiny, grammar, PROMPTS[0], 60)
     assert graphed.generate(PROMPTS[0], 60, json_schema=SCHEMA).token_ids == want

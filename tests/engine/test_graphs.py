@@ -6,6 +6,7 @@ import torch
 
 import decodekit
 from decodekit.engine import Engine
+from decodekit.engine.graphs import StaticPass, kv_bucket
 from decodekit.speculative import DRAFTERS
 from drafter_options import drafter_options
 from kernel_reference import use_references
@@ -120,33 +121,53 @@ def test_sequences_near_their_end_stay_in_the_draft_rounds(engines, monkeypatch)
     assert verified and all(verified)  # verified steps only while a prompt was being prefilled
 
 
-def test_rows_that_finish_leave_the_draft_rounds_for_a_smaller_pass(engines):
-    """Once the rows still decoding fit a smaller batch bucket, they go on in that bucket's rounds pass, moved there
-    on the device within the step (the finished rows get no more rounds): every row's tokens stay plain greedy's."""
+@pytest.mark.parametrize("method", ["plain", "pld"])  # fused greedy chunks; fused draft rounds
+def test_rows_that_finish_leave_for_a_smaller_pass(engines, method, monkeypatch):
+    """Once the rows still decoding fit a smaller batch bucket, they go on in that bucket's pass, moved there on the
+    device within the step (the finished rows, here ended by their stop strings, get no more chunks or rounds):
+    every row's tokens and finish stay what the eager engine gives."""
     graphed, eager = engines
     skip_on_gpu(graphed)
-    runner = graphed.core.runner
-    runner.round_passes.clear()
+    moves = []
+    take_rows = StaticPass.take_rows
+    monkeypatch.setattr(StaticPass, "take_rows", lambda self, other, keep: moves.append((other.rows, self.rows))
+                        or take_rows(self, other, keep))
     prompts = PROMPTS + [list(range(20, 31))]  # 5 rows: a bucket of 8; the long ones are not the first rows
-    lengths = (6, 24, 5, 22, 7)  # all within one step's replays (7 of 4 rounds here)
-    fills = []
-    inner = runner.draft_rounds
+    n = 70 if method == "plain" else 24  # plain: 4 chunks of 16 in a step (the first replays are launched ahead)
+    kw = {} if method == "plain" else {"method": method, "method_options": ON_DEVICE, "adaptive": False}
+    stops, want = [], []
+    for row, (prompt, full) in enumerate(zip(prompts, eager.generate(prompts, n, ignore_eos=True))):
+        for k in range(4, 12) if row % 2 == 0 else ():  # rows 0, 2, 4 stop after a few tokens: the text so far
+            stop = [eager.tokenizer.decode(full.token_ids[:k])]
+            if len(eager.generate(prompt, n, ignore_eos=True, stop=stop).token_ids) < n:
+                break
+        else:
+            stop = None
+        stops.append(stop)
+        want.append(eager.generate(prompt, n, ignore_eos=True, stop=stop))
+    assert [len(r.token_ids) < n for r in want] == [True, False, True, False, True]
+    reqs = [graphed.add_request(p, n, ignore_eos=True, stop=stop, **kw) for p, stop in zip(prompts, stops)]
+    while not all(r.finished for r in reqs):
+        graphed.step()
+    got = [r.sequences[0].result() for r in reqs]
+    assert [(r.token_ids, r.finish_reason) for r in got] == [(r.token_ids, r.finish_reason) for r in want]
+    assert moves and moves[-1][1] == 2  # 8 rows, ..., then the 2 long ones alone
 
-    def counted(*args, **kw):
-        fills.append(1)
-        return inner(*args, **kw)
-    runner.draft_rounds = counted
-    try:
-        reqs = [graphed.add_request(p, n, method="pld", method_options=ON_DEVICE, ignore_eos=True, adaptive=False)
-                for p, n in zip(prompts, lengths)]
-        while not all(r.finished for r in reqs):
-            graphed.step()
-    finally:
-        del runner.draft_rounds
-    want = [eager.generate(p, n, ignore_eos=True).token_ids for p, n in zip(prompts, lengths)]
-    assert [r.sequences[0].output for r in reqs] == want
-    assert {2, 8} <= {key[0] for key in runner.round_passes}  # 8 rows, ..., then the 2 long ones
-    assert len(fills) == 1  # all in one step: the 2 rows moved to their pass on the device
+
+def test_a_pass_takes_rows_of_another_and_pads_the_rest(engines):
+    """`take_rows`: row r of the smaller pass is row keep[r] of the larger one in every buffer that carries a row's
+    state; the rows past them hold padding (block 0, no entries), whatever they held before."""
+    graphed, _ = engines
+    runner = graphed.core.runner
+    length = kv_bucket(1, runner.pool.block_size)
+    with torch.inference_mode():  # as the engine runs them (the passes may have been made by an earlier test)
+        big, small = runner._pass(4, 1, length, 16), runner._pass(2, 1, length, 16)
+        for (buf, _), (junk, _) in zip(big._row_state(), small._row_state()):
+            buf.copy_(torch.arange(buf.numel()).view_as(buf) + 1)
+            junk.fill_(7)
+        small.take_rows(big, [2])
+    for (mine, pad), (theirs, _) in zip(small._row_state(), big._row_state()):
+        assert torch.equal(mine[0], theirs[2]) and (mine[1:] == pad).all()
 
 
 def test_draft_rounds_stop_where_plain_decoding_stops(engines):

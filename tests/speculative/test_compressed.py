@@ -68,8 +68,8 @@ def test_fused_chunk_drafting_over_the_small_cache(method, engine):
     fused = Engine(engine.model, engine.tokenizer)
     runner = fused.core.runner
     runner.fused_sizes, calls, inner = (16, 4), [], runner.greedy_chunks
-    runner.greedy_chunks = lambda kvs, roots, pos, steps, chunks: calls.append((chunks, steps)) or \
-        inner(kvs, roots, pos, steps, chunks)
+    runner.greedy_chunks = lambda kvs, roots, pos, steps, chunks, **kw: calls.append((chunks, steps)) or \
+        inner(kvs, roots, pos, steps, chunks, **kw)
     p = long_prompt(2)
     plain = fused.generate(p, 40, ignore_eos=True)
     got = fused.generate(p, 40, ignore_eos=True, method=method, adaptive=False,
@@ -88,10 +88,10 @@ def test_a_batch_drafts_together_and_keeps_accepted_drafts(method, engine):
     runner = fused.core.runner
     widths, inner_run, inner_chunks, in_chunk, reqs = [], runner.run, runner.greedy_chunks, [], []
 
-    def chunks(*args):  # the eager reference of a chunk runs its steps through `run`: not counted below
+    def chunks(*args, **kw):  # the eager reference of a chunk runs its steps through `run`: not counted below
         in_chunk.append(1)
         try:
-            yield from inner_chunks(*args)
+            yield from inner_chunks(*args, **kw)
         finally:
             in_chunk.pop()
 
